@@ -1,0 +1,16 @@
+"""moe_compiler: a torch.compile backend for Mixture-of-Experts models.
+
+    torch.compile(model, backend="moe")                 # registered by the package's entry point
+    moe_compiler.explain(model, *inputs)                 # what was found, rewritten, dumped
+
+The backend is NOT registered at import time (the torch_dynamo_backends entry point does that).
+"""
+from moe_compiler import ir  # noqa: F401  (registers the moe_compiler custom ops)
+from moe_compiler.config import BackendConfig, ConfigError
+from moe_compiler.explain import ExplainReport, MoELayerReport, explain
+from moe_compiler.ir import ExpertSpec, MoESpec, RouterSpec
+from moe_compiler.modules import MoELayer
+
+__all__ = ["BackendConfig", "ConfigError", "ExplainReport", "ExpertSpec", "MoELayer", "MoELayerReport", "MoESpec",
+           "RouterSpec", "explain"]
+__version__ = "0.1.0"

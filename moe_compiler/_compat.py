@@ -1,0 +1,176 @@
+"""The one place that touches private torch APIs (checked on torch 2.11 and 2.13)."""
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+import torch.fx
+
+log = logging.getLogger(__name__)
+
+
+def functionalize(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
+    """Dynamo graph -> functional ATen graph with the same placeholders, in order (no autograd).
+
+    Raises if the graph mutates its inputs or returns aliases of them (callers fall back).
+    """
+    from torch._functorch.aot_autograd import aot_export_joint_simple
+
+    try:
+        with torch.no_grad():
+            return aot_export_joint_simple(gm, example_inputs, trace_joint=False)
+    except RuntimeError as e:
+        if "alias" not in str(e):
+            raise
+    # Outputs that are views of inputs (e.g. a router graph returning its reshaped input): export
+    # a copy of the graph whose outputs are cloned. Only the analysis sees the copies.
+    restore = _clone_outputs(gm)
+    try:
+        with torch.no_grad():
+            return aot_export_joint_simple(gm, example_inputs, trace_joint=False)
+    finally:
+        restore()
+
+
+def _clone_outputs(gm: torch.fx.GraphModule):
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    old_args = out.args
+    added = []
+
+    def wrap(a):
+        if isinstance(a, torch.fx.Node) and isinstance(a.meta.get("example_value"), torch.Tensor):
+            with gm.graph.inserting_before(out):
+                c = gm.graph.call_function(torch.clone, (a,))
+            c.meta.update(a.meta)
+            added.append(c)
+            return c
+        return a
+
+    out.args = torch.fx.node.map_aggregate(old_args, wrap)
+    gm.recompile()
+
+    def restore():
+        out.args = old_args
+        for c in reversed(added):
+            gm.graph.erase_node(c)
+        gm.recompile()
+
+    return restore
+
+
+def compile_inductor(gm: torch.fx.GraphModule, example_inputs: list, mode: str | None = None, inner_compile=None):
+    """Hand a graph to Inductor (which runs aot_autograd: forward and backward graphs)."""
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    patches = {}
+    if mode not in (None, "default"):
+        patches = dict(torch._inductor.list_mode_options(mode))
+    kwargs = {"config_patches": patches} if patches else {}
+    if inner_compile is not None:
+        kwargs["inner_compile"] = inner_compile
+    return compile_fx(gm, example_inputs, **kwargs)
+
+
+def compile_fx_inner(*args, **kwargs):
+    from torch._inductor.compile_fx import compile_fx_inner as inner
+
+    return inner(*args, **kwargs)
+
+
+def compile_eager_aot(gm: torch.fx.GraphModule, example_inputs: list, fw_hook=None):
+    """aot_autograd with the graphs run as plain fx code (the "eager" inner backend)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def fw(g, inputs):
+        if fw_hook:
+            fw_hook(g, "forward")
+        return make_boxed_func(g.forward)
+
+    def bw(g, inputs):
+        if fw_hook:
+            fw_hook(g, "backward")
+        return make_boxed_func(g.forward)
+
+    return aot_autograd(fw_compiler=fw, bw_compiler=bw)(gm, example_inputs)
+
+
+def debug_dir() -> str:
+    """torch's debug folder (TORCH_COMPILE_DEBUG=1), e.g. torch_compile_debug/run_.../"""
+    from torch._dynamo.utils import get_debug_dir
+
+    return get_debug_dir()
+
+
+def trace_artifact(name: str, text: str) -> None:
+    """Emit a string artifact into the structured trace (TORCH_TRACE); tlparse shows it."""
+    try:
+        from torch._logging import trace_structured
+
+        trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": "string"},
+                         payload_fn=lambda: text)
+    except Exception:  # pragma: no cover - never let logging break compilation
+        log.debug("trace_structured unavailable", exc_info=True)
+
+
+_SOURCE_KEY = re.compile(r"\['([^']*)'\]|\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
+_CONTAINERS = {"_modules", "_parameters", "_buffers"}
+
+
+def placeholder_paths(gm: torch.fx.GraphModule, known_names: dict | None = None) -> list:
+    """Per placeholder: dotted module path of a parameter/buffer ("model.layers.0.mlp.gate.weight"), else None.
+
+    known_names maps id(tensor) -> full name (from the model being explained), which gives absolute
+    paths even for frames dynamo compiled separately after a graph break.
+    """
+    out = []
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        ga = n.meta.get("grapharg")
+        example = getattr(ga, "example", None)
+        if known_names and example is not None and id(example) in known_names:
+            out.append(known_names[id(example)])
+            continue
+        src = getattr(getattr(ga, "source", None), "name", None)
+        src = src() if callable(src) else src
+        if not src or ("_parameters" not in src and "_buffers" not in src and not isinstance(getattr(ga, "example", None), torch.nn.Parameter)):
+            out.append(None)
+            continue
+        parts = []
+        for m in _SOURCE_KEY.finditer(src.split("]", 1)[1] if src.startswith("L[") else src):
+            key = m.group(1) or m.group(2) or m.group(3)
+            if key and key not in _CONTAINERS:
+                parts.append(key)
+        out.append(".".join(parts))
+    return out
+
+
+def fake_mode_of(gm: torch.fx.GraphModule):
+    from torch._guards import detect_fake_mode
+
+    vals = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder" and "val" in n.meta]
+    return detect_fake_mode(vals)
+
+
+def statically_equal(a, b) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:
+        return False
+
+
+def current_graph_name() -> str:
+    """A short id of the frame dynamo is compiling, for dump folder names."""
+    try:
+        from torch._guards import CompileContext
+
+        cid = CompileContext.current_compile_id()
+        if cid is not None:
+            return str(cid).replace("/", "_").replace(" ", "").strip("[]").replace("]", "").replace("[", "")
+    except Exception:  # pragma: no cover
+        pass
+    return ""

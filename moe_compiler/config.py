@@ -1,0 +1,139 @@
+"""Typed backend configuration.
+
+Every field can be set three ways, later ones winning:
+  1. its default here,
+  2. the environment variable MOE_COMPILER_<FIELD> (e.g. MOE_COMPILER_DUMP_DIR=/tmp/d),
+  3. ``torch.compile(model, backend="moe", options={"<field>": value})``.
+An unknown option, or a value of the wrong kind, raises ConfigError naming the key and what it accepts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Optional
+
+INNER_BACKENDS = ("inductor", "eager")
+
+
+class ConfigError(ValueError):
+    """A bad option: the message names the key and the accepted values."""
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    # Folder for pass dumps (one sub-folder per compiled graph); None = no dumps unless
+    # TORCH_COMPILE_DEBUG=1, which dumps under torch's debug folder.
+    dump_dir: Optional[str] = None
+    # Find MoE layers and raise each to one moe_compiler.moe op (False: plain Inductor).
+    detect: bool = True
+    # Check each raised layer numerically against the original subgraph at compile time
+    # (on the example inputs and on random inputs); a layer that fails is left untouched.
+    verify: bool = True
+    # Raise instead of falling back to Inductor when something fails (for debugging).
+    strict: bool = False
+    # What compiles the graph after the passes: "inductor" (default) or "eager" (no codegen; fast to compile).
+    inner_backend: str = "inductor"
+    # Passes to skip, by name (see `moe-compiler passes`).
+    disable_passes: tuple = ()
+    # Per-pass options: {"<pass name>": {"<field>": value}}; keys are checked against each pass's fields.
+    pass_options: dict = field(default_factory=dict)
+    # torch.compile's mode= (None, "default", "reduce-overhead", "max-autotune", ...), passed to Inductor.
+    mode: Optional[str] = None
+
+    def __post_init__(self):
+        if self.inner_backend not in INNER_BACKENDS:
+            raise ConfigError(f"option 'inner_backend' must be one of {INNER_BACKENDS}, got {self.inner_backend!r}")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(BackendConfig)}
+
+
+def _coerce(key: str, value, annotation: str):
+    """Convert value to the field's type, or raise ConfigError naming what is accepted."""
+    kind = annotation.replace("Optional[", "").rstrip("]")
+    optional = annotation.startswith("Optional[")
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"option {key!r} must not be None (accepted: {kind})")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"option {key!r} must be a bool (True/False, or '1'/'0' in the environment), got {value!r}")
+    if kind == "str":
+        if isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)
+        raise ConfigError(f"option {key!r} must be a string, got {type(value).__name__} {value!r}")
+    if kind == "tuple":
+        if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"option {key!r} must be a list of strings (or a comma-separated string), got {value!r}")
+    if kind == "dict":
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"option {key!r} must be a dict, got {type(value).__name__}")
+    raise AssertionError(f"unhandled config annotation {annotation}")
+
+
+def from_env(environ=None) -> dict:
+    """The MOE_COMPILER_* variables that name config fields, coerced to their types."""
+    environ = os.environ if environ is None else environ
+    out = {}
+    for name, f in _FIELDS.items():
+        var = f"MOE_COMPILER_{name.upper()}"
+        if var in environ and f.type != "dict":
+            out[name] = _coerce(var, environ[var], f.type)
+    return out
+
+
+def make_config(options: dict | None = None, mode: str | None = None, environ=None) -> BackendConfig:
+    """Build the config from defaults, MOE_COMPILER_* variables and torch.compile options."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(
+            f"unknown moe backend option(s) {unknown}; valid options are: {sorted(_FIELDS)}"
+        )
+    values = from_env(environ)
+    for key, value in options.items():
+        values[key] = _coerce(key, value, _FIELDS[key].type)
+    if mode is not None:
+        values["mode"] = mode
+    try:
+        return BackendConfig(**values)
+    except TypeError as e:  # pragma: no cover - guarded by the checks above
+        raise ConfigError(str(e)) from e
+
+
+def describe_options() -> list[tuple[str, str, str, str]]:
+    """(name, type, default, comment) for every option, read from this file's field comments."""
+    import inspect
+
+    src = inspect.getsource(BackendConfig).splitlines()
+    comments: dict[str, list[str]] = {}
+    pending: list[str] = []
+    for line in src:
+        s = line.strip()
+        if s.startswith("#"):
+            pending.append(s.lstrip("# "))
+        elif ":" in s and not s.startswith(("def ", "class ", "@", '"')):
+            name = s.split(":")[0].strip()
+            if name in _FIELDS:
+                comments[name] = pending
+            pending = []
+        else:
+            pending = []
+    rows = []
+    for name, f in _FIELDS.items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append((name, str(f.type), repr(default), " ".join(comments.get(name, []))))
+    return rows
+
+
+_ = typing  # keep the typing import for annotations evaluated as strings

@@ -1,0 +1,159 @@
+"""``moe_compiler.explain(model, *inputs, **options)``: compile once and report what happened.
+
+The report's names are stable (other tools rely on them):
+  report.graphs, report.graph_count, report.graph_break_count, report.break_reasons  (from dynamo)
+  report.passes      [{"graph_id", "name", "changed", "counters", "seconds"}]
+  report.moe_layers  [MoELayerReport(path, num_experts, top_k, rewritten, reason, ...)]
+  report.dump_dirs   folders holding the pass dumps (when dumps were on)
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class MoELayerReport:
+    path: str
+    num_experts: int
+    top_k: int
+    rewritten: bool
+    reason: str = ""
+    graph_id: str = ""
+    pattern: str = ""
+    shared_expert: str = "none"
+    spec: object = None  # moe_compiler.ir.MoESpec when rewritten
+
+    @staticmethod
+    def from_spec(spec, rewritten: bool, reason: str, graph_id: str) -> "MoELayerReport":
+        return MoELayerReport(path=spec.path, num_experts=spec.num_experts, top_k=spec.top_k, rewritten=rewritten,
+                              reason=reason, graph_id=graph_id, pattern=spec.pattern,
+                              shared_expert=spec.shared_expert, spec=spec)
+
+    def one_line(self) -> str:
+        state = "raised" if self.rewritten else "NOT rewritten"
+        extra = ""
+        if self.spec is not None:
+            r, e = self.spec.router, self.spec.experts
+            extra = (f" [{self.pattern}; {r.score_func}{' group-limited' if r.n_group > 1 else ''}"
+                     f"{' renorm' if r.renormalize else ''}; {e.activation}/{e.layout}"
+                     f"{'; shared expert ' + self.shared_expert if self.shared_expert != 'none' else ''}]")
+        why = f": {self.reason}" if self.reason else ""
+        return f"{self.path or '<root>'}: {self.num_experts} experts, top-{self.top_k}, {state}{extra}{why}"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["spec"] = None if self.spec is None else self.spec.to_json()
+        return d
+
+
+@dataclass
+class CompileRecord:
+    """What the backend did with one dynamo graph."""
+
+    graph_id: str
+    passes: list = field(default_factory=list)
+    moe_layers: list = field(default_factory=list)
+    dump_dir: str | None = None
+    fallback_reason: str = ""
+    # moe_compiler.moe ops in the graph handed to Inductor
+    moe_op_count: int = 0
+
+
+@dataclass
+class ExplainReport:
+    graphs: list
+    graph_count: int
+    graph_break_count: int
+    break_reasons: list
+    passes: list
+    moe_layers: list
+    dump_dirs: list
+    fallbacks: list
+
+    def __str__(self) -> str:
+        lines = [f"moe_compiler report: {self.graph_count} graph(s), {self.graph_break_count} graph break(s)"]
+        for i, br in enumerate(self.break_reasons):
+            text = str(getattr(br, "reason", br)).strip().splitlines()
+            lines.append(f"  break {i}: {' '.join(text[:2])}".rstrip())
+        lines.append(f"MoE layers: {len(self.moe_layers)} found, "
+                     f"{sum(m.rewritten for m in self.moe_layers)} raised to moe_compiler.moe")
+        for m in self.moe_layers:
+            lines.append("  " + m.one_line())
+        lines.append("passes:")
+        for p in self.passes:
+            lines.append(f"  [{p['graph_id']}] {p['name']}: changed={p['changed']} {p['counters']} ({p['seconds']:.3f}s)")
+        for f in self.fallbacks:
+            lines.append(f"fallback to Inductor: {f}")
+        if self.dump_dirs:
+            lines.append("pass dumps: " + ", ".join(self.dump_dirs))
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+_COLLECTORS: list = []
+_KNOWN_NAMES: list = []  # stack of {id(tensor): "model.layers.0.mlp.gate.weight"} while explaining
+
+
+def known_tensor_names() -> dict:
+    return _KNOWN_NAMES[-1] if _KNOWN_NAMES else {}
+
+
+@contextlib.contextmanager
+def collect_records():
+    """Collect the CompileRecords the backend produces while the block runs."""
+    records: list = []
+    _COLLECTORS.append(records)
+    try:
+        yield records
+    finally:
+        _COLLECTORS.remove(records)
+
+
+def publish(record: CompileRecord) -> None:
+    for c in _COLLECTORS:
+        c.append(record)
+
+
+def explain(model, *example_inputs, **options) -> ExplainReport:
+    """Compile `model` (a module or function) once with backend "moe" and report what happened.
+
+    Keyword options are backend options (see moe_compiler.config.BackendConfig), e.g. dump_dir=...
+    """
+    from torch._dynamo.backends.debugging import ExplainWithBackend
+
+    from moe_compiler.backend import moe_backend
+
+    torch._dynamo.reset()
+
+    def backend(gm, inputs):
+        return moe_backend(gm, inputs, options=options)
+
+    eb = ExplainWithBackend(backend)
+    names = {}
+    if isinstance(model, torch.nn.Module):
+        names = {id(t): n for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    _KNOWN_NAMES.append(names)
+    try:
+        with collect_records() as records, torch.no_grad():
+            torch.compile(model, backend=eb)(*example_inputs)
+    finally:
+        _KNOWN_NAMES.pop()
+    out = eb.output()
+    torch._dynamo.reset()
+    passes = [dict(graph_id=r.graph_id, name=p.name, changed=p.changed, counters=p.counters, seconds=p.seconds)
+              for r in records for p in r.passes]
+    return ExplainReport(
+        graphs=list(out.graphs),
+        graph_count=out.graph_count,
+        graph_break_count=out.graph_break_count,
+        break_reasons=list(out.break_reasons),
+        passes=passes,
+        moe_layers=[m for r in records for m in r.moe_layers],
+        dump_dirs=[r.dump_dir for r in records if r.dump_dir],
+        fallbacks=[f"{r.graph_id}: {r.fallback_reason}" for r in records if r.fallback_reason],
+    )

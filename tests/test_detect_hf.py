@@ -1,0 +1,77 @@
+"""Detection on real transformers 5 families (tiny configs, random weights): fp32 and bf16."""
+import pytest
+import torch
+
+import moe_compiler
+from moe_compiler.testing import assert_rewrite_equivalent
+
+from hf_models import FAMILIES, expected_layers, make_model
+
+pytest.importorskip("transformers")
+EAGER = {"inner_backend": "eager"}
+
+
+def _ids(seed=0, batch=2, seq=7):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 96, (batch, seq), generator=g)
+
+
+def _check_layers(model, report):
+    want = sorted(expected_layers(model))
+    got = sorted((m.path, m.num_experts, m.top_k) for m in report.moe_layers)
+    assert got == want, f"explain found {got}, model has {want}"
+    assert all(m.rewritten for m in report.moe_layers), [m.one_line() for m in report.moe_layers]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_family_grouped_mm(family, dtype):
+    model = make_model(family, dtype=dtype)
+    ids = _ids()
+    report = moe_compiler.explain(model, ids, **EAGER)
+    _check_layers(model, report)
+    with torch.no_grad():
+        assert_rewrite_equivalent(model, ids, expected_moe_ops=len(expected_layers(model)), options=EAGER)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_family_batched_mm(family):
+    model = make_model(family, experts_implementation="batched_mm")
+    ids = _ids(1)
+    report = moe_compiler.explain(model, ids, **EAGER)
+    _check_layers(model, report)
+    assert {m.pattern for m in report.moe_layers} == {"batched_mm"}
+
+
+def test_shared_experts_reported():
+    rep = moe_compiler.explain(make_model("qwen2_moe"), _ids(), **EAGER)
+    assert {m.shared_expert for m in rep.moe_layers} == {"gated"}
+    rep = moe_compiler.explain(make_model("deepseek_v3"), _ids(), **EAGER)
+    assert {m.shared_expert for m in rep.moe_layers} == {"plain"}
+    spec = rep.moe_layers[0].spec
+    assert spec.router.score_func == "sigmoid" and spec.router.n_group == 4 and spec.router.topk_group == 2
+    assert spec.router.has_score_bias and spec.router.scaling_factor == pytest.approx(2.5)
+
+
+def test_eager_experts_loop_reports_graph_break_and_stays_correct():
+    model = make_model("mixtral", experts_implementation="eager")
+    ids = _ids()
+    report = moe_compiler.explain(model, ids, **EAGER)
+    assert report.graph_break_count > 0
+    assert report.moe_layers and not any(m.rewritten for m in report.moe_layers)
+    assert all("set_experts_implementation('grouped_mm')" in m.reason for m in report.moe_layers)
+    assert report.moe_layers[0].path == "model.layers.0.mlp"
+    with torch.no_grad():
+        assert_rewrite_equivalent(model, ids, expected_moe_ops=0, options=EAGER)
+
+
+def test_mixtral_inductor_dynamic_batch_and_backward():
+    """The default inner backend (Inductor), training graphs, and new sequence lengths."""
+    model = make_model("mixtral")
+    model.train()
+    assert_rewrite_equivalent(model, _ids(2), backward=True, expected_moe_ops=2)
+    c = torch.compile(model, backend="moe")
+    with torch.no_grad():
+        for seq in (5, 9, 12):
+            ids = _ids(seq, seq=seq)
+            torch.testing.assert_close(c(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)

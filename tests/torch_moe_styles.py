@@ -1,0 +1,89 @@
+"""MoE layers written the ways people write them by hand, for detection tests.
+
+- MaskedLoopMoE: per-expert nn.Linear modules; for each expert a mask-weighted dense pass
+  (no data-dependent shapes), accumulated into the output.
+- TorchTitanMoE: stacked [E, I, H] weights, argsort permutation, histc counts, torch._grouped_mm.
+- NearMissTopK: softmax + top-k that is not a router (no expert weights): must not be matched.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Expert(nn.Module):
+    def __init__(self, h, i):
+        super().__init__()
+        self.w1 = nn.Linear(h, i, bias=False)
+        self.w3 = nn.Linear(h, i, bias=False)
+        self.w2 = nn.Linear(i, h, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MaskedLoopMoE(nn.Module):
+    def __init__(self, h, i, e, k, score_func="softmax", renormalize=True):
+        super().__init__()
+        self.gate = nn.Linear(h, e, bias=False)
+        self.experts = nn.ModuleList(Expert(h, i) for _ in range(e))
+        self.k, self.score_func, self.renormalize = k, score_func, renormalize
+
+    def forward(self, x):
+        x2 = x.reshape(-1, x.shape[-1])
+        logits = self.gate(x2)
+        probs = logits.float().softmax(-1) if self.score_func == "softmax" else logits.float().sigmoid()
+        vals, ids = torch.topk(probs, self.k, dim=-1)
+        if self.renormalize:
+            vals = vals / vals.sum(-1, keepdim=True)
+        out = torch.zeros_like(x2)
+        for e, expert in enumerate(self.experts):
+            w = (vals * (ids == e)).sum(-1, keepdim=True).to(x.dtype)
+            out = out + w * expert(x2)
+        return out.reshape(x.shape)
+
+
+class TorchTitanMoE(nn.Module):
+    """torchtitan's MoE: router -> top-k -> argsort by expert -> histc -> grouped_mm experts."""
+
+    def __init__(self, h, i, e, k, score_func="sigmoid"):
+        super().__init__()
+        self.router = nn.Linear(h, e, bias=False)
+        self.w1 = nn.Parameter(torch.randn(e, i, h) * h ** -0.5)
+        self.w2 = nn.Parameter(torch.randn(e, h, i) * i ** -0.5)
+        self.w3 = nn.Parameter(torch.randn(e, i, h) * h ** -0.5)
+        self.e, self.k, self.score_func = e, k, score_func
+
+    def forward(self, x):
+        bs, slen, dim = x.shape
+        x2 = x.view(-1, dim)
+        scores = self.router(x2)
+        scores = torch.sigmoid(scores.float()) if self.score_func == "sigmoid" else F.softmax(scores.float(), dim=1)
+        top_scores, selected = torch.topk(scores, k=self.k, dim=1)
+        counts = torch.histc(selected.view(-1).float(), bins=self.e, min=0, max=self.e - 1)
+        order = torch.argsort(selected.view(-1), stable=True)
+        top_scores = top_scores.view(-1)[order]
+        token_idx = order // self.k
+        routed = x2[token_idx]
+        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        h = F.silu(torch._grouped_mm(routed, self.w1.transpose(-2, -1), offs=offs))
+        h = h * torch._grouped_mm(routed, self.w3.transpose(-2, -1), offs=offs)
+        out = torch._grouped_mm(h, self.w2.transpose(-2, -1), offs=offs)
+        out = (out.float() * top_scores.reshape(-1, 1)).to(x.dtype)
+        y = torch.zeros_like(x2).index_add(0, token_idx, out)
+        return y.view(bs, slen, dim)
+
+
+class NearMissTopK(nn.Module):
+    """Softmax + top-k over a projection, used to pick features: not an MoE layer."""
+
+    def __init__(self, h, e, k):
+        super().__init__()
+        self.proj = nn.Linear(h, e, bias=False)
+        self.out = nn.Linear(k, h, bias=False)
+        self.k = k
+
+    def forward(self, x):
+        vals, idx = torch.topk(self.proj(x).softmax(-1), self.k, dim=-1)
+        return x + self.out(vals * idx.float())
