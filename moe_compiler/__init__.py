@@ -6,6 +6,7 @@
 The backend is NOT registered at import time (the torch_dynamo_backends entry point does that).
 """
 from moe_compiler import ir  # noqa: F401  (registers the moe_compiler custom ops)
+from moe_compiler.codegen import ops as _lowered_ops  # noqa: F401  (registers the lowered ops)
 from moe_compiler.config import BackendConfig, ConfigError
 from moe_compiler.explain import ExplainReport, MoELayerReport, explain
 from moe_compiler.ir import ExpertSpec, MoESpec, RouterSpec

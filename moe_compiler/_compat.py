@@ -15,6 +15,10 @@ def functionalize(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.Gr
 
     Raises if the graph mutates its inputs or returns aliases of them (callers fall back).
     """
+    return _differentiable_copies(_export(gm, example_inputs))
+
+
+def _export(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
     from torch._functorch.aot_autograd import aot_export_joint_simple
 
     try:
@@ -31,6 +35,38 @@ def functionalize(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.Gr
             return aot_export_joint_simple(gm, example_inputs, trace_joint=False)
     finally:
         restore()
+
+
+def _differentiable_copies(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Functionalization writes slice assignments as aten.copy(dst, src), which has no derivative;
+    aot_autograd re-traces this graph for training, so express each as src broadcast and cast to dst."""
+    aten = torch.ops.aten
+    changed = False
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target is not aten.copy.default:
+            continue
+        dst, src = n.args[0], n.args[1]
+        dv, sv = dst.meta["val"], src.meta["val"]
+        g = gm.graph
+        with g.inserting_before(n):
+            cur = src
+            if list(sv.shape) != list(dv.shape):
+                sizes = [int(s) if isinstance(s, int) else g.call_function(aten.sym_size.int, (dst, i))
+                         for i, s in enumerate(dv.shape)]
+                for sz in sizes:
+                    if isinstance(sz, torch.fx.Node):
+                        sz.meta["val"] = dv.shape[sizes.index(sz)]
+                cur = g.call_function(aten.expand.default, (cur, sizes))
+                cur.meta["val"] = sv.expand(dv.shape)
+            new = g.call_function(aten._to_copy.default, (cur,), {"dtype": dv.dtype})
+            new.meta.update(n.meta)
+        n.replace_all_uses_with(new)
+        g.erase_node(n)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return gm
 
 
 def _clone_outputs(gm: torch.fx.GraphModule):
@@ -174,3 +210,16 @@ def current_graph_name() -> str:
     except Exception:  # pragma: no cover
         pass
     return ""
+
+
+def size_hint(x, fallback: int = 1024) -> int:
+    """A concrete int for a possibly symbolic size (its example value), without adding a guard."""
+    if not isinstance(x, torch.SymInt):
+        return int(x)
+    if True:
+        try:
+            from torch.fx.experimental.symbolic_shapes import hint_int
+
+            return int(hint_int(x, fallback=fallback))
+        except Exception:
+            return fallback

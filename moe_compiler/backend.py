@@ -86,7 +86,9 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, config: Backen
     from moe_compiler.passes import build_pipeline
 
     ctx = PassContext(config=config, example_inputs=example_inputs,
-                      placeholder_paths=_compat.placeholder_paths(gm, known_tensor_names()), graph_id=graph_id)
+                      placeholder_paths=_compat.placeholder_paths(gm, known_tensor_names()), graph_id=graph_id,
+                      training=torch.is_grad_enabled() and any(
+                          isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs))
     dumps.write("dynamo_graph.py", graph_code(gm))
     try:
         new_gm, run = PassManager(build_pipeline(config)).run(aten_gm, ctx, dumps)

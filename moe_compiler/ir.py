@@ -181,6 +181,8 @@ def _moe_backward_impl(grad_out, hidden, router_logits, score_bias, w1, w3, w2, 
         args = {**operands, **leaves}
         out = reference.moe_forward(args["hidden"], args["router_logits"], score_bias, args["w1"], args["w3"],
                                     args["w2"], args["b1"], args["b3"], args["b2"], _spec(spec))
+        if not out.requires_grad:  # e.g. zero tokens: nothing flows back
+            return [torch.zeros_like(leaves[n]) for n in present]
         grads = torch.autograd.grad(out, [leaves[n] for n in present], grad_out, allow_unused=True)
     return [torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(present, grads)]
 

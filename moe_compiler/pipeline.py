@@ -49,6 +49,8 @@ class PassContext:
     # module path of each placeholder (e.g. "model.layers.0.mlp.gate.weight") or None for activations
     placeholder_paths: list
     graph_id: str = ""
+    # gradients will be taken through this graph (grad mode on and some input requires grad)
+    training: bool = False
     # MoE layer reports found so far (moe_compiler.explain.MoELayerReport)
     moe_layers: list = field(default_factory=list)
 

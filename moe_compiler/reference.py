@@ -119,6 +119,6 @@ def moe_forward(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec:
     """The MoE op's reference: returns hidden's shape and dtype."""
     h = hidden.shape[-1]
     x = hidden.reshape(-1, h)
-    ids, weights = route(router_logits.reshape(x.shape[0], -1), score_bias, spec.router)
+    ids, weights = route(router_logits.reshape(x.shape[0], spec.router.num_experts), score_bias, spec.router)
     y = experts_forward(x, ids, weights, w1, w3, w2, b1, b3, b2, spec.experts)
     return y.to(hidden.dtype).reshape(hidden.shape)

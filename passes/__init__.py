@@ -10,8 +10,10 @@ import dataclasses
 
 from moe_compiler.config import BackendConfig, ConfigError
 from moe_compiler.passes.detect_moe import DetectMoE
+from moe_compiler.passes.fuse_gating import FuseGating
+from moe_compiler.passes.rewrite_dispatch import RewriteDispatch
 
-PIPELINE = (DetectMoE,)
+PIPELINE = (DetectMoE, FuseGating, RewriteDispatch)
 PASSES = {p.name: p for p in PIPELINE}
 
 

@@ -229,10 +229,12 @@ def _val(n):
 
 
 def _static_int(x):
-    try:
-        return int(x)
-    except Exception:
+    """x as an int when it is a constant; None for symbolic sizes (int() on those would add a guard)."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    if isinstance(x, bool) or not isinstance(x, (int, torch.SymInt)) or not is_concrete_int(x):
         return None
+    return int(x)
 
 
 def find_routers(graph: torch.fx.Graph, paths: dict) -> list:
@@ -442,12 +444,21 @@ def infer_specs(r: Router, region: Region, paths):
     H = _static_int(_val(region.hidden).shape[-1])
     order = {n: i for i, n in enumerate(r.topk.graph.nodes)}
     score_bias, w3d, b2d, loose = None, [], [], []
+    # per-expert tensors first: E parameters whose paths differ only in an index ("experts.3.w1.weight")
+    indexed = {}
+    for p in region.param_inputs:
+        path = paths.get(_through(p, LAYOUT_OPS)) or ""
+        if _val(p).dim() in (1, 2) and _INDEX.search(path):
+            indexed.setdefault((re.sub(r"\.\d+\.", ".*.", "." + path + "."), tuple(_val(p).shape)), []).append(p)
+    per_expert = {id(p) for g in indexed.values() if len(g) == E for p in g}
     for p in region.param_inputs:
         v = _val(p)
         shape = [_static_int(s) for s in v.shape]
         if None in shape:
             return [], f"parameter {paths.get(_through(p, LAYOUT_OPS))} has a dynamic shape"
-        if v.dim() == 1 and shape[0] == E and score_bias is None and _feeds(p, r.topk, region):
+        if id(p) in per_expert:
+            loose.append(p)
+        elif v.dim() == 1 and shape[0] == E and score_bias is None and _feeds(p, r.topk, region):
             score_bias = p
         elif v.dim() == 3 and shape[0] == E:
             w3d.append(p)
