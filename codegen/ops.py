@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_compiler import reference
+from moe_compiler import recording, reference
 from moe_compiler.codegen import torch_experts
 from moe_compiler.ir import _spec
 
@@ -42,6 +42,7 @@ def _impl(name):
 def _gating(router_logits, score_bias, spec):
     s = _spec(spec)
     ids, w = reference.route(router_logits.reshape(-1, s.router.num_experts), score_bias, s.router)
+    recording.observe(s.path, ids, w)
     return ids, w
 
 
@@ -166,17 +167,21 @@ def _triton_ok(hidden, s) -> bool:
     return True
 
 
+def triton_grouped_experts(x, ids, weights, w1, w2, b1, b2, spec):
+    """The CUDA inference path: codegen.triton's fused MoE kernels (layouts other than "separate")."""
+    from moe_compiler.codegen.triton.moe import triton_moe_forward
+
+    return triton_moe_forward(x, ids, weights, w1, w2, b_gate_up=b1, b_down=b2, activation=spec.activation,
+                              gated=spec.layout != "ungated", interleaved=spec.layout == "interleaved",
+                              transposed=spec.transposed, alpha=spec.swiglu_alpha, limit=spec.swiglu_limit)
+
+
 @_impl("grouped_experts")
 def _grouped(hidden, ids, weights, w1, w3, w2, b1, b3, b2, spec):
     s = _spec(spec)
     x = hidden.reshape(-1, hidden.shape[-1])
     if _triton_ok(hidden, s):
-        from moe_compiler.codegen.triton.moe import triton_moe_forward
-
-        e = s.experts
-        y = triton_moe_forward(x, ids, weights, w1, w2, b_gate_up=b1, b_down=b2, activation=e.activation,
-                               gated=e.layout != "ungated", interleaved=e.layout == "interleaved",
-                               transposed=e.transposed, alpha=e.swiglu_alpha, limit=e.swiglu_limit)
+        y = triton_grouped_experts(x, ids, weights, w1, w2, b1, b2, s.experts)
     else:
         y, _ = torch_experts.experts_forward(x, ids, weights, w1, w3, w2, b1, b3, b2, s.experts)
     return y.to(hidden.dtype).reshape(hidden.shape)

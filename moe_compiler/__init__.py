@@ -11,7 +11,8 @@ from moe_compiler.config import BackendConfig, ConfigError
 from moe_compiler.explain import ExplainReport, MoELayerReport, explain
 from moe_compiler.ir import ExpertSpec, MoESpec, RouterSpec
 from moe_compiler.modules import MoELayer
+from moe_compiler.recording import RoutingRecorder, record_routing
 
 __all__ = ["BackendConfig", "ConfigError", "ExplainReport", "ExpertSpec", "MoELayer", "MoELayerReport", "MoESpec",
-           "RouterSpec", "explain"]
+           "RouterSpec", "RoutingRecorder", "explain", "record_routing"]
 __version__ = "0.1.0"

@@ -17,6 +17,9 @@ from typing import Optional
 INNER_BACKENDS = ("inductor", "eager")
 
 
+BoolOrDict = typing.Union[bool, dict]  # the expert_parallel option: True/False or a dict of settings
+
+
 class ConfigError(ValueError):
     """A bad option: the message names the key and the accepted values."""
 
@@ -41,10 +44,21 @@ class BackendConfig:
     pass_options: dict = field(default_factory=dict)
     # torch.compile's mode= (None, "default", "reduce-overhead", "max-autotune", ...), passed to Inductor.
     mode: Optional[str] = None
+    # Expert placement for every MoE layer: {"file": placement.json} or {"trace": routing.npz, "ranks": N,
+    # "ranks_per_node": M, "method": "ilp"|"eplb"|..., "replicas": R}; None = no placement.
+    placement: Optional[dict] = None
+    # Expert parallelism on torch.distributed (pass sparse_collectives): True (world group, all_to_all,
+    # contiguous placement) or {"group": pg|name|None, "mode": "all_to_all"|"hierarchical",
+    # "ranks_per_node": M (hierarchical), "placement": path|Placement, "overlap_degree": n}; None/False = off.
+    expert_parallel: Optional[BoolOrDict] = None
 
     def __post_init__(self):
         if self.inner_backend not in INNER_BACKENDS:
             raise ConfigError(f"option 'inner_backend' must be one of {INNER_BACKENDS}, got {self.inner_backend!r}")
+        if self.expert_parallel is not None:
+            from moe_compiler.runtime.expert_parallel import normalize_options
+
+            normalize_options(self.expert_parallel)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(BackendConfig)}
@@ -74,9 +88,33 @@ def _coerce(key: str, value, annotation: str):
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             return tuple(value)
         raise ConfigError(f"option {key!r} must be a list of strings (or a comma-separated string), got {value!r}")
+    if kind == "BoolOrDict":
+        if isinstance(value, (bool, dict)):
+            return value
+        if isinstance(value, str):  # from the environment: 1/0 or JSON
+            if value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return value.lower() in ("1", "true", "yes", "on")
+            import json
+
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, dict):
+                return parsed
+        raise ConfigError(f"option {key!r} must be True/False or a dict, got {type(value).__name__} {value!r}")
     if kind == "dict":
         if isinstance(value, dict):
             return dict(value)
+        if isinstance(value, str):  # from the environment: JSON
+            import json
+
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, dict):
+                return parsed
         raise ConfigError(f"option {key!r} must be a dict, got {type(value).__name__}")
     raise AssertionError(f"unhandled config annotation {annotation}")
 
@@ -87,7 +125,7 @@ def from_env(environ=None) -> dict:
     out = {}
     for name, f in _FIELDS.items():
         var = f"MOE_COMPILER_{name.upper()}"
-        if var in environ and f.type != "dict":
+        if var in environ:
             out[name] = _coerce(var, environ[var], f.type)
     return out
 

@@ -104,6 +104,19 @@ def known_tensor_names() -> dict:
 
 
 @contextlib.contextmanager
+def known_tensor_names_for(model):
+    """While active, the backend names parameters by the model's own names (absolute paths)."""
+    names = {}
+    if isinstance(model, torch.nn.Module):
+        names = {id(t): n for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    _KNOWN_NAMES.append(names)
+    try:
+        yield
+    finally:
+        _KNOWN_NAMES.pop()
+
+
+@contextlib.contextmanager
 def collect_records():
     """Collect the CompileRecords the backend produces while the block runs."""
     records: list = []
@@ -134,15 +147,8 @@ def explain(model, *example_inputs, **options) -> ExplainReport:
         return moe_backend(gm, inputs, options=options)
 
     eb = ExplainWithBackend(backend)
-    names = {}
-    if isinstance(model, torch.nn.Module):
-        names = {id(t): n for n, t in list(model.named_parameters()) + list(model.named_buffers())}
-    _KNOWN_NAMES.append(names)
-    try:
-        with collect_records() as records, torch.no_grad():
-            torch.compile(model, backend=eb)(*example_inputs)
-    finally:
-        _KNOWN_NAMES.pop()
+    with known_tensor_names_for(model), collect_records() as records, torch.no_grad():
+        torch.compile(model, backend=eb)(*example_inputs)
     out = eb.output()
     torch._dynamo.reset()
     passes = [dict(graph_id=r.graph_id, name=p.name, changed=p.changed, counters=p.counters, seconds=p.seconds)

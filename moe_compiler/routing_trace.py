@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -50,7 +50,8 @@ FORMAT_VERSION = 1
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
-    """A contiguous read-only array; copies unless ``a`` already is one (never mutates the caller's)."""
+    """A contiguous read-only array: copies unless ``a`` already is one (so the caller's array
+    is never changed)."""
     if a.flags.writeable or not a.flags.c_contiguous:
         a = np.array(a, copy=True, order="C")
         a.flags.writeable = False
@@ -347,6 +348,23 @@ def _zipf_weights(n: int, a: float, rng: np.random.Generator) -> np.ndarray:
     return w / w.sum()
 
 
+def _next_groups(groups: Sequence[np.ndarray], succ: np.ndarray, num_experts: int
+                 ) -> List[np.ndarray]:
+    """Topic groups one layer down: each expert joins the group of an expert that maps onto
+    it; experts nothing maps onto fill the smallest groups (sizes stay balanced)."""
+    owner = np.full(num_experts, -1, dtype=np.int64)
+    for c, members in enumerate(groups):
+        for m in members:
+            if owner[succ[m]] < 0:
+                owner[succ[m]] = c
+    sizes = np.bincount(owner[owner >= 0], minlength=len(groups))
+    for e in np.flatnonzero(owner < 0):
+        c = int(np.argmin(sizes))
+        owner[e] = c
+        sizes[c] += 1
+    return [np.flatnonzero(owner == c) for c in range(len(groups))]
+
+
 def synthetic_trace(num_tokens: int, num_layers: int, num_experts: int, top_k: int = 2, *,
                     zipf: float = 1.0, affinity: float = 0.0, collisions: float = 0.0,
                     coactivation: float = 0.0, group_size: Optional[int] = None,
@@ -355,14 +373,17 @@ def synthetic_trace(num_tokens: int, num_layers: int, num_experts: int, top_k: i
 
     - Each layer has its own Zipf(``zipf``) popularity over a random order of experts
       (``zipf=0`` is uniform).
-    - Layer 0: each token draws ``top_k`` distinct experts. With probability ``coactivation``
-      they all come from one group of ``group_size`` experts (default ``num_experts // 8``
-      or at least ``top_k``), modelling experts that fire together.
-    - Layer l+1: each of a token's choices follows a fixed per-layer successor
-      ``succ_l[a]`` with probability ``affinity``, else is a fresh Zipf draw. ``succ_l`` is a
-      random permutation in which a fraction ``collisions`` of experts instead map onto a random
-      expert ("permutation-ish": several experts then share one successor).
-    Duplicates within a row are redrawn from the Zipf distribution.
+    - Layer l+1: each of a token's choices follows a fixed per-layer successor ``succ_l[a]``
+      of its choice ``a`` at layer l with probability ``affinity``, else it is a fresh draw.
+      ``succ_l`` is a random permutation in which a fraction ``collisions`` of experts map onto
+      a random expert instead ("permutation-ish": several experts then share a successor).
+    - Fresh draws (all of layer 0, the rest later) come from the Zipf popularity, except that
+      with probability ``coactivation`` they come from the token's *topic group*: experts
+      specialise by topic. Each token has a uniform random topic; a topic owns
+      ``group_size`` experts at layer 0 (default ``num_experts // 8``, at least ``top_k``) and
+      the successors of its experts at layer l+1 (topped up to equal sizes), so groups stay
+      consistent with ``succ``.
+    Duplicates within a row are redrawn from the Zipf popularity.
     """
     rng = np.random.default_rng(seed)
     t, L, E, k = int(num_tokens), int(num_layers), int(num_experts), int(top_k)
@@ -375,6 +396,10 @@ def synthetic_trace(num_tokens: int, num_layers: int, num_experts: int, top_k: i
         hit = rng.random(E) < collisions
         s[hit] = rng.integers(0, E, int(hit.sum()))
         succ.append(s)
+    g = max(int(group_size or E // 8), k, 1)
+    order = rng.permutation(E)
+    groups = [order[i:i + g] for i in range(0, E - g + 1, g)] or [order]
+    topic = rng.integers(0, len(groups), t)
     ids = np.empty((t, L, k), dtype=np.int64)
 
     def dedupe(rows: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -386,22 +411,23 @@ def synthetic_trace(num_tokens: int, num_layers: int, num_experts: int, top_k: i
                 rows[bad, j] = rng.choice(E, int(bad.sum()), p=p)
         return rows
 
-    cur = rng.choice(E, (t, k), p=pop[0])
-    if coactivation > 0 and k > 1:
-        g = max(int(group_size or E // 8), k)
-        order = rng.permutation(E)
-        ngroups = max(E // g, 1)
-        grp = rng.integers(0, ngroups, t)
-        use = rng.random(t) < coactivation
-        for i in np.flatnonzero(use):
-            members = order[grp[i] * g:(grp[i] + 1) * g]
-            pw = pop[0][members] / pop[0][members].sum()
-            cur[i] = rng.choice(members, k, replace=False, p=pw)
-    ids[:, 0] = dedupe(cur, pop[0])
+    def fresh(layer: int) -> np.ndarray:
+        out = rng.choice(E, (t, k), p=pop[layer])
+        if coactivation > 0:
+            use = rng.random((t, k)) < coactivation
+            for c, members in enumerate(groups):
+                sel = use & (topic == c)[:, None]
+                cnt = int(sel.sum())
+                if cnt:
+                    pw = pop[layer][members] / pop[layer][members].sum()
+                    out[sel] = rng.choice(members, cnt, p=pw)
+        return out
+
+    ids[:, 0] = dedupe(fresh(0), pop[0])
     for layer in range(1, L):
+        groups = _next_groups(groups, succ[layer - 1], E)
         follow = rng.random((t, k)) < affinity
-        fresh = rng.choice(E, (t, k), p=pop[layer])
-        nxt = np.where(follow, succ[layer - 1][ids[:, layer - 1]], fresh)
+        nxt = np.where(follow, succ[layer - 1][ids[:, layer - 1]], fresh(layer))
         ids[:, layer] = dedupe(nxt, pop[layer])
     w = rng.random((t, L, k)).astype(np.float32) + 0.1
     w /= w.sum(-1, keepdims=True)

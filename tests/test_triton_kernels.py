@@ -498,3 +498,31 @@ def test_moe_forward_with_fused_gating_end_to_end():
             gu = w1[ti[t, j]] @ x[t]
             ref[t] += tw[t, j] * (w2[ti[t, j]] @ (torch.nn.functional.silu(gu[:I]) * gu[I:]))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# the glue the grouped_experts op uses on CUDA, against the CPU lowering
+# ------------------------------------------------------------------------------------------------
+@in_process
+@pytest.mark.parametrize("layout,transposed,bias,act", [("concat", False, False, "silu"),
+                                                        ("interleaved", True, True, "swiglu_oai"),
+                                                        ("ungated", False, True, "gelu_tanh")])
+def test_grouped_experts_triton_glue(layout, transposed, bias, act):
+    from moe_compiler.codegen import torch_experts
+    from moe_compiler.codegen.ops import triton_grouped_experts
+    from moe_compiler.ir import ExpertSpec
+
+    g = torch.Generator().manual_seed(0)
+    e, h, i, t, k = 4, 16, 8, 9, 2
+    spec = ExpertSpec(hidden_size=h, ffn_size=i, activation=act, layout=layout, transposed=transposed, has_bias=bias)
+    n1 = i if layout == "ungated" else 2 * i
+    w1 = torch.randn((e, h, n1) if transposed else (e, n1, h), generator=g) * 0.3
+    w2 = torch.randn((e, i, h) if transposed else (e, h, i), generator=g) * 0.3
+    b1 = torch.randn(e, n1, generator=g) if bias else None
+    b2 = torch.randn(e, h, generator=g) if bias else None
+    x = torch.randn(t, h, generator=g)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    w = torch.rand(t, k, generator=g)
+    want, _ = torch_experts.experts_forward(x, ids, w, w1, None, w2, b1, None, b2, spec)
+    got = triton_grouped_experts(x, ids, w, w1, w2, b1, b2, spec)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,245 @@
+"""The expert-parallel MoE op: ``moe_compiler::ep_moe``, built on the collective executor.
+
+sparse_collectives rewrites ``moe(x, L, bias, w1, w3, w2, b1, b3, b2, spec)`` into
+``ep_moe(...same operands..., spec')`` where spec' carries the note ("expert_parallel", JSON of
+{group, mode, ranks_per_node, overlap_degree, placement}). On every rank of the EP group:
+
+    x [T, H], L [T, E]  (this rank's own tokens)
+    ids [T, k]   = top-k routing, locally                      weights [T, k] fp32 (differentiable in L)
+    dest [T*k]   = rank of each slot's expert (replicas: slots of an expert spread round-robin over them)
+    -- per token chunk (overlap_degree chunks) --
+    counts [G]   = scatter_add(dest)                           fixed size, exchanged with all_to_all_single
+    xr [S_recv, H], er [S_recv] = all_to_all_single(x[slot token], ids)     data-dependent splits
+    yr [S_recv, H] fp32 = local grouped experts (this rank's weights only)
+    ys [T*k, H]  = reverse all_to_all_single(yr)               back to the slots' home rank
+    out [T, H]   = sum_k ys * weights                          same fp32 combine as the reference
+    (hierarchical: each all_to_all is an intra-node then an inter-node one, Tutel 2DH)
+
+Expert weights are either the full [E, ...] tensors (rows of other ranks' experts are never read;
+their gradients are zero here) or only this rank's experts [E_local, ...] in ascending expert
+order (what ``moe_compiler.shard_experts`` leaves). Backward (``ep_moe_backward``) re-runs the
+forward under autograd, collectives included: the all-to-all's backward is the reverse all-to-all,
+so hidden/router gradients return to the token's rank and expert gradients stay on the owner.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from moe_compiler import recording, reference
+from moe_compiler.codegen.comm import executor
+from moe_compiler.codegen.ops import gating_weights
+from moe_compiler.ir import MoESpec, _spec
+
+NOTE = "expert_parallel"
+_DIFF = ("hidden", "router_logits", "w1", "w3", "w2", "b1", "b3", "b2")
+_OPERANDS = ("hidden", "router_logits", "score_bias", "w1", "w3", "w2", "b1", "b3", "b2")
+
+
+@dataclass(frozen=True)
+class EPPlan:
+    """One layer's expert-parallel plan, as the spec note stores it."""
+
+    group: str                 # process group name ("world" = default group)
+    mode: str                  # "all_to_all" | "hierarchical"
+    placement: tuple           # per expert: sorted group ranks holding a copy
+    ranks_per_node: int = 0    # hierarchical: ranks of one node (0 = not hierarchical)
+    overlap_degree: int = 1    # token chunks (Tutel's overlap degree)
+
+    def to_json(self) -> str:
+        return json.dumps({"group": self.group, "mode": self.mode, "placement": [list(r) for r in self.placement],
+                           "ranks_per_node": self.ranks_per_node, "overlap_degree": self.overlap_degree},
+                          sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> "EPPlan":
+        d = json.loads(text)
+        return EPPlan(d["group"], d["mode"], tuple(tuple(r) for r in d["placement"]), int(d["ranks_per_node"]),
+                      int(d["overlap_degree"]))
+
+    def local_experts(self, rank: int) -> list:
+        return [e for e, ranks in enumerate(self.placement) if rank in ranks]
+
+
+def plan_of(spec: MoESpec) -> EPPlan:
+    for n in spec.notes:
+        if isinstance(n, (tuple, list)) and len(n) == 2 and n[0] == NOTE:
+            return _plan_cached(n[1])
+    raise ValueError(f"ep_moe: spec of {spec.path or 'the layer'} has no {NOTE!r} note")
+
+
+_PLANS: dict = {}
+
+
+def _plan_cached(text: str) -> EPPlan:
+    p = _PLANS.get(text)
+    if p is None:
+        p = _PLANS[text] = EPPlan.from_json(text)
+    return p
+
+
+# ------------------------------------------------------------------ the layer
+def slot_destinations(flat_ids: torch.Tensor, plan: EPPlan, rank: int) -> torch.Tensor:
+    """Expert id of each slot [S] -> group rank [S]; a replicated expert's slots go round-robin over its
+    replicas (the n-th slot of expert e on this rank goes to replica (n + rank) % replicas)."""
+    E = len(plan.placement)
+    width = max(len(r) for r in plan.placement)
+    table = torch.tensor([list(r) + [r[0]] * (width - len(r)) for r in plan.placement], dtype=torch.int64,
+                         device=flat_ids.device)
+    if width == 1:
+        return table[flat_ids, 0]
+    nrep = torch.tensor([len(r) for r in plan.placement], dtype=torch.int64, device=flat_ids.device)
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.zeros(E, dtype=torch.int64, device=flat_ids.device).scatter_add_(0, flat_ids,
+                                                                                    torch.ones_like(flat_ids))
+    starts = torch.cumsum(counts, 0) - counts
+    occ = torch.empty_like(flat_ids)
+    occ[order] = torch.arange(flat_ids.numel(), device=flat_ids.device) - starts[flat_ids[order]]
+    return table[flat_ids, (occ + rank) % nrep[flat_ids]]
+
+
+def _local_weight(w, local: list, num_experts: int, name: str):
+    if w is None:
+        return None
+    if w.shape[0] == len(local):
+        return w
+    if w.shape[0] == num_experts:
+        return w.index_select(0, torch.tensor(local, dtype=torch.int64, device=w.device))
+    raise ValueError(f"ep_moe: expert weight {name} has {w.shape[0]} rows; expected {num_experts} (all experts) or "
+                     f"{len(local)} (this rank's experts {local})")
+
+
+def _run_experts(xr, er, local_w, local_index, spec: MoESpec):
+    """Received rows xr [R, H] of experts er [R] -> fp32 [R, H] (unweighted expert outputs)."""
+    li = local_index[er]
+    ones = torch.ones((xr.shape[0], 1), dtype=torch.float32, device=xr.device)
+    if torch.is_grad_enabled():
+        yr = reference.experts_forward(xr, li.unsqueeze(1), ones, *local_w, spec.experts)
+        if not yr.requires_grad:  # no rows here: keep the chain so every rank runs the same backward collectives
+            yr = yr + xr.float().sum() * 0
+        return yr
+    from moe_compiler.codegen import torch_experts
+
+    yr, _ = torch_experts.experts_forward(xr, li.unsqueeze(1), ones, *local_w, spec.experts)
+    return yr.float()
+
+
+def ep_experts(x, ids, local_w, spec: MoESpec, plan: EPPlan) -> torch.Tensor:
+    """x [T, H], ids [T, k] -> per-slot expert outputs [T*k, H] fp32, computed on the experts' ranks."""
+    T, k = ids.shape
+    layer = spec.path or "moe"
+    if plan.mode == "hierarchical":
+        hops = executor.node_hops(plan.ranks_per_node)
+        rank = executor.dist.get_rank()
+    else:
+        hops = (executor.world_hop(executor.resolve_group(plan.group)),)
+        rank = hops[0].rank
+    local = plan.local_experts(rank)
+    local_index = torch.full((len(plan.placement),), -1, dtype=torch.int64, device=x.device)
+    local_index[local] = torch.arange(len(local), dtype=torch.int64, device=x.device)
+    flat = ids.reshape(-1)
+    dest = slot_destinations(flat, plan, rank)
+    token = torch.div(torch.arange(flat.numel(), device=x.device), k, rounding_mode="floor")
+    chunks = max(1, int(plan.overlap_degree))
+    bounds = [(T * i // chunks) * k for i in range(chunks + 1)]
+    outs = []
+    for c in range(chunks):
+        sl = slice(bounds[c], bounds[c + 1])
+        xs = x.index_select(0, token[sl])
+        meta = torch.stack([flat[sl], dest[sl]], 1)
+        routes = []
+        for hop in hops:
+            hop_dest = meta[:, 1] if hop.name == "world" else (
+                meta[:, 1] % plan.ranks_per_node if hop.name == "intra_node" else meta[:, 1] // plan.ranks_per_node)
+            (xs, meta), route = executor.route_rows([xs, meta], hop_dest, hop, layer=layer,
+                                                    name="dispatch" + ("" if hop.name == "world" else "_" + hop.name))
+            routes.append(route)
+        yr = _run_experts(xs, meta[:, 0], local_w, local_index, spec)
+        for route in reversed(routes):
+            yr = executor.reverse_rows(yr, route, name="combine" + ("" if route.hop.name == "world"
+                                                                     else "_" + route.hop.name))
+        outs.append(yr)
+    return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+
+
+def ep_moe_forward(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec: MoESpec) -> torch.Tensor:
+    """The op's semantics on this rank's tokens: returns hidden's shape and dtype."""
+    plan = plan_of(spec)
+    H, E = hidden.shape[-1], spec.num_experts
+    x = hidden.reshape(-1, H)
+    T = x.shape[0]
+    logits = router_logits.reshape(T, E)
+    with torch.no_grad():
+        ids, _ = reference.route(logits, score_bias, spec.router)
+    weights = gating_weights(logits, ids, spec)
+    rank = executor.dist.get_rank(executor.resolve_group(plan.group)) if plan.mode != "hierarchical" \
+        else executor.dist.get_rank()
+    local = plan.local_experts(rank)
+    local_w = [_local_weight(w, local, E, n) for w, n in zip((w1, w3, w2, b1, b3, b2), _OPERANDS[3:])]
+    ys = ep_experts(x, ids, local_w, spec, plan)
+    out = (ys.view(T, spec.top_k, H) * weights.float().unsqueeze(-1)).sum(1)
+    return out.to(hidden.dtype).reshape(hidden.shape)
+
+
+# ------------------------------------------------------------------ custom ops
+_LIB = torch.library.Library("moe_compiler", "FRAGMENT")
+_LIB.define("ep_moe(Tensor hidden, Tensor router_logits, Tensor? score_bias, Tensor w1, Tensor? w3, Tensor w2, "
+            "Tensor? b1, Tensor? b3, Tensor? b2, str spec) -> Tensor")
+_LIB.define("ep_moe_backward(Tensor grad_out, Tensor hidden, Tensor router_logits, Tensor? score_bias, Tensor w1, "
+            "Tensor? w3, Tensor w2, Tensor? b1, Tensor? b3, Tensor? b2, str spec) -> Tensor[]")
+
+
+@torch.library.impl(_LIB, "ep_moe", "CompositeExplicitAutograd")
+def _ep_moe(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec):
+    s = _spec(spec)
+    if recording._active() is not None:
+        with torch.no_grad():
+            ids, w = reference.route(router_logits.reshape(-1, s.num_experts), score_bias, s.router)
+        recording.observe(s.path, ids, w)
+    with torch.no_grad():
+        return ep_moe_forward(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, s)
+
+
+@torch.library.register_fake("moe_compiler::ep_moe")
+def _ep_moe_fake(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec):
+    return hidden.new_empty(hidden.shape)
+
+
+@torch.library.impl(_LIB, "ep_moe_backward", "CompositeExplicitAutograd")
+def _ep_moe_backward(grad_out, hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec):
+    operands = dict(hidden=hidden, router_logits=router_logits, w1=w1, w3=w3, w2=w2, b1=b1, b3=b3, b2=b2)
+    present = [n for n in _DIFF if operands[n] is not None]
+    with torch.enable_grad():
+        leaves = {n: operands[n].detach().requires_grad_(True) for n in present}
+        a = {**operands, **leaves}
+        out = ep_moe_forward(a["hidden"], a["router_logits"], score_bias, a["w1"], a["w3"], a["w2"], a["b1"], a["b3"],
+                             a["b2"], _spec(spec))
+        grads = torch.autograd.grad(out, [leaves[n] for n in present], grad_out, allow_unused=True)
+    return [torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(present, grads)]
+
+
+@torch.library.register_fake("moe_compiler::ep_moe_backward")
+def _ep_moe_backward_fake(grad_out, hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec):
+    operands = dict(hidden=hidden, router_logits=router_logits, w1=w1, w3=w3, w2=w2, b1=b1, b3=b3, b2=b2)
+    return [torch.empty_like(operands[n]) for n in _DIFF if operands[n] is not None]
+
+
+def _setup(ctx, inputs, output):
+    ctx.present = [t is not None for t in inputs[:-1]]
+    ctx.save_for_backward(*[t for t in inputs[:-1] if t is not None])
+    ctx.spec = inputs[-1]
+
+
+def _backward(ctx, grad_out):
+    saved = iter(ctx.saved_tensors)
+    operands = [next(saved) if p else None for p in ctx.present]
+    grads = iter(torch.ops.moe_compiler.ep_moe_backward(grad_out.contiguous(), *operands, ctx.spec))
+    named = dict(zip(_OPERANDS, operands))
+    return (*[next(grads) if n in _DIFF and named[n] is not None else None for n in _OPERANDS], None)
+
+
+torch.library.register_autograd("moe_compiler::ep_moe", _backward, setup_context=_setup)
+
+EP_MOE_OP = torch.ops.moe_compiler.ep_moe.default

@@ -1,0 +1,183 @@
+"""Runs collective-schedule steps on torch.distributed (gloo on CPU, NCCL on GPU).
+
+    route_rows(tensors, dest [S] int64, hop)  -> received tensors [S_recv, ...], Route
+        counts  = zeros(G).scatter_add(dest)          # fixed size [G]: no bincount, no host sync yet
+        recv    = all_to_all_single(counts)           # "exchange_counts"
+        splits  = counts.tolist(), recv.tolist()      # the only host sync
+        rows    = all_to_all_single(tensor[argsort(dest)], recv splits, send splits)
+    reverse_rows(y [S_recv, ...], route)          -> [S, ...] in the order route_rows was given
+
+Float tensors move through ``AllToAll`` (an autograd Function: its backward is the reverse
+all-to-all), so gradients flow back to the sending rank. A failing collective (a dead peer, a
+timeout of the process group) raises ``CommError`` naming the step, the rank and the group size.
+Traffic is recorded per step while ``record_traffic()`` is active (bytes sent to other ranks).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class CommError(RuntimeError):
+    """A collective of the expert-parallel schedule failed (peer died, timed out, or mismatched)."""
+
+
+# ------------------------------------------------------------------ groups
+@dataclass(frozen=True)
+class Hop:
+    """A process group one route step runs on, and how a global destination maps into it."""
+
+    name: str                      # "world" | "intra_node" | "inter_node"
+    group: object                  # torch.distributed ProcessGroup
+    size: int
+    rank: int                      # this process's rank in the group
+
+
+_GROUP_CACHE: dict = {}
+
+
+def resolve_group(name: str):
+    """'world' -> the default group; otherwise a process group by its registered name."""
+    if name in ("world", "", None):
+        return dist.group.WORLD
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
+
+
+def group_name(group) -> str:
+    """The name ``resolve_group`` accepts for a group (None/WORLD -> 'world')."""
+    if group is None or group is dist.group.WORLD:
+        return "world"
+    return group.group_name
+
+
+def world_hop(group) -> Hop:
+    return Hop("world", group, dist.get_world_size(group), dist.get_rank(group))
+
+
+def node_hops(ranks_per_node: int) -> tuple[Hop, Hop]:
+    """(intra-node hop, inter-node hop) of this rank for the default group, nodes of ranks_per_node.
+
+    Node n holds world ranks [n*M, (n+1)*M); the inter-node group of local index m is
+    {m, M + m, 2M + m, ...}. Every rank creates every subgroup in the same order (new_group is
+    collective), once per process.
+    """
+    world = dist.get_world_size()
+    m = int(ranks_per_node)
+    if m < 1 or world % m:
+        raise ValueError(f"ranks_per_node={ranks_per_node} must be a positive divisor of the world size {world}")
+    key = ("nodes", world, m)
+    if key not in _GROUP_CACHE:
+        intra = [dist.new_group(list(range(n * m, (n + 1) * m))) for n in range(world // m)]
+        inter = [dist.new_group(list(range(j, world, m))) for j in range(m)]
+        _GROUP_CACHE[key] = (intra, inter)
+    intra, inter = _GROUP_CACHE[key]
+    r = dist.get_rank()
+    return Hop("intra_node", intra[r // m], m, r % m), Hop("inter_node", inter[r % m], world // m, r // m)
+
+
+# ------------------------------------------------------------------ traffic
+_TRAFFIC: list = []
+
+
+@contextlib.contextmanager
+def record_traffic():
+    """Collect {"layer", "step", "group", "rows_remote", "bytes_remote", "rows_sent", "rows_received"}
+    per executed all-to-all (remote = to other ranks of the step's group)."""
+    log: list = []
+    _TRAFFIC.append(log)
+    try:
+        yield log
+    finally:
+        _TRAFFIC.remove(log)
+
+
+def _row_bytes(t: torch.Tensor) -> int:
+    return math.prod(t.shape[1:]) * t.element_size()
+
+
+def _note(layer: str, step: str, hop: Hop, send_splits, recv_splits, row_bytes: int) -> None:
+    if not _TRAFFIC:
+        return
+    remote = sum(n for j, n in enumerate(send_splits) if j != hop.rank)
+    for log in _TRAFFIC:
+        log.append({"layer": layer, "step": step, "group": hop.name, "rows_remote": int(remote),
+                    "bytes_remote": int(remote * row_bytes), "rows_sent": int(sum(send_splits)),
+                    "rows_received": int(sum(recv_splits))})
+
+
+# ------------------------------------------------------------------ collectives
+def _a2a(out, inp, out_splits, in_splits, hop: Hop, what: str):
+    try:
+        dist.all_to_all_single(out, inp.contiguous(), out_splits, in_splits, group=hop.group)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        raise CommError(
+            f"expert parallelism: all_to_all {what!r} on group {hop.name} failed on group rank {hop.rank} of "
+            f"{hop.size} (a peer process died, timed out, or ran a different schedule): {type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300] if str(e) else ''}") from e
+    return out
+
+
+class AllToAll(torch.autograd.Function):
+    """y = all_to_all_single(x, in_splits -> out_splits); backward: the reverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, hop, what):
+        ctx.splits, ctx.hop, ctx.what = (out_splits, in_splits), hop, what
+        y = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+        return _a2a(y, x, out_splits, in_splits, hop, what)
+
+    @staticmethod
+    def backward(ctx, g):
+        out_splits, in_splits = ctx.splits
+        gx = g.new_empty((sum(in_splits),) + tuple(g.shape[1:]))
+        return _a2a(gx, g, in_splits, out_splits, ctx.hop, ctx.what + ".backward"), None, None, None, None
+
+
+def all_to_all(x, out_splits, in_splits, hop: Hop, what: str):
+    if x.is_floating_point():
+        return AllToAll.apply(x, list(out_splits), list(in_splits), hop, what)
+    return _a2a(x.new_empty((sum(out_splits),) + tuple(x.shape[1:])), x, list(out_splits), list(in_splits), hop, what)
+
+
+@dataclass
+class Route:
+    """How route_rows moved rows: undone by reverse_rows."""
+
+    hop: Hop
+    order: torch.Tensor        # [S] send order (stable argsort of dest)
+    send_splits: list
+    recv_splits: list
+    layer: str = ""
+    name: str = ""
+
+
+def route_rows(tensors: list, dest: torch.Tensor, hop: Hop, *, layer: str = "", name: str = "dispatch"):
+    """Send row i of every tensor to group rank dest[i]; returns (received tensors, Route).
+
+    Received rows are ordered by source group rank, and within a source in send order.
+    """
+    counts = torch.zeros(hop.size, dtype=torch.int64, device=dest.device)
+    counts.scatter_add_(0, dest, torch.ones_like(dest))
+    recv = _a2a(torch.empty_like(counts), counts, [1] * hop.size, [1] * hop.size, hop, f"{layer}:{name}_counts")
+    send_splits, recv_splits = counts.tolist(), recv.tolist()
+    order = torch.argsort(dest, stable=True)
+    out = []
+    for t in tensors:
+        out.append(all_to_all(t.index_select(0, order), recv_splits, send_splits, hop, f"{layer}:{name}"))
+        _note(layer, name if t.is_floating_point() else name + "_meta", hop, send_splits, recv_splits, _row_bytes(t))
+    return out, Route(hop, order, send_splits, recv_splits, layer, name)
+
+
+def reverse_rows(y: torch.Tensor, route: Route, name: str = "combine") -> torch.Tensor:
+    """Send received rows back to where route_rows took them from, restoring the original order."""
+    back = all_to_all(y, route.send_splits, route.recv_splits, route.hop, f"{route.layer}:{name}")
+    _note(route.layer, name, route.hop, route.recv_splits, route.send_splits, _row_bytes(y))
+    inv = torch.empty_like(route.order)
+    inv[route.order] = torch.arange(route.order.numel(), device=route.order.device)
+    return back.index_select(0, inv)

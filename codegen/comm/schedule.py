@@ -1,0 +1,92 @@
+"""The collective schedule IR: what an expert-parallel MoE layer exchanges, planned at compile time.
+
+One ``LayerSchedule`` per MoE op of a compiled graph; a graph's ``Schedule`` is dumped as
+``comm_schedule.json`` next to the pass dumps. The executor (executor.py / ep.py) runs exactly the
+steps the schedule lists, in order, for each of ``overlap_degree`` token chunks:
+
+    step  kind             group          splits from            buffer
+    0     exchange_counts  world          fixed [G] int64        send/recv counts [G]
+    1     all_to_all       world          counts of step 0       rows [S_send, H] -> [S_recv, H]
+          (hierarchical: intra_node step then inter_node step, each with its own counts exchange)
+    ...   local experts on the received rows (overlaps the next chunk's dispatch)
+    n     all_to_all       (reverse)      reverse of step 1      rows [S_recv, H] fp32 -> [S_send, H]
+
+S_send = tokens * top_k slots of this rank, S_recv = slots other ranks route to this rank's experts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+MODES = ("all_to_all", "hierarchical")
+
+
+@dataclass(frozen=True)
+class CommStep:
+    """One collective of a layer."""
+
+    # "exchange_counts" | "all_to_all"
+    kind: str
+    # what it moves: "dispatch_counts", "dispatch", "dispatch_meta", "combine", ...
+    name: str
+    # process group: "world" (the EP group), "intra_node" or "inter_node"
+    group: str
+    # where the split sizes come from: "fixed" or "counts:<step name>" or "reverse:<step name>"
+    splits: str
+    # buffer description with symbolic row counts, e.g. "[S_send, H] hidden dtype"
+    buffer: str
+    # compute this collective may overlap (planned, e.g. "local_experts(chunk i-1)")
+    overlaps: tuple = ()
+
+
+@dataclass(frozen=True)
+class LayerSchedule:
+    """The collectives of one expert-parallel MoE layer."""
+
+    layer: str
+    mode: str
+    group_size: int
+    ranks_per_node: int
+    # the expert ids each group rank computes (index = rank in the EP group)
+    experts_per_rank: tuple
+    # Tutel's overlap degree: token chunks whose dispatch overlaps the previous chunk's experts
+    overlap_degree: int
+    steps: tuple = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Schedule:
+    graph_id: str
+    layers: list = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps({"graph_id": self.graph_id, "layers": [l.to_dict() for l in self.layers]}, indent=2)
+
+
+def plan_layer(layer: str, mode: str, group_size: int, ranks_per_node: int, experts_per_rank, overlap_degree: int
+               ) -> LayerSchedule:
+    """The steps of one layer for a mode (see the module docstring)."""
+    if mode not in MODES:
+        raise ValueError(f"schedule mode must be one of {MODES}, got {mode!r}")
+    ov = ("local_experts(previous chunk)",) if overlap_degree > 1 else ()
+    if mode == "all_to_all":
+        hops = [("world", "")]
+    else:
+        hops = [("intra_node", "_intra"), ("inter_node", "_inter")]
+    steps = []
+    for group, suf in hops:
+        steps += [
+            CommStep("exchange_counts", f"dispatch_counts{suf}", group, "fixed", "[G] int64"),
+            CommStep("all_to_all", f"dispatch_meta{suf}", group, f"counts:dispatch_counts{suf}", "[S_send, 2] int64"),
+            CommStep("all_to_all", f"dispatch{suf}", group, f"counts:dispatch_counts{suf}", "[S_send, H] hidden dtype",
+                     ov),
+        ]
+    for group, suf in reversed(hops):
+        steps.append(CommStep("all_to_all", f"combine{suf}", group, f"reverse:dispatch{suf}",
+                              "[S_recv, H] fp32", ov))
+    return LayerSchedule(layer, mode, group_size, ranks_per_node, tuple(tuple(e) for e in experts_per_rank),
+                         overlap_degree, tuple(steps))

@@ -1,0 +1,162 @@
+"""Expert-parallel runtime helpers: the ``expert_parallel`` option, placements, weight sharding.
+
+    options={"expert_parallel": True}                          # group = world, mode "all_to_all",
+                                                               # contiguous placement
+    options={"expert_parallel": {"group": pg,                  # a ProcessGroup, its name, or None (world)
+                                 "mode": "all_to_all",         # or "hierarchical" (intra- then inter-node)
+                                 "ranks_per_node": 2,          # hierarchical only: ranks of one node
+                                 "placement": "plan.json",     # or a Placement object; default contiguous
+                                 "overlap_degree": 1}}         # token chunks per layer (Tutel)
+
+    shard_experts(model, placement=None, group=None)  -> bytes kept   # keep only this rank's expert rows
+    expert_bytes_per_rank(model, placement=None, num_ranks=None) -> [bytes of rank 0, ...]
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+MODES = ("all_to_all", "hierarchical")
+KEYS = ("group", "mode", "placement", "ranks_per_node", "overlap_degree")
+# parameter names of stacked expert weights [E, ...] (MoELayer and transformers 5 experts modules)
+EXPERT_PARAM_NAMES = ("gate_up_proj", "down_proj", "up_proj", "gate_proj", "gate_up_proj_bias", "down_proj_bias")
+
+
+def normalize_options(value):
+    """The option as given (True/False/None/dict) -> None (off) or a checked dict with every key.
+
+    Raises moe_compiler.config.ConfigError naming the bad key and the accepted values.
+    """
+    from moe_compiler.config import ConfigError
+
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"option 'expert_parallel' must be True, False or a dict with keys {list(KEYS)}, "
+                          f"got {type(value).__name__}")
+    bad = sorted(set(value) - set(KEYS))
+    if bad:
+        raise ConfigError(f"option 'expert_parallel' has unknown keys {bad}; accepted keys are {list(KEYS)}")
+    out = {"group": value.get("group"), "mode": value.get("mode", "all_to_all"), "placement": value.get("placement"),
+           "ranks_per_node": value.get("ranks_per_node"), "overlap_degree": value.get("overlap_degree", 1)}
+    if out["mode"] not in MODES:
+        raise ConfigError(f"option expert_parallel['mode'] must be one of {list(MODES)}, got {out['mode']!r}")
+    rpn = out["ranks_per_node"]
+    if out["mode"] == "hierarchical":
+        if isinstance(rpn, bool) or not isinstance(rpn, int) or rpn < 1:
+            raise ConfigError("option expert_parallel['ranks_per_node'] must be a positive int (ranks of one node) "
+                              f"in mode 'hierarchical', got {rpn!r}")
+    elif rpn is not None:
+        raise ConfigError("option expert_parallel['ranks_per_node'] is only accepted with mode 'hierarchical'")
+    od = out["overlap_degree"]
+    if isinstance(od, bool) or not isinstance(od, int) or od < 1:
+        raise ConfigError(f"option expert_parallel['overlap_degree'] must be an int >= 1, got {od!r}")
+    g = out["group"]
+    if g is not None and not isinstance(g, str) and not _is_process_group(g):
+        raise ConfigError(f"option expert_parallel['group'] must be None (world), a ProcessGroup or its name, "
+                          f"got {type(g).__name__}")
+    p = out["placement"]
+    if p is not None and not isinstance(p, (str, os.PathLike)) and type(p).__name__ != "Placement":
+        raise ConfigError("option expert_parallel['placement'] must be a placement file path or a "
+                          f"moe_compiler.passes.placement.Placement, got {type(p).__name__}")
+    return out
+
+
+def _is_process_group(g) -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and isinstance(g, dist.ProcessGroup)
+
+
+def load_placement(p):
+    """A Placement from a Placement, a path, or None (None stays None)."""
+    if p is None:
+        return None
+    from moe_compiler.passes.placement import Placement
+
+    return p if isinstance(p, Placement) else Placement.load(p)
+
+
+def contiguous_rows(num_experts: int, num_ranks: int) -> tuple:
+    """Megatron's contiguous placement: expert e on rank e * R // E (blocks differ by at most one)."""
+    return tuple(((e * num_ranks) // num_experts,) for e in range(num_experts))
+
+
+def check_rows(rows, num_experts: int, num_ranks: int, where: str) -> tuple:
+    rows = tuple(tuple(int(r) for r in ranks) for ranks in rows)
+    if len(rows) != num_experts:
+        raise ValueError(f"{where}: the placement lists {len(rows)} experts, the layer has {num_experts}")
+    for e, ranks in enumerate(rows):
+        if not ranks or any(not 0 <= r < num_ranks for r in ranks):
+            raise ValueError(f"{where}: expert {e} is placed on ranks {list(ranks)}; need at least one rank in "
+                             f"[0, {num_ranks}) (the expert-parallel group size)")
+    return rows
+
+
+def expert_modules(model: torch.nn.Module) -> list:
+    """(path, module) of every module holding stacked expert weights, in module order."""
+    out = []
+    for path, mod in model.named_modules():
+        names = [n for n, p in mod.named_parameters(recurse=False) if n in EXPERT_PARAM_NAMES and p.dim() >= 2]
+        if names:
+            out.append((path, mod))
+    return out
+
+
+def _rows_for(placement, i: int, path: str, num_experts: int, num_ranks: int) -> tuple:
+    if placement is None:
+        return contiguous_rows(num_experts, num_ranks)
+    names = list(placement.metadata.get("layer_names", ())) if isinstance(placement.metadata, dict) else []
+    idx = next((j for j, n in enumerate(names) if n and (path == n or path.startswith(n + "."))), i)
+    if idx >= placement.num_layers:
+        raise ValueError(f"the placement has {placement.num_layers} layers; expert module {i} ({path}) has none")
+    return check_rows(placement.layers[idx], num_experts, num_ranks, f"placement layer {idx} ({path})")
+
+
+def expert_bytes_per_rank(model: torch.nn.Module, placement=None, num_ranks: int | None = None) -> list:
+    """Bytes of expert weights each rank holds under a placement (default contiguous) — full weights assumed."""
+    placement = load_placement(placement)
+    R = int(num_ranks or (placement.num_ranks if placement is not None else 1))
+    per = [0] * R
+    for i, (path, mod) in enumerate(expert_modules(model)):
+        params = [p for n, p in mod.named_parameters(recurse=False) if n in EXPERT_PARAM_NAMES]
+        E = params[0].shape[0]
+        rows = _rows_for(placement, i, path, E, R)
+        row_bytes = sum(p[0].numel() * p.element_size() for p in params)
+        for ranks in rows:
+            for r in ranks:
+                per[r] += row_bytes
+    return per
+
+
+def shard_experts(model: torch.nn.Module, placement=None, group=None) -> int:
+    """Keep only this rank's expert rows: each stacked [E, ...] expert parameter becomes [E_local, ...]
+    (this rank's experts in ascending order), the rest is freed. Returns the expert bytes kept.
+
+    Use with ``options={"expert_parallel": {..., "placement": <the same placement>}}``: the ep_moe op
+    accepts the local rows. Only layers that call the moe op themselves (``moe_compiler.MoELayer``)
+    run sharded: a transformers model's experts must stay whole for detection to prove the layer.
+    """
+    import torch.distributed as dist
+
+    placement = load_placement(placement)
+    R = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    kept = 0
+    for i, (path, mod) in enumerate(expert_modules(model)):
+        names = [n for n, p in mod.named_parameters(recurse=False) if n in EXPERT_PARAM_NAMES]
+        E = getattr(mod, names[0]).shape[0]
+        rows = _rows_for(placement, i, path, E, R)
+        local = [e for e, ranks in enumerate(rows) if rank in ranks]
+        for n in names:
+            p = getattr(mod, n)
+            if p.shape[0] != E:
+                raise ValueError(f"{path}.{n} has {p.shape[0]} rows, {names[0]} has {E}: already sharded?")
+            new = torch.nn.Parameter(p.detach()[local].clone(), requires_grad=p.requires_grad)
+            setattr(mod, n, new)
+            kept += new.numel() * new.element_size()
+        mod._moe_compiler_local_experts = tuple(local)
+    return kept

@@ -1,0 +1,115 @@
+"""sparse_collectives: expert parallelism on torch.distributed (one op per MoE layer, one schedule per graph).
+
+On when ``options={"expert_parallel": True | {...}}`` (moe_compiler.runtime.expert_parallel) and
+torch.distributed is initialised; otherwise the graph is unchanged (a logged reason says why).
+
+Before:
+    y = moe_compiler.moe(x, logits, bias, w1, w3, w2, b1, b3, b2, spec)        # x [T, H] this rank's tokens
+After:
+    y = moe_compiler.ep_moe(x, logits, bias, w1, w3, w2, b1, b3, b2, spec')    # [T, H]
+        # spec' notes += ("expert_parallel", {"group", "mode", "placement": ((ranks of e0), ...),
+        #                                     "ranks_per_node", "overlap_degree"})
+        # inside (codegen/comm/ep.py): local routing -> counts [G] -> all_to_all_single(counts)
+        #   -> all_to_all_single(rows, data-dependent splits) -> this rank's grouped experts
+        #   -> reverse all_to_all_single -> fp32 weighted combine
+
+The collectives sit inside one opaque custom op with an autograd formula (not functional
+collectives in the graph), so the graph compiles in one piece and Inductor never reorders a
+collective. Placement per layer: the option's placement (file or Placement; layers matched by
+the placement's layer_names, else by order in the graph), else the ("placement", ...) note of
+plan_placement, else contiguous (expert e on rank e * G // E). The per-layer collective schedule
+(codegen/comm/schedule.py) is dumped as ``comm_schedule.rank<R>.json`` beside the pass dumps.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from moe_compiler.codegen.comm.ep import NOTE, EP_MOE_OP, EPPlan
+from moe_compiler.codegen.comm.executor import group_name
+from moe_compiler.codegen.comm.schedule import Schedule, plan_layer
+from moe_compiler.config import ConfigError
+from moe_compiler.ir import MOE_OP, MoESpec
+from moe_compiler.pipeline import DumpWriter, PassContext, PassResult
+from moe_compiler.runtime.expert_parallel import check_rows, contiguous_rows, load_placement, normalize_options
+
+log = logging.getLogger(__name__)
+
+
+def _layer_rows(spec: MoESpec, index: int, placement, num_ranks: int) -> tuple:
+    where = f"expert_parallel placement for {spec.path or f'MoE layer {index}'}"
+    if placement is not None:
+        if placement.num_ranks != num_ranks:
+            raise ConfigError(f"option expert_parallel['placement'] is for {placement.num_ranks} ranks; the "
+                              f"expert-parallel group has {num_ranks}")
+        names = list(placement.metadata.get("layer_names", ())) if isinstance(placement.metadata, dict) else []
+        idx = names.index(spec.path) if spec.path and spec.path in names else index
+        if idx >= placement.num_layers:
+            raise ValueError(f"{where}: the placement has {placement.num_layers} layers, this is layer {idx}")
+        return check_rows(placement.layers[idx], spec.num_experts, num_ranks, where)
+    for n in spec.notes:
+        if isinstance(n, (tuple, list)) and len(n) == 2 and n[0] == "placement":
+            return check_rows(n[1], spec.num_experts, num_ranks, where + " (from plan_placement)")
+    return contiguous_rows(spec.num_experts, num_ranks)
+
+
+@dataclass(frozen=True)
+class SparseCollectives:
+    """Rewrite every moe op into ep_moe (dispatch/combine all-to-alls on torch.distributed)."""
+
+    name: ClassVar[str] = "sparse_collectives"
+
+    def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        opts = normalize_options(getattr(ctx.config, "expert_parallel", None))
+        if opts is None:
+            return PassResult(gm, False, {"skipped": 1})
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            log.warning("sparse_collectives: option 'expert_parallel' is set but torch.distributed is not "
+                        "initialised; MoE layers stay single-process")
+            return PassResult(gm, False, {"skipped_no_process_group": 1})
+        group = opts["group"]
+        gname = group if isinstance(group, str) else group_name(group)
+        from moe_compiler.codegen.comm.executor import resolve_group
+
+        pg = resolve_group(gname)
+        size = dist.get_world_size(pg)
+        mode, rpn = opts["mode"], opts["ranks_per_node"] or 0
+        if mode == "hierarchical":
+            if gname != "world":
+                raise ConfigError("option expert_parallel: mode 'hierarchical' needs group None (the world group)")
+            if size % rpn:
+                raise ConfigError(f"option expert_parallel['ranks_per_node']={rpn} must divide the world size {size}")
+        placement = load_placement(opts["placement"])
+        schedule = Schedule(ctx.graph_id)
+        graph = gm.graph
+        done = 0
+        layers = [n for n in graph.nodes if n.op == "call_function" and n.target is MOE_OP]
+        for i, node in enumerate(layers):
+            spec = MoESpec.from_json(node.args[-1])
+            rows = _layer_rows(spec, i, placement, size)
+            plan = EPPlan(gname, mode, rows, rpn, opts["overlap_degree"])
+            new_spec = spec.replace(notes=spec.notes + ((NOTE, plan.to_json()),))
+            with graph.inserting_before(node):
+                ep = graph.call_function(EP_MOE_OP, (*node.args[:-1], new_spec.to_json()))
+            ep.meta["val"] = node.meta["val"]
+            ep.meta["moe_compiler_pass"] = self.name
+            ep.meta["moe_spec"] = new_spec
+            node.replace_all_uses_with(ep)
+            graph.erase_node(node)
+            per_rank = [[e for e, r in enumerate(rows) if g in r] for g in range(size)]
+            schedule.layers.append(plan_layer(spec.path or f"layer{i}", mode, size, rpn or size, per_rank,
+                                              opts["overlap_degree"]))
+            done += 1
+        if done:
+            gm.recompile()
+            from moe_compiler.backend import _dump_root
+
+            fname = f"comm_schedule.rank{dist.get_rank()}.json" if dist.get_world_size() > 1 else "comm_schedule.json"
+            DumpWriter(_dump_root(ctx.config), ctx.graph_id).write(fname, schedule.to_json())
+            log.info("sparse_collectives: %d MoE layer(s) expert-parallel over %d ranks (mode %s)", done, size, mode)
+        return PassResult(gm, bool(done), {"layers_expert_parallel": done, "group_size": size if done else 0})

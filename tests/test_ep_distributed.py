@@ -1,0 +1,298 @@
+"""Expert parallelism on 2 and 4 gloo processes: EP output == single-process eager, forward and backward.
+
+Each test spawns ONE process group (spawning is slow) and runs many hypothesis-drawn cases in it.
+Worker functions (``*_worker``) run inside the spawned ranks via moe_compiler.runtime.launch.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moe_compiler.runtime.launch import run_ranks
+
+pytestmark = pytest.mark.distributed
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ------------------------------------------------------------------ strategies
+def ep_cases(world: int, modes=("all_to_all",)):
+    """Generates: dicts describing one EP layer case for `world` ranks: experts E in 1..9 (divisible
+    by the ranks or not, fewer than the ranks too), top-k 1..min(4, E), hidden 4..16, ffn 2..8,
+    tokens per rank 0..12 (ranks with no tokens), routing "random" | "skewed" (a few experts take
+    most slots) | "one_rank" (everything to rank 0's experts: other ranks receive nothing),
+    placement "contiguous" | "random" (one copy each) | "replicated" (extra copies), overlap
+    degree 1..3, softmax or sigmoid scores, and the mode."""
+
+    @st.composite
+    def build(draw):
+        E = draw(st.integers(1, 9))
+        k = draw(st.integers(1, min(4, E)))
+        return dict(
+            E=E, k=k, H=draw(st.integers(4, 16)), I=draw(st.integers(2, 8)),
+            tokens=draw(st.lists(st.integers(0, 12), min_size=world, max_size=world)),
+            routing=draw(st.sampled_from(["random", "skewed", "one_rank"])),
+            placement=draw(st.sampled_from(["contiguous", "random", "replicated"])),
+            overlap=draw(st.integers(1, 3)), score=draw(st.sampled_from(["softmax", "sigmoid"])),
+            renorm=draw(st.booleans()), mode=draw(st.sampled_from(modes)), seed=draw(st.integers(0, 10_000)))
+
+    return build()
+
+
+# ------------------------------------------------------------------ workers (run inside the ranks)
+def _placement_rows(case, world, gen):
+    from moe_compiler.runtime.expert_parallel import contiguous_rows
+
+    E = case["E"]
+    if case["placement"] == "contiguous":
+        return contiguous_rows(E, world)
+    rows = []
+    for e in range(E):
+        first = int(torch.randint(world, (1,), generator=gen))
+        ranks = {first}
+        if case["placement"] == "replicated":
+            ranks |= {int(r) for r in torch.randint(world, (int(torch.randint(3, (1,), generator=gen)),),
+                                                      generator=gen)}
+        rows.append(tuple(sorted(ranks)))
+    return tuple(rows)
+
+
+def _case_tensors(case, world):
+    """Identical on every rank: weights, every rank's tokens and loss weights, the routing skew."""
+    from moe_compiler.ir import ExpertSpec, MoESpec, RouterSpec
+
+    gen = torch.Generator().manual_seed(case["seed"])
+    E, k, H, I = case["E"], case["k"], case["H"], case["I"]
+    spec = MoESpec(RouterSpec(E, k, score_func=case["score"], renormalize=case["renorm"]), ExpertSpec(H, I),
+                   path="layer")
+    router = torch.randn(E, H, generator=gen) * 0.5
+    w1 = torch.randn(E, 2 * I, H, generator=gen) * H ** -0.5
+    w2 = torch.randn(E, H, I, generator=gen) * I ** -0.5
+    xs = [torch.randn(t, H, generator=gen) for t in case["tokens"]]
+    gs = [torch.randn(t, H, generator=gen) for t in case["tokens"]]
+    rows = _placement_rows(case, world, gen)
+    skew = torch.zeros(E)
+    if case["routing"] == "skewed":
+        skew[torch.randperm(E, generator=gen)[: max(1, E // 3)]] = 3.0
+    elif case["routing"] == "one_rank":
+        skew[[e for e, r in enumerate(rows) if 0 in r]] = 8.0
+    return spec, router, w1, w2, xs, gs, rows, skew
+
+
+def _reference(spec, router, w1, w2, x, g, skew):
+    """Single-process eager (the moe op's reference) on tokens x: output and all gradients."""
+    p = [t.clone().requires_grad_() for t in (x, router, w1, w2)]
+    y = torch.ops.moe_compiler.moe(p[0], F.linear(p[0], p[1]) + skew, None, p[2], None, p[3], None, None, None,
+                                   spec.to_json())
+    (y * g).sum().backward()
+    return y.detach(), [t.grad for t in p]
+
+
+def ep_cases_worker(rank, world, cases):
+    import torch.distributed as dist
+
+    from moe_compiler.codegen.comm import executor
+    from moe_compiler.codegen.comm.ep import NOTE, EPPlan, slot_destinations
+    from moe_compiler.reference import route
+
+    report = []
+    for case in cases:
+        spec, router, w1, w2, xs, gs, rows, skew = _case_tensors(case, world)
+        plan = EPPlan("world", case["mode"], rows, 2 if case["mode"] == "hierarchical" else 0, case["overlap"])
+        ep_spec = spec.replace(notes=((NOTE, plan.to_json()),)).to_json()
+        x, g = xs[rank], gs[rank]
+        p = [t.clone().requires_grad_() for t in (x, router, w1, w2)]
+        with executor.record_traffic() as traffic:
+            y = torch.ops.moe_compiler.ep_moe(p[0], F.linear(p[0], p[1]) + skew, None, p[2], None, p[3], None, None,
+                                              None, ep_spec)
+        (y * g).sum().backward()
+        y_ref, (gx, grouter, _, _) = _reference(spec, router, w1, w2, x, g, skew)
+        # expert weight gradients: all tokens of all ranks; EP keeps them on the experts' ranks
+        _, (_, _, gw1_all, gw2_all) = _reference(spec, router, w1, w2, torch.cat(xs), torch.cat(gs), skew)
+        local = plan.local_experts(rank)
+        nonlocal_rows = [e for e in range(spec.num_experts) if e not in local]
+        stays = all(float(t.grad[nonlocal_rows].abs().max()) == 0.0 for t in p[2:]) if nonlocal_rows else True
+        gw = [t.grad.clone() for t in p[2:]]
+        for t in gw:
+            dist.all_reduce(t)
+        # delivery: slots this rank should receive, from every rank's routing
+        expected = 0
+        for s, xs_s in enumerate(xs):
+            ids, _ = route(F.linear(xs_s, router) + skew, None, spec.router)
+            expected += int((slot_destinations(ids.reshape(-1), plan, s) == rank).sum())
+        final = "dispatch" if case["mode"] == "all_to_all" else "dispatch_inter_node"
+        got = sum(t["rows_received"] for t in traffic if t["step"] == final)
+        sent = sum(t["rows_sent"] for t in traffic if t["step"] == ("dispatch" if case["mode"] == "all_to_all"
+                                                                   else "dispatch_intra_node"))
+        totals = torch.tensor([got, sent])
+        dist.all_reduce(totals)
+        err = dict(y=_rel(y, y_ref), gx=_rel(p[0].grad, gx), grouter=_rel(p[1].grad, grouter),
+                   gw1=_rel(gw[0], gw1_all), gw2=_rel(gw[1], gw2_all))
+        report.append(dict(case=case, err=err, grads_stay=stays, received=got, expected=expected,
+                           sent=sent, slots=x.shape[0] * spec.top_k, totals=totals.tolist()))
+    return report
+
+
+def _rel(a, b):
+    """max |a - b| / (1 + max |b|): 0 for empty tensors."""
+    if b.numel() == 0:
+        return 0.0
+    return float((a.float() - b.float()).abs().max() / (1 + b.float().abs().max()))
+
+
+def _check_report(reports, world):
+    total = sum(sum(c["tokens"]) * c["k"] for c in [r["case"] for r in reports[0]])
+    for rank, report in enumerate(reports):
+        for r in report:
+            where = f"rank {rank} case {r['case']}"
+            assert all(v < 1e-5 for v in r["err"].values()), f"{where}: {r['err']}"
+            assert r["grads_stay"], f"{where}: expert gradients on non-local rows"
+            assert r["received"] == r["expected"], f"{where}: received {r['received']} slots, expected {r['expected']}"
+            assert r["sent"] == r["slots"], f"{where}: sent {r['sent']} of {r['slots']} slots"
+            assert r["totals"][0] == r["totals"][1], f"{where}: slots sent {r['totals'][1]} != received {r['totals'][0]}"
+    assert total >= 0
+
+
+@settings(max_examples=1, deadline=None)
+@given(cases=st.lists(ep_cases(2), min_size=10, max_size=10))
+def test_ep_two_ranks_equals_single_process(cases):
+    reports = run_ranks("test_ep_distributed:ep_cases_worker", 2, {"cases": cases}, timeout=150, pg_timeout=60,
+                        python_path=(HERE,))
+    _check_report(reports, 2)
+
+
+@settings(max_examples=1, deadline=None)
+@given(cases=st.lists(ep_cases(4, modes=("all_to_all", "hierarchical")), min_size=10, max_size=10))
+def test_ep_four_ranks_flat_and_hierarchical(cases):
+    reports = run_ranks("test_ep_distributed:ep_cases_worker", 4, {"cases": cases}, timeout=170, pg_timeout=60,
+                        python_path=(HERE,))
+    _check_report(reports, 4)
+
+
+# ------------------------------------------------------------------ the compiled path
+class _Stack(torch.nn.Module):
+    """Pre-norm residual blocks of the project's MoELayer: x + moe(layer_norm(x))."""
+
+    def __init__(self, layers=2, hidden=16, ffn=12, experts=6, top_k=2):
+        super().__init__()
+        from moe_compiler import MoELayer
+
+        self.layers = torch.nn.ModuleList([MoELayer(hidden, ffn, experts, top_k) for _ in range(layers)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(F.layer_norm(x, x.shape[-1:]))
+        return x
+
+
+def compiled_worker(rank, world, dump_dir, placement_path, modes):
+    import torch.distributed as dist
+
+    from moe_compiler.pipeline import counters
+    from moe_compiler.runtime.expert_parallel import expert_bytes_per_rank, shard_experts
+
+    out = {}
+    for mode, inner, shard in modes:
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = _Stack()
+        ref = copy.deepcopy(model)
+        x = torch.randn(2 + rank, 5, 16, generator=torch.Generator().manual_seed(rank))
+        opts = {"mode": mode}
+        if mode == "hierarchical":
+            opts["ranks_per_node"] = 2
+        if placement_path:
+            opts["placement"] = placement_path
+        full_bytes = expert_bytes_per_rank(model, placement_path, world)
+        kept = shard_experts(model, placement_path) if shard else None
+        cm = torch.compile(model, backend="moe", options={"expert_parallel": opts, "inner_backend": inner,
+                                                            "strict": True, "dump_dir": dump_dir})
+        xa = x.clone().requires_grad_()
+        y = cm(xa)
+        y.square().sum().backward()
+        xb = x.clone().requires_grad_()
+        y_ref = ref(xb)
+        y_ref.square().sum().backward()
+        # weight grads: EP keeps the owner's rows; the sum over ranks equals the single-process sum
+        gw_ref = ref.layers[0].gate_up_proj.grad.clone()
+        dist.all_reduce(gw_ref)
+        local = [e for e in range(6) if e in getattr(model.layers[0], "_moe_compiler_local_experts", range(6))]
+        gw = model.layers[0].gate_up_proj.grad
+        out[f"{mode}/{inner}/{shard}"] = dict(
+            y=_rel(y, y_ref), gx=_rel(xa.grad, xb.grad),
+            gw=_rel(gw, gw_ref[local]) if shard else None,
+            layers=counters["sparse_collectives"].get("layers_expert_parallel", 0),
+            kept=kept, full_bytes=full_bytes, w_rows=model.layers[0].gate_up_proj.shape[0])
+    return out
+
+
+def test_compiled_ep_four_ranks(tmp_path):
+    from moe_compiler.passes.placement import Placement
+
+    # expert e of layer l on rank (e + l) % 4; expert 5 of layer 0 replicated on ranks 1 and 3
+    layers = [[[(e + l) % 4] for e in range(6)] for l in range(2)]
+    layers[0][5] = [1, 3]
+    path = str(tmp_path / "placement.json")
+    Placement(4, layers).save(path)
+    modes = [("all_to_all", "eager", True), ("hierarchical", "eager", False), ("all_to_all", "inductor", True)]
+    results = run_ranks("test_ep_distributed:compiled_worker", 4,
+                        {"dump_dir": str(tmp_path / "dumps"), "placement_path": path, "modes": modes},
+                        timeout=170, pg_timeout=90, python_path=(HERE,))
+    for rank, res in enumerate(results):
+        for key, r in res.items():
+            assert r["layers"] == 2, (rank, key, r)
+            assert r["y"] < 1e-5 and r["gx"] < 1e-5, (rank, key, r)
+            if r["gw"] is not None:
+                assert r["gw"] < 1e-5, (rank, key, r)
+        sharded = res["all_to_all/eager/True"]
+        held = sum(1 for e in range(6) if rank in layers[0][e])
+        assert sharded["w_rows"] == held
+        row = 24 * 16 * 4 + 16 * 12 * 4  # gate_up [24, 16] + down [16, 12] fp32 per expert
+        assert sharded["full_bytes"][rank] == row * (held + sum(1 for e in range(6) if rank in layers[1][e]))
+        assert sharded["kept"] == sharded["full_bytes"][rank]
+    schedules = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "dumps") for f in fs
+                 if f.startswith("comm_schedule")]
+    assert schedules, "no comm_schedule dump"
+    sched = json.load(open(schedules[0]))
+    assert [s["name"] for s in sched["layers"][0]["steps"]][-1].startswith("combine")
+
+
+# ------------------------------------------------------------------ failures
+def failure_worker(rank, world, how):
+    from moe_compiler.codegen.comm.ep import NOTE, EPPlan
+    from moe_compiler.ir import ExpertSpec, MoESpec, RouterSpec
+    from moe_compiler.runtime.expert_parallel import contiguous_rows
+
+    if rank == world - 1:
+        if how == "die":
+            os._exit(3)
+        time.sleep(60)
+    spec = MoESpec(RouterSpec(4, 2), ExpertSpec(8, 4), path="layer")
+    spec = spec.replace(notes=((NOTE, EPPlan("world", "all_to_all", contiguous_rows(4, world)).to_json()),))
+    t0 = time.monotonic()
+    try:
+        torch.ops.moe_compiler.ep_moe(torch.randn(5, 8), torch.randn(5, 4), None, torch.randn(4, 8, 8), None,
+                                      torch.randn(4, 8, 4), None, None, None, spec.to_json())
+    except Exception as e:  # noqa: BLE001
+        return dict(error=f"{type(e).__name__}: {e}", seconds=time.monotonic() - t0)
+    return dict(error=None, seconds=time.monotonic() - t0)
+
+
+@pytest.mark.parametrize("how", ["die", "hang"])
+def test_dead_or_stuck_rank_fails_the_others_in_bounded_time(how):
+    t0 = time.monotonic()
+    results = run_ranks("test_ep_distributed:failure_worker", 2, {"how": how}, timeout=40, pg_timeout=5,
+                        python_path=(HERE,), allow_failures=True)
+    assert time.monotonic() - t0 < 45
+    r0 = results[0]
+    assert isinstance(r0, dict), r0
+    assert r0["error"] and "CommError" in r0["error"] and "expert parallelism" in r0["error"], r0
+    assert r0["seconds"] < 20, r0
