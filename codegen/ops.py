@@ -16,7 +16,7 @@ import torch
 
 from moe_compiler import recording, reference
 from moe_compiler.codegen import torch_experts
-from moe_compiler.ir import _spec
+from moe_compiler.ir import _spec, grads_by_recompute
 
 _LIB = torch.library.Library("moe_compiler", "FRAGMENT")
 _W = "Tensor w1, Tensor? w3, Tensor w2, Tensor? b1, Tensor? b3, Tensor? b2"
@@ -118,15 +118,11 @@ _ROUTED_DIFF = ("hidden", "weights") + _WEIGHTS
 @_impl("routed_experts_backward")
 def _routed_backward(grad_out, hidden, ids, weights, w1, w3, w2, b1, b3, b2, spec):
     named = dict(hidden=hidden, weights=weights, w1=w1, w3=w3, w2=w2, b1=b1, b3=b3, b2=b2)
-    present = [n for n in _ROUTED_DIFF if named[n] is not None]
-    with torch.enable_grad():
-        leaves = {n: named[n].detach().requires_grad_(True) for n in present}
-        a = {**named, **leaves}
-        out = _routed(a["hidden"], ids, a["weights"], a["w1"], a["w3"], a["w2"], a["b1"], a["b3"], a["b2"], spec)
-        if not out.requires_grad:
-            return [torch.zeros_like(leaves[n]) for n in present]
-        grads = torch.autograd.grad(out, [leaves[n] for n in present], grad_out, allow_unused=True)
-    return [torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(present, grads)]
+
+    def forward(hidden, weights, w1, w3, w2, b1, b3, b2):
+        return _routed(hidden, ids, weights, w1, w3, w2, b1, b3, b2, spec)
+
+    return grads_by_recompute(forward, named, _ROUTED_DIFF, grad_out)
 
 
 @torch.library.register_fake("moe_compiler::routed_experts_backward")

@@ -27,6 +27,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from moe_compiler import reference
 from moe_compiler.ir import ExpertSpec
 
 
@@ -125,32 +126,9 @@ def _grad_buffer(w, active):
     return g
 
 
-def _split(h, spec: ExpertSpec):
-    if spec.layout == "interleaved":
-        return h[:, ::2], h[:, 1::2]
-    return h.chunk(2, dim=-1)
-
-
-def _act(x, name):
-    if name == "silu":
-        return F.silu(x)
-    if name == "gelu":
-        return F.gelu(x)
-    if name == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    return F.relu(x)
-
-
 def activation_forward(h, up, spec: ExpertSpec):
-    """[S, N1] (and [S, I] up when separate) -> [S, I]."""
-    if spec.layout == "ungated":
-        return _act(h, spec.activation)
-    gate, u = (h, up) if spec.layout == "separate" else _split(h, spec)
-    if spec.activation == "swiglu_oai":
-        g = gate.clamp(max=spec.swiglu_limit)
-        u = u.clamp(min=-spec.swiglu_limit, max=spec.swiglu_limit)
-        return (u + 1) * (g * torch.sigmoid(g * spec.swiglu_alpha))
-    return _act(gate, spec.activation) * u
+    """[S, N1] (and [S, I] up when separate) -> [S, I]; the reference's definition."""
+    return reference.activation(h, spec, up)
 
 
 def activation_backward(h, up, grad_a, spec: ExpertSpec):

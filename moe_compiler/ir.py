@@ -170,21 +170,29 @@ def _moe_fake(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec):
     return hidden.new_empty(hidden.shape)
 
 
+def grads_by_recompute(fn, operands: dict, differentiable, grad_out) -> list:
+    """Gradients of fn(**operands) for the present `differentiable` operands, by re-running fn under
+    autograd (zeros where nothing flows back, e.g. zero tokens)."""
+    present = [n for n in differentiable if operands[n] is not None]
+    with torch.enable_grad():
+        leaves = {n: operands[n].detach().requires_grad_(True) for n in present}
+        out = fn(**{**operands, **leaves})
+        if not out.requires_grad:
+            return [torch.zeros_like(leaves[n]) for n in present]
+        grads = torch.autograd.grad(out, [leaves[n] for n in present], grad_out, allow_unused=True)
+    return [torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(present, grads)]
+
+
 @torch.library.impl(_LIB, "moe_backward", "CompositeExplicitAutograd")
 def _moe_backward_impl(grad_out, hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec):
     from moe_compiler import reference
 
     operands = dict(hidden=hidden, router_logits=router_logits, w1=w1, w3=w3, w2=w2, b1=b1, b3=b3, b2=b2)
-    present = [n for n in _DIFFERENTIABLE if operands[n] is not None]
-    with torch.enable_grad():
-        leaves = {n: operands[n].detach().requires_grad_(True) for n in present}
-        args = {**operands, **leaves}
-        out = reference.moe_forward(args["hidden"], args["router_logits"], score_bias, args["w1"], args["w3"],
-                                    args["w2"], args["b1"], args["b3"], args["b2"], _spec(spec))
-        if not out.requires_grad:  # e.g. zero tokens: nothing flows back
-            return [torch.zeros_like(leaves[n]) for n in present]
-        grads = torch.autograd.grad(out, [leaves[n] for n in present], grad_out, allow_unused=True)
-    return [torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(present, grads)]
+
+    def forward(hidden, router_logits, w1, w3, w2, b1, b3, b2):
+        return reference.moe_forward(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, _spec(spec))
+
+    return grads_by_recompute(forward, operands, _DIFFERENTIABLE, grad_out)
 
 
 @torch.library.register_fake("moe_compiler::moe_backward")

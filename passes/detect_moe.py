@@ -154,36 +154,39 @@ class DetectMoE:
         order = {n: i for i, n in enumerate(graph.nodes)}
         for i, r in enumerate(routers):
             limit = order[routers[i + 1].matmul] if i + 1 < len(routers) else len(order)
-            plan, reason = plan_layer(r, graph, paths, order, limit)
-            if plan is None:
+            options, reason = plan_layer(r, graph, paths, order, limit)
+            if options is None:
                 rejects.append((r, reason))
             else:
-                plans.append(plan)
+                plans.append(options)
 
         values = {}
         if plans and self.verify:
             needed = set()
-            for p in plans:
+            for p in (p for options in plans for p in options):
                 needed |= {p.region.output, p.region.hidden, p.router.logits, *p.region.activation_inputs}
                 needed |= set(p.region.param_inputs)
                 needed |= {a for a in _region_inputs(p.region) if a.op != "placeholder"}
             values = capture_values(gm, ctx.example_inputs, needed)
 
         changed = False
-        for p in plans:
+        for options in plans:
             accepted, reason = None, ""
-            for spec, operands in p.candidates:
-                if not self.verify:
-                    accepted = (spec, operands)
-                    break
-                ok, reason = verify_candidate(p, spec, operands, values, self.tolerance_scale)
-                if ok:
-                    accepted = (spec, operands)
+            for p in options:
+                for spec, operands in p.candidates:
+                    if not self.verify:
+                        accepted = (p, spec, operands)
+                        break
+                    ok, reason = verify_candidate(p, spec, operands, values, self.tolerance_scale)
+                    if ok:
+                        accepted = (p, spec, operands)
+                        break
+                if accepted is not None:
                     break
             if accepted is None:
-                rejects.append((p.router, f"no candidate reproduced the layer numerically ({reason})"))
+                rejects.append((options[0].router, f"no candidate reproduced the layer numerically ({reason})"))
                 continue
-            spec, operands = accepted
+            p, spec, operands = accepted
             rewrite(gm, p, spec, operands)
             changed = True
             counts["layers_found"] += 1
@@ -327,8 +330,11 @@ def _forward_closure(start, order, limit):
     return out
 
 
+MAX_OUTPUT_CANDIDATES = 4
+
+
 def plan_layer(r: Router, graph, paths, order, limit):
-    """The latest candidate output whose region is a complete MoE layer, with its spec candidates."""
+    """Structurally valid layer plans (candidate output + spec candidates), latest output first."""
     chain, n = [], r.matmul
     while True:  # the router's input, then up through casts and views to the root activation
         nxt = [a for a in n.all_input_nodes if a is not None and _val(a) is not None and _val(a).dim() >= 2
@@ -356,7 +362,7 @@ def plan_layer(r: Router, graph, paths, order, limit):
     if not cands:
         reaches_output = any(u.op == "output" for n in fwd | {r.topk} for u in n.users)
         return None, FIX_GRAPH_BREAK if reaches_output else "no node after the top-k has the hidden state's shape"
-    last_reason = ""
+    last_reason, options = "", []
     for y, xnode in sorted(cands, key=lambda c: -order[c[0]]):
         region, reason = slice_region(r, y, xnode, xviews, paths)
         if region is None:
@@ -369,7 +375,13 @@ def plan_layer(r: Router, graph, paths, order, limit):
         path = _common_module([paths.get(p) or "" for p in region.param_inputs] + [r.weight_path])
         shared = _shared_expert_kind(y, r, xviews)
         candidates = [(s.replace(path=path, shared_expert=shared), ops) for s, ops in candidates]
-        return LayerPlan(r, region, candidates, path, shared), ""
+        options.append(LayerPlan(r, region, candidates, path, shared))
+        if len(options) == MAX_OUTPUT_CANDIDATES:
+            break
+    if options:
+        # latest output first: the whole layer if it is provable, else a smaller one (e.g. before a
+        # scale the model applies to the layer's output)
+        return options, ""
     if "no expert weights" in last_reason:
         reaches_output = any(u.op == "output" for n in fwd | {r.topk} for u in n.users)
         if reaches_output:
@@ -458,8 +470,8 @@ def infer_specs(r: Router, region: Region, paths):
             return [], f"parameter {paths.get(_through(p, LAYOUT_OPS))} has a dynamic shape"
         if id(p) in per_expert:
             loose.append(p)
-        elif v.dim() == 1 and shape[0] == E and score_bias is None and _feeds(p, r.topk, region):
-            score_bias = p
+        elif shape[-1:] == [E] and v.numel() == E and score_bias is None and _feeds(p, r.topk, region):
+            score_bias = p  # [E] or [1, E] (Ernie 4.5) correction bias used to choose experts
         elif v.dim() == 3 and shape[0] == E:
             w3d.append(p)
         elif v.dim() == 2 and shape[0] == E and E > 1:

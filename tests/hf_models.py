@@ -63,3 +63,25 @@ def expected_layers(model) -> list[tuple[str, int, int]]:
             k = getattr(router, "top_k", None) or getattr(mod, "top_k", None)
             out.append((name, experts.num_experts, k))
     return out
+
+
+GENERIC = dict(vocab_size=128, hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_local_experts=8,
+               n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=0, max_position_embeddings=128,
+               shared_expert_intermediate_size=32, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=None,
+               qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, decoder_sparse_step=1, mlp_only_layers=[],
+               moe_layer_freq=1, num_dense_layers=0)
+
+
+def make_generic(model_type: str, seed: int = 0):
+    """Any transformers MoE family from one set of tiny sizes (keys a family does not use are ignored)."""
+    import transformers
+
+    cfg = transformers.AutoConfig.for_model(model_type, **GENERIC)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.2 if p.dim() > 1 else 0.05)
+    return model

@@ -75,3 +75,17 @@ def test_mixtral_inductor_dynamic_batch_and_backward():
         for seq in (5, 9, 12):
             ids = _ids(seq, seq=seq)
             torch.testing.assert_close(c(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "ernie4_5_moe", "minimax", "granitemoe", "glm4_moe"])
+def test_more_families(family):
+    """Families no issue names: group-limited max routing (DeepSeek-V2), a [1, E] correction bias
+    (Ernie 4.5), a layer output the model rescales (MiniMax), other expert modules."""
+    from hf_models import make_generic
+
+    model = make_generic(family)
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    report = moe_compiler.explain(model, ids, **EAGER)
+    _check_layers(model, report)
+    with torch.no_grad():
+        assert_rewrite_equivalent(model, ids, expected_moe_ops=len(expected_layers(model)), options=EAGER)
