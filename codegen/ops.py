@@ -179,7 +179,9 @@ def _grouped(hidden, ids, weights, w1, w3, w2, b1, b3, b2, spec):
     if _triton_ok(hidden, s):
         y = triton_grouped_experts(x, ids, weights, w1, w2, b1, b2, s.experts)
     else:
-        y, _ = torch_experts.experts_forward(x, ids, weights, w1, w3, w2, b1, b3, b2, s.experts)
+        # the cost model's choice (cost_decisions pass) between oneDNN-prepacked and plain GEMMs
+        prepack = s.note("decision:cpu_gemm", "prepacked") != "plain"
+        y, _ = torch_experts.experts_forward(x, ids, weights, w1, w3, w2, b1, b3, b2, s.experts, prepack=prepack)
     return y.to(hidden.dtype).reshape(hidden.shape)
 
 

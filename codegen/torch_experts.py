@@ -153,10 +153,12 @@ def activation_backward(h, up, grad_a, spec: ExpertSpec):
     return grads[0], (grads[1] if uu is not None else None)
 
 
-def experts_forward(hidden, ids, weights, w1, w3, w2, b1, b3, b2, spec: ExpertSpec, *, keep: bool = False):
+def experts_forward(hidden, ids, weights, w1, w3, w2, b1, b3, b2, spec: ExpertSpec, *, keep: bool = False,
+                    prepack: bool = True):
     """Returns out [T, H] (hidden's dtype) and, with keep=True, the tensors backward needs.
 
-    Inference (keep=False) allocates only per-expert temporaries, which the CPU allocator reuses;
+    Inference (keep=False) allocates only per-expert temporaries, which the CPU allocator reuses,
+    and uses oneDNN-prepacked weights when `prepack` (the cost model's cpu_gemm decision);
     training keeps h/up/a for all slots since backward needs them.
     """
     T, H = hidden.shape
@@ -172,9 +174,11 @@ def experts_forward(hidden, ids, weights, w1, w3, w2, b1, b3, b2, spec: ExpertSp
         h_all, a_all = xs.new_empty((S, n1)), xs.new_empty((S, n_i))
         up_all = xs.new_empty((S, n_up)) if w3 is not None else None
         p1 = p3 = p2 = None
-    else:
+    elif prepack:
         p1, p2 = PackedWeights.get(w1, spec.transposed), PackedWeights.get(w2, spec.transposed)
         p3 = PackedWeights.get(w3, spec.transposed) if w3 is not None else None
+    else:
+        p1 = p3 = p2 = None
     for e, s, t in perm.slices():
         h = _linear(xs[s:t], w1, e, spec.transposed, p1, None if b1 is None else b1[e],
                     out=h_all[s:t] if keep else None)

@@ -12,7 +12,8 @@ from moe_compiler.explain import ExplainReport, MoELayerReport, explain
 from moe_compiler.ir import ExpertSpec, MoESpec, RouterSpec
 from moe_compiler.modules import MoELayer
 from moe_compiler.recording import RoutingRecorder, record_routing
+from moe_compiler.runtime.expert_parallel import shard_experts
 
 __all__ = ["BackendConfig", "ConfigError", "ExplainReport", "ExpertSpec", "MoELayer", "MoELayerReport", "MoESpec",
-           "RouterSpec", "RoutingRecorder", "explain", "record_routing"]
+           "RouterSpec", "RoutingRecorder", "explain", "record_routing", "shard_experts"]
 __version__ = "0.1.0"

@@ -223,3 +223,10 @@ def size_hint(x, fallback: int = 1024) -> int:
             return int(hint_int(x, fallback=fallback))
         except Exception:
             return fallback
+
+
+def resolve_process_group(name: str):
+    """A torch.distributed process group by its registered name."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)

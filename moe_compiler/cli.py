@@ -3,6 +3,8 @@
     moe-compiler --help
     moe-compiler passes        the pass pipeline and each pass's options
     moe-compiler options       the backend options (torch.compile(..., options={...}))
+    moe-compiler plan TRACE    compare expert-placement methods on a routing trace, write a placement
+    moe-compiler calibrate     measure this CPU for the cost model's profile (cached)
 """
 from __future__ import annotations
 
@@ -38,12 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("passes", help="list the pass pipeline and each pass's options").set_defaults(func=_cmd_passes)
     sub.add_parser("options", help="list the backend options").set_defaults(func=_cmd_options)
-    try:
-        from moe_compiler.plan_cli import add_plan_subcommand
-    except ImportError:
-        pass
-    else:
-        add_plan_subcommand(sub)
+    from moe_compiler.cost_model.calibrate import add_calibrate_subcommand
+    from moe_compiler.plan_cli import add_plan_subcommand
+
+    add_plan_subcommand(sub)
+    add_calibrate_subcommand(sub)
     return parser
 
 

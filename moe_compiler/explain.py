@@ -26,6 +26,8 @@ class MoELayerReport:
     pattern: str = ""
     shared_expert: str = "none"
     spec: object = None  # moe_compiler.ir.MoESpec when rewritten
+    # [(name, choice, why)] from the cost_decisions pass (also in the spec's "decision:<name>" notes)
+    decisions: list = field(default_factory=list)
 
     @staticmethod
     def from_spec(spec, rewritten: bool, reason: str, graph_id: str) -> "MoELayerReport":
@@ -42,7 +44,14 @@ class MoELayerReport:
                      f"{' renorm' if r.renormalize else ''}; {e.activation}/{e.layout}"
                      f"{'; shared expert ' + self.shared_expert if self.shared_expert != 'none' else ''}]")
         why = f": {self.reason}" if self.reason else ""
-        return f"{self.path or '<root>'}: {self.num_experts} experts, top-{self.top_k}, {state}{extra}{why}"
+        chosen = ""
+        if self.decisions:
+            chosen = " {decisions: " + ", ".join(f"{n}={c}" for n, c, _ in self.decisions) + "}"
+        return f"{self.path or '<root>'}: {self.num_experts} experts, top-{self.top_k}, {state}{extra}{chosen}{why}"
+
+    def decisions_text(self) -> str:
+        """One line per cost-model decision with its reason (empty when the pass did not run)."""
+        return "\n".join(f"{n} = {c}: {w}" for n, c, w in self.decisions)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -73,6 +82,8 @@ class ExplainReport:
     moe_layers: list
     dump_dirs: list
     fallbacks: list
+    # with options expert_parallel: bytes of expert weights each rank of the EP group holds ([] otherwise)
+    expert_bytes_per_rank: list = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"moe_compiler report: {self.graph_count} graph(s), {self.graph_break_count} graph break(s)"]
@@ -90,6 +101,9 @@ class ExplainReport:
             lines.append(f"fallback to Inductor: {f}")
         if self.dump_dirs:
             lines.append("pass dumps: " + ", ".join(self.dump_dirs))
+        if self.expert_bytes_per_rank:
+            lines.append("expert bytes per rank: " + ", ".join(
+                f"rank {r}: {b / 2**20:.2f} MiB" for r, b in enumerate(self.expert_bytes_per_rank)))
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -162,4 +176,25 @@ def explain(model, *example_inputs, **options) -> ExplainReport:
         moe_layers=[m for r in records for m in r.moe_layers],
         dump_dirs=[r.dump_dir for r in records if r.dump_dir],
         fallbacks=[f"{r.graph_id}: {r.fallback_reason}" for r in records if r.fallback_reason],
+        expert_bytes_per_rank=_expert_bytes(model, options),
     )
+
+
+def _expert_bytes(model, options: dict) -> list:
+    """Per-rank expert weight bytes under the expert_parallel option's placement ([] when EP is off)."""
+    from moe_compiler.runtime.expert_parallel import expert_bytes_per_rank, load_placement, normalize_options
+
+    opts = normalize_options(options.get("expert_parallel"))
+    if opts is None or not isinstance(model, torch.nn.Module):
+        return []
+    placement = load_placement(opts["placement"])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        group = opts["group"]
+        if isinstance(group, str):
+            from moe_compiler.codegen.comm.executor import resolve_group
+
+            group = resolve_group(group)
+        ranks = torch.distributed.get_world_size(group)
+    else:
+        ranks = placement.num_ranks if placement is not None else 1
+    return expert_bytes_per_rank(model, placement, ranks)

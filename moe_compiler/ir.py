@@ -127,6 +127,13 @@ class MoESpec:
             notes=tuple(tuple(n) if isinstance(n, list) else n for n in d.get("notes", ())),
         )
 
+    def note(self, key: str, default=None):
+        """The value recorded under `key` in notes (the last one wins), e.g. note("decision:cpu_gemm")."""
+        for n in reversed(self.notes):
+            if isinstance(n, (tuple, list)) and len(n) >= 2 and n[0] == key:
+                return n[1]
+        return default
+
     def replace(self, **changes) -> "MoESpec":
         return dataclasses.replace(self, **changes)
 

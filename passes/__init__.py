@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 
 from moe_compiler.config import BackendConfig, ConfigError
+from moe_compiler.passes.cost_decisions import CostDecisions
 from moe_compiler.passes.detect_moe import DetectMoE
 from moe_compiler.passes.fuse_gating import FuseGating
 from moe_compiler.passes.plan_placement import PlanPlacement
 from moe_compiler.passes.rewrite_dispatch import RewriteDispatch
 from moe_compiler.passes.sparse_collectives import SparseCollectives
 
-PIPELINE = (DetectMoE, PlanPlacement, SparseCollectives, FuseGating, RewriteDispatch)
+PIPELINE = (DetectMoE, PlanPlacement, CostDecisions, SparseCollectives, FuseGating, RewriteDispatch)
 PASSES = {p.name: p for p in PIPELINE}
 
 

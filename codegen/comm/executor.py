@@ -44,9 +44,9 @@ def resolve_group(name: str):
     """'world' -> the default group; otherwise a process group by its registered name."""
     if name in ("world", "", None):
         return dist.group.WORLD
-    from torch.distributed.distributed_c10d import _resolve_process_group
+    from moe_compiler import _compat
 
-    return _resolve_process_group(name)
+    return _compat.resolve_process_group(name)
 
 
 def group_name(group) -> str:
@@ -101,7 +101,8 @@ def _row_bytes(t: torch.Tensor) -> int:
     return math.prod(t.shape[1:]) * t.element_size()
 
 
-def _note(layer: str, step: str, hop: Hop, send_splits, recv_splits, row_bytes: int) -> None:
+def note_traffic(layer: str, step: str, hop: Hop, send_splits, recv_splits, row_bytes: int) -> None:
+    """Log one exchange (rows sent to / received from each group rank) to the active recorders."""
     if not _TRAFFIC:
         return
     remote = sum(n for j, n in enumerate(send_splits) if j != hop.rank)
@@ -170,14 +171,15 @@ def route_rows(tensors: list, dest: torch.Tensor, hop: Hop, *, layer: str = "", 
     out = []
     for t in tensors:
         out.append(all_to_all(t.index_select(0, order), recv_splits, send_splits, hop, f"{layer}:{name}"))
-        _note(layer, name if t.is_floating_point() else name + "_meta", hop, send_splits, recv_splits, _row_bytes(t))
+        step = name if t.is_floating_point() else name + "_meta"
+        note_traffic(layer, step, hop, send_splits, recv_splits, _row_bytes(t))
     return out, Route(hop, order, send_splits, recv_splits, layer, name)
 
 
 def reverse_rows(y: torch.Tensor, route: Route, name: str = "combine") -> torch.Tensor:
     """Send received rows back to where route_rows took them from, restoring the original order."""
     back = all_to_all(y, route.send_splits, route.recv_splits, route.hop, f"{route.layer}:{name}")
-    _note(route.layer, name, route.hop, route.recv_splits, route.send_splits, _row_bytes(y))
+    note_traffic(route.layer, name, route.hop, route.recv_splits, route.send_splits, _row_bytes(y))
     inv = torch.empty_like(route.order)
     inv[route.order] = torch.arange(route.order.numel(), device=route.order.device)
     return back.index_select(0, inv)

@@ -1,15 +1,18 @@
 """The collective schedule IR: what an expert-parallel MoE layer exchanges, planned at compile time.
 
 One ``LayerSchedule`` per MoE op of a compiled graph; a graph's ``Schedule`` is dumped as
-``comm_schedule.json`` next to the pass dumps. The executor (executor.py / ep.py) runs exactly the
-steps the schedule lists, in order, for each of ``overlap_degree`` token chunks:
+``comm_schedule.rank<R>.json`` next to the pass dumps. ep.py executes the same plan with executor.py: per
+token chunk (``overlap_degree`` of them) it runs these steps in this order, under these names
+(``executor.record_traffic`` logs the all-to-all steps by name; the tests compare them):
 
     step  kind             group          splits from            buffer
     0     exchange_counts  world          fixed [G] int64        send/recv counts [G]
     1     all_to_all       world          counts of step 0       rows [S_send, H] -> [S_recv, H]
+    2     all_to_all       world          counts of step 0       (expert, destination) [S_send, 2] int64
           (hierarchical: intra_node step then inter_node step, each with its own counts exchange)
-    ...   local experts on the received rows (overlaps the next chunk's dispatch)
-    n     all_to_all       (reverse)      reverse of step 1      rows [S_recv, H] fp32 -> [S_send, H]
+    ...   local experts on the received rows (planned to overlap the next chunk's dispatch;
+          the executor runs the chunks one after another today)
+    n     all_to_all       world          reverse of step 1      rows [S_recv, H] fp32 -> [S_send, H]
 
 S_send = tokens * top_k slots of this rank, S_recv = slots other ranks route to this rank's experts.
 """
@@ -76,14 +79,15 @@ def plan_layer(layer: str, mode: str, group_size: int, ranks_per_node: int, expe
     if mode == "all_to_all":
         hops = [("world", "")]
     else:
-        hops = [("intra_node", "_intra"), ("inter_node", "_inter")]
+        hops = [("intra_node", "_intra_node"), ("inter_node", "_inter_node")]
     steps = []
     for group, suf in hops:
         steps += [
-            CommStep("exchange_counts", f"dispatch_counts{suf}", group, "fixed", "[G] int64"),
-            CommStep("all_to_all", f"dispatch_meta{suf}", group, f"counts:dispatch_counts{suf}", "[S_send, 2] int64"),
-            CommStep("all_to_all", f"dispatch{suf}", group, f"counts:dispatch_counts{suf}", "[S_send, H] hidden dtype",
+            CommStep("exchange_counts", f"dispatch{suf}_counts", group, "fixed", "[G] int64"),
+            CommStep("all_to_all", f"dispatch{suf}", group, f"counts:dispatch{suf}_counts", "[S_send, H] hidden dtype",
                      ov),
+            CommStep("all_to_all", f"dispatch{suf}_meta", group, f"counts:dispatch{suf}_counts",
+                     "[S_send, 2] int64 (expert, destination rank)"),
         ]
     for group, suf in reversed(hops):
         steps.append(CommStep("all_to_all", f"combine{suf}", group, f"reverse:dispatch{suf}",

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -117,15 +118,17 @@ def _rows_for(placement, i: int, path: str, num_experts: int, num_ranks: int) ->
 
 
 def expert_bytes_per_rank(model: torch.nn.Module, placement=None, num_ranks: int | None = None) -> list:
-    """Bytes of expert weights each rank holds under a placement (default contiguous) — full weights assumed."""
+    """Bytes of expert weights each rank holds under a placement (default contiguous over num_ranks).
+
+    Counts whole experts (a replica costs a full copy); works on whole and on sharded models."""
     placement = load_placement(placement)
     R = int(num_ranks or (placement.num_ranks if placement is not None else 1))
     per = [0] * R
     for i, (path, mod) in enumerate(expert_modules(model)):
         params = [p for n, p in mod.named_parameters(recurse=False) if n in EXPERT_PARAM_NAMES]
-        E = params[0].shape[0]
+        E = getattr(mod, "_moe_compiler_num_experts", params[0].shape[0])  # sharded modules remember E
         rows = _rows_for(placement, i, path, E, R)
-        row_bytes = sum(p[0].numel() * p.element_size() for p in params)
+        row_bytes = sum(math.prod(p.shape[1:]) * p.element_size() for p in params)
         for ranks in rows:
             for r in ranks:
                 per[r] += row_bytes
@@ -159,4 +162,5 @@ def shard_experts(model: torch.nn.Module, placement=None, group=None) -> int:
             setattr(mod, n, new)
             kept += new.numel() * new.element_size()
         mod._moe_compiler_local_experts = tuple(local)
+        mod._moe_compiler_num_experts = E
     return kept

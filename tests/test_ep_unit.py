@@ -1,0 +1,91 @@
+"""Expert parallelism without processes: options, placements, slot destinations, schedules, reports."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+import moe_compiler
+from moe_compiler.codegen.comm.ep import EPPlan, slot_destinations
+from moe_compiler.codegen.comm.schedule import plan_layer
+from moe_compiler.config import ConfigError, make_config
+from moe_compiler.pipeline import counters
+from moe_compiler.runtime.expert_parallel import contiguous_rows, expert_bytes_per_rank
+
+
+@pytest.mark.parametrize("value, match", [
+    ({"mode": "coherent"}, r"expert_parallel\['mode'\] must be one of \['all_to_all', 'hierarchical'\]"),
+    ({"modes": "all_to_all"}, r"unknown keys \['modes'\]; accepted keys are"),
+    ({"mode": "hierarchical"}, r"ranks_per_node'\] must be a positive int"),
+    ({"ranks_per_node": 2}, r"only accepted with mode 'hierarchical'"),
+    ({"overlap_degree": 0}, r"overlap_degree'\] must be an int >= 1"),
+    ({"placement": 3}, r"placement'\] must be a placement file path"),
+    ("yes please", r"option 'expert_parallel' must be True/False or a dict"),
+])
+def test_bad_options_name_the_key_and_accepted_values(value, match):
+    with pytest.raises(ConfigError, match=match):
+        make_config({"expert_parallel": value})
+
+
+def test_option_from_environment():
+    assert make_config(environ={"MOE_COMPILER_EXPERT_PARALLEL": "1"}).expert_parallel is True
+    cfg = make_config(environ={"MOE_COMPILER_EXPERT_PARALLEL": '{"mode": "hierarchical", "ranks_per_node": 2}'})
+    assert cfg.expert_parallel["ranks_per_node"] == 2
+
+
+def test_contiguous_rows_cover_uneven_and_small_expert_counts():
+    assert contiguous_rows(6, 4) == ((0,), (0,), (1,), (2,), (2,), (3,))
+    assert contiguous_rows(2, 4) == ((0,), (2,))  # ranks 1 and 3 hold no expert
+
+
+def test_slot_destinations_spread_replicas_round_robin():
+    plan = EPPlan("world", "all_to_all", ((0,), (1, 2, 3)))
+    ids = torch.tensor([1, 0, 1, 1, 1, 1, 0])
+    assert slot_destinations(ids, plan, rank=0).tolist() == [1, 0, 2, 3, 1, 2, 0]
+    assert slot_destinations(ids, plan, rank=1).tolist() == [2, 0, 3, 1, 2, 3, 0]
+
+
+def test_schedule_lists_steps_per_mode():
+    flat = plan_layer("l0", "all_to_all", 4, 4, [[0], [1], [2], [3]], 1)
+    assert [s.name for s in flat.steps] == ["dispatch_counts", "dispatch", "dispatch_meta", "combine"]
+    hier = plan_layer("l0", "hierarchical", 4, 2, [[0], [1], [2], [3]], 2)
+    assert [s.group for s in hier.steps if s.kind == "all_to_all"] == ["intra_node"] * 2 + ["inter_node"] * 2 + [
+        "inter_node", "intra_node"]
+    assert hier.steps[1].overlaps  # overlap degree 2: dispatch overlaps the previous chunk's experts
+    json.loads(json.dumps(hier.to_dict()))
+
+
+def test_without_process_group_the_pass_skips_and_logs(caplog):
+    counters.clear()
+    layer = moe_compiler.MoELayer(16, 12, 4, 2)
+    x = torch.randn(5, 16)
+    with caplog.at_level(logging.WARNING):
+        y = torch.compile(layer, backend="moe", options={"expert_parallel": True, "inner_backend": "eager"})(x)
+    torch.testing.assert_close(y, layer(x))
+    assert counters["sparse_collectives"]["skipped_no_process_group"] == 1
+    assert "torch.distributed is not initialised" in caplog.text
+
+
+def test_default_pipeline_does_not_touch_the_graph():
+    counters.clear()
+    layer = moe_compiler.MoELayer(16, 12, 4, 2)
+    torch.compile(layer, backend="moe", options={"inner_backend": "eager"})(torch.randn(3, 16))
+    assert counters["sparse_collectives"]["skipped"] == 1
+    assert counters["sparse_collectives"]["changed"] == 0
+
+
+def test_expert_bytes_per_rank_and_explain(tmp_path):
+    from moe_compiler.passes.placement import Placement
+
+    model = torch.nn.Sequential(moe_compiler.MoELayer(16, 12, 4, 2), moe_compiler.MoELayer(16, 12, 4, 2))
+    row = (24 * 16 + 16 * 12) * 4
+    assert expert_bytes_per_rank(model, None, 2) == [4 * row, 4 * row]
+    path = tmp_path / "p.json"
+    Placement(2, [[[0], [0], [0], [0, 1]], [[1], [1], [1], [1]]]).save(path)
+    assert expert_bytes_per_rank(model, str(path)) == [4 * row, 5 * row]
+    report = moe_compiler.explain(model, torch.randn(3, 16), expert_parallel={"placement": str(path)},
+                                  inner_backend="eager")
+    assert report.expert_bytes_per_rank == [4 * row, 5 * row]
+    assert "expert bytes per rank: rank 0:" in str(report)
