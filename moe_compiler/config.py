@@ -94,29 +94,30 @@ def _coerce(key: str, value, annotation: str):
         if isinstance(value, str):  # from the environment: 1/0 or JSON
             if value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
                 return value.lower() in ("1", "true", "yes", "on")
-            import json
-
-            try:
-                parsed = json.loads(value)
-            except ValueError:
-                parsed = None
-            if isinstance(parsed, dict):
+            parsed = _json_dict(value)
+            if parsed is not None:
                 return parsed
         raise ConfigError(f"option {key!r} must be True/False or a dict, got {type(value).__name__} {value!r}")
     if kind == "dict":
         if isinstance(value, dict):
             return dict(value)
         if isinstance(value, str):  # from the environment: JSON
-            import json
-
-            try:
-                parsed = json.loads(value)
-            except ValueError:
-                parsed = None
-            if isinstance(parsed, dict):
+            parsed = _json_dict(value)
+            if parsed is not None:
                 return parsed
         raise ConfigError(f"option {key!r} must be a dict, got {type(value).__name__}")
     raise AssertionError(f"unhandled config annotation {annotation}")
+
+
+def _json_dict(text: str):
+    """A JSON object given as a string (environment variables), else None."""
+    import json
+
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
 
 
 def from_env(environ=None) -> dict:
