@@ -163,13 +163,15 @@ def _triton_ok(hidden, s) -> bool:
     return True
 
 
-def triton_grouped_experts(x, ids, weights, w1, w2, b1, b2, spec):
-    """The CUDA inference path: codegen.triton's fused MoE kernels (layouts other than "separate")."""
+def triton_grouped_experts(x, ids, weights, w1, w2, b1, b2, spec, config=None):
+    """The CUDA inference path: codegen.triton's fused MoE kernels (layouts other than "separate");
+    config: the tile config planned at compile time (None: choose_config at run time)."""
     from moe_compiler.codegen.triton.moe import triton_moe_forward
 
     return triton_moe_forward(x, ids, weights, w1, w2, b_gate_up=b1, b_down=b2, activation=spec.activation,
                               gated=spec.layout != "ungated", interleaved=spec.layout == "interleaved",
-                              transposed=spec.transposed, alpha=spec.swiglu_alpha, limit=spec.swiglu_limit)
+                              transposed=spec.transposed, alpha=spec.swiglu_alpha, limit=spec.swiglu_limit,
+                              config=config)
 
 
 @_impl("grouped_experts")
@@ -177,7 +179,9 @@ def _grouped(hidden, ids, weights, w1, w3, w2, b1, b3, b2, spec):
     s = _spec(spec)
     x = hidden.reshape(-1, hidden.shape[-1])
     if _triton_ok(hidden, s):
-        y = triton_grouped_experts(x, ids, weights, w1, w2, b1, b2, s.experts)
+        planned = s.note("cuda_up_gemm_config")  # chosen by rewrite_dispatch (cost model's BLOCK_M)
+        y = triton_grouped_experts(x, ids, weights, w1, w2, b1, b2, s.experts,
+                                   config=dict(planned) if planned else None)
     else:
         # the cost model's choice (cost_decisions pass) between oneDNN-prepacked and plain GEMMs
         prepack = s.note("decision:cpu_gemm", "prepacked") != "plain"

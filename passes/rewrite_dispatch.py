@@ -13,7 +13,8 @@ After (training graph):
 Dispatch is dropless: slots sorted by expert (stable argsort), per-expert counts, one GEMM per
 expert with tokens, weighted fp32 combine; no capacity factor. spec' records the choice in its
 notes (shown in the dumps): the implementation per device and, for CUDA, the Triton tile config
-from codegen.triton.grouped_gemm.choose_config (heuristic documented there).
+(BLOCK_N/BLOCK_K/warps from codegen.triton.grouped_gemm.choose_config, BLOCK_M from the cost
+model's cuda_tile decision when the cost_decisions pass ran); the CUDA kernels run with it.
 """
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ def _tile_note(spec: MoESpec, tokens_hint: int, dtype) -> tuple:
     n1 = 2 * e.ffn_size if e.layout in ("concat", "interleaved") else e.ffn_size
     up = choose_config(tokens_hint, n1, e.hidden_size, spec.num_experts, spec.top_k, dtype)
     down = choose_config(tokens_hint, e.hidden_size, e.ffn_size, spec.num_experts, spec.top_k, dtype)
+    tile = spec.note("decision:cuda_tile")  # the cost model's BLOCK_M, e.g. "BLOCK_M=64"
+    if isinstance(tile, str) and tile.startswith("BLOCK_M="):
+        up["BLOCK_M"] = down["BLOCK_M"] = int(tile.split("=", 1)[1])
     return (("cuda_up_gemm_config", tuple(sorted(up.items()))), ("cuda_down_gemm_config", tuple(sorted(down.items()))))
 
 

@@ -526,3 +526,6 @@ def test_grouped_experts_triton_glue(layout, transposed, bias, act):
     want, _ = torch_experts.experts_forward(x, ids, w, w1, None, w2, b1, None, b2, spec)
     got = triton_grouped_experts(x, ids, w, w1, w2, b1, b2, spec)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    planned = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2)  # a dumped plan
+    got = triton_grouped_experts(x, ids, w, w1, w2, b1, b2, spec, config=planned)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
