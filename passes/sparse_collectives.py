@@ -79,7 +79,7 @@ class SparseCollectives:
         pg = resolve_group(gname)
         size = dist.get_world_size(pg)
         mode, rpn = opts["mode"], opts["ranks_per_node"] or 0
-        if mode == "hierarchical":
+        if mode == "hierarchical":  # ("auto" checks per layer, falling back to all_to_all)
             if gname != "world":
                 raise ConfigError("option expert_parallel: mode 'hierarchical' needs group None (the world group)")
             if size % rpn:
@@ -92,7 +92,8 @@ class SparseCollectives:
         for i, node in enumerate(layers):
             spec = MoESpec.from_json(node.args[-1])
             rows = _layer_rows(spec, i, placement, size)
-            plan = EPPlan(gname, mode, rows, rpn, opts["overlap_degree"])
+            layer_mode = mode if mode != "auto" else _mode_from_cost_model(spec, gname, size, rpn)
+            plan = EPPlan(gname, layer_mode, rows, rpn if layer_mode == "hierarchical" else 0, opts["overlap_degree"])
             new_spec = spec.replace(notes=spec.notes + ((NOTE, plan.to_json()),))
             with graph.inserting_before(node):
                 ep = graph.call_function(EP_MOE_OP, (*node.args[:-1], new_spec.to_json()))
@@ -102,7 +103,8 @@ class SparseCollectives:
             node.replace_all_uses_with(ep)
             graph.erase_node(node)
             per_rank = [[e for e, r in enumerate(rows) if g in r] for g in range(size)]
-            schedule.layers.append(plan_layer(spec.path or f"layer{i}", mode, size, rpn or size, per_rank,
+            schedule.layers.append(plan_layer(spec.path or f"layer{i}", layer_mode, size,
+                                              (rpn if layer_mode == "hierarchical" else 0) or size, per_rank,
                                               opts["overlap_degree"]))
             done += 1
         if done:
@@ -113,3 +115,16 @@ class SparseCollectives:
             DumpWriter(_dump_root(ctx.config), ctx.graph_id).write(fname, schedule.to_json())
             log.info("sparse_collectives: %d MoE layer(s) expert-parallel over %d ranks (mode %s)", done, size, mode)
         return PassResult(gm, bool(done), {"layers_expert_parallel": done, "group_size": size if done else 0})
+
+
+def _mode_from_cost_model(spec: MoESpec, group_name: str, size: int, ranks_per_node: int) -> str:
+    """mode "auto": the cost_decisions pass's ep_mode choice, where this group can run it."""
+    choice = spec.note("decision:ep_mode")
+    if choice == "hierarchical" and ranks_per_node and group_name == "world" and size % ranks_per_node == 0 \
+            and ranks_per_node < size:
+        return "hierarchical"
+    if choice not in (None, "two_all_to_all"):
+        log.info("sparse_collectives: %s: cost model chose %r; running all_to_all (%s)", spec.path or "layer", choice,
+                 "single all-to-all (coherent) is not emitted by the compiler yet" if choice == "single_all_to_all"
+                 else "hierarchical needs the world group and a ranks_per_node that divides it")
+    return "all_to_all"

@@ -89,3 +89,22 @@ def test_expert_bytes_per_rank_and_explain(tmp_path):
                                   inner_backend="eager")
     assert report.expert_bytes_per_rank == [4 * row, 5 * row]
     assert "expert bytes per rank: rank 0:" in str(report)
+
+
+def test_auto_mode_follows_the_cost_model_decision():
+    from moe_compiler.ir import ExpertSpec, MoESpec, RouterSpec
+    from moe_compiler.passes.sparse_collectives import _mode_from_cost_model
+    from moe_compiler.runtime.expert_parallel import normalize_options
+
+    assert normalize_options({"mode": "auto", "ranks_per_node": 2})["mode"] == "auto"
+    base = MoESpec(RouterSpec(num_experts=4, top_k=2), ExpertSpec(hidden_size=8, ffn_size=8))
+
+    def with_choice(c):
+        return base.replace(notes=(("decision:ep_mode", c, "why"),))
+
+    assert _mode_from_cost_model(with_choice("hierarchical"), "world", 4, 2) == "hierarchical"
+    assert _mode_from_cost_model(with_choice("hierarchical"), "world", 4, 0) == "all_to_all"  # no node size given
+    assert _mode_from_cost_model(with_choice("hierarchical"), "grp", 4, 2) == "all_to_all"  # not the world group
+    assert _mode_from_cost_model(with_choice("two_all_to_all"), "world", 4, 2) == "all_to_all"
+    assert _mode_from_cost_model(with_choice("single_all_to_all"), "world", 4, 2) == "all_to_all"
+    assert _mode_from_cost_model(base, "world", 4, 2) == "all_to_all"  # cost_decisions did not run

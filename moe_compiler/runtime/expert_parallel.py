@@ -43,10 +43,13 @@ def normalize_options(value):
         raise ConfigError(f"option 'expert_parallel' has unknown keys {bad}; accepted keys are {list(KEYS)}")
     out = {"group": value.get("group"), "mode": value.get("mode", "all_to_all"), "placement": value.get("placement"),
            "ranks_per_node": value.get("ranks_per_node"), "overlap_degree": value.get("overlap_degree", 1)}
-    if out["mode"] not in MODES:
-        raise ConfigError(f"option expert_parallel['mode'] must be one of {list(MODES)}, got {out['mode']!r}")
+    if out["mode"] not in MODES + ("auto",):
+        raise ConfigError(f"option expert_parallel['mode'] must be one of {list(MODES) + ['auto']}, got {out['mode']!r}")
     rpn = out["ranks_per_node"]
-    if out["mode"] == "hierarchical":
+    if out["mode"] == "auto":  # per layer, the cost model's ep_mode decision (hierarchical needs ranks_per_node)
+        if rpn is not None and (isinstance(rpn, bool) or not isinstance(rpn, int) or rpn < 1):
+            raise ConfigError(f"option expert_parallel['ranks_per_node'] must be a positive int, got {rpn!r}")
+    elif out["mode"] == "hierarchical":
         if isinstance(rpn, bool) or not isinstance(rpn, int) or rpn < 1:
             raise ConfigError("option expert_parallel['ranks_per_node'] must be a positive int (ranks of one node) "
                               f"in mode 'hierarchical', got {rpn!r}")
