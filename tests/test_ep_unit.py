@@ -16,7 +16,7 @@ from moe_compiler.runtime.expert_parallel import contiguous_rows, expert_bytes_p
 
 
 @pytest.mark.parametrize("value, match", [
-    ({"mode": "coherent"}, r"expert_parallel\['mode'\] must be one of \['all_to_all', 'hierarchical'\]"),
+    ({"mode": "coherent"}, r"expert_parallel\['mode'\] must be one of \['all_to_all', 'hierarchical', 'auto'\]"),
     ({"modes": "all_to_all"}, r"unknown keys \['modes'\]; accepted keys are"),
     ({"mode": "hierarchical"}, r"ranks_per_node'\] must be a positive int"),
     ({"ranks_per_node": 2}, r"only accepted with mode 'hierarchical'"),
