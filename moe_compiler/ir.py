@@ -177,14 +177,15 @@ def _moe_fake(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec):
     return hidden.new_empty(hidden.shape)
 
 
-def grads_by_recompute(fn, operands: dict, differentiable, grad_out) -> list:
+def grads_by_recompute(fn, operands: dict, differentiable, grad_out, *, collective: bool = False) -> list:
     """Gradients of fn(**operands) for the present `differentiable` operands, by re-running fn under
-    autograd (zeros where nothing flows back, e.g. zero tokens)."""
+    autograd (zeros where nothing flows back, e.g. zero tokens). collective=True always runs the
+    backward, so every rank takes part in the collectives inside fn's graph."""
     present = [n for n in differentiable if operands[n] is not None]
     with torch.enable_grad():
         leaves = {n: operands[n].detach().requires_grad_(True) for n in present}
         out = fn(**{**operands, **leaves})
-        if not out.requires_grad:
+        if not out.requires_grad and not collective:
             return [torch.zeros_like(leaves[n]) for n in present]
         grads = torch.autograd.grad(out, [leaves[n] for n in present], grad_out, allow_unused=True)
     return [torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(present, grads)]

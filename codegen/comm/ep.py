@@ -31,7 +31,7 @@ import torch
 from moe_compiler import recording, reference
 from moe_compiler.codegen.comm import executor
 from moe_compiler.codegen.ops import gating_weights
-from moe_compiler.ir import MoESpec, _spec
+from moe_compiler.ir import MoESpec, _spec, grads_by_recompute
 
 NOTE = "expert_parallel"
 _DIFF = ("hidden", "router_logits", "w1", "w3", "w2", "b1", "b3", "b2")
@@ -210,14 +210,11 @@ def _ep_moe_fake(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec
 @torch.library.impl(_LIB, "ep_moe_backward", "CompositeExplicitAutograd")
 def _ep_moe_backward(grad_out, hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec):
     operands = dict(hidden=hidden, router_logits=router_logits, w1=w1, w3=w3, w2=w2, b1=b1, b3=b3, b2=b2)
-    present = [n for n in _DIFF if operands[n] is not None]
-    with torch.enable_grad():
-        leaves = {n: operands[n].detach().requires_grad_(True) for n in present}
-        a = {**operands, **leaves}
-        out = ep_moe_forward(a["hidden"], a["router_logits"], score_bias, a["w1"], a["w3"], a["w2"], a["b1"], a["b3"],
-                             a["b2"], _spec(spec))
-        grads = torch.autograd.grad(out, [leaves[n] for n in present], grad_out, allow_unused=True)
-    return [torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(present, grads)]
+
+    def forward(hidden, router_logits, w1, w3, w2, b1, b3, b2):
+        return ep_moe_forward(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, _spec(spec))
+
+    return grads_by_recompute(forward, operands, _DIFF, grad_out, collective=True)
 
 
 @torch.library.register_fake("moe_compiler::ep_moe_backward")
