@@ -49,6 +49,11 @@ class PackedWeights:
         return (w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
                 and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
+    @staticmethod
+    def pack_one(w_e: torch.Tensor, transposed: bool):
+        """One expert's weight ([out, in], or [in, out] when transposed) in oneDNN's packed layout."""
+        return torch.ops.mkldnn._reorder_linear_weight((w_e.t() if transposed else w_e).contiguous(), 64)
+
     @classmethod
     def get(cls, w: torch.Tensor, transposed: bool):
         """Packed [out, in] weights of every expert, or None while the weight is not known to be reused."""
@@ -63,8 +68,7 @@ class PackedWeights:
         if entry[3] is None and entry[2] >= 2:
             try:
                 with torch.no_grad():
-                    entry[3] = [torch.ops.mkldnn._reorder_linear_weight(
-                        (w[e].t() if transposed else w[e]).contiguous(), 64) for e in range(w.shape[0])]
+                    entry[3] = [cls.pack_one(w[e], transposed) for e in range(w.shape[0])]
             except Exception:  # oneDNN refused (build, dtype): stay on plain mm
                 entry[2] = -(1 << 30)
         return entry[3]
@@ -94,12 +98,15 @@ class Permutation:
         self.token = torch.div(self.order, self.top_k, rounding_mode="floor")
         self.counts = torch.bincount(flat, minlength=num_experts).tolist()
 
-    def slices(self):
-        start = 0
-        for e, n in enumerate(self.counts):
-            if n:
-                yield e, start, start + n
+    def slices(self, order=None):
+        """(expert, start, end) of each expert with tokens, in id order or in the given expert order."""
+        starts, start = [], 0
+        for n in self.counts:
+            starts.append(start)
             start += n
+        for e in (range(len(self.counts)) if order is None else order):
+            if self.counts[e]:
+                yield e, starts[e], starts[e] + self.counts[e]
 
 
 def _gemm(x, w, transposed: bool, out=None):
@@ -154,12 +161,17 @@ def activation_backward(h, up, grad_a, spec: ExpertSpec):
 
 
 def experts_forward(hidden, ids, weights, w1, w3, w2, b1, b3, b2, spec: ExpertSpec, *, keep: bool = False,
-                    prepack: bool = True):
+                    prepack: bool = True, packed=None, expert_order=None):
     """Returns out [T, H] (hidden's dtype) and, with keep=True, the tensors backward needs.
 
     Inference (keep=False) allocates only per-expert temporaries, which the CPU allocator reuses,
     and uses oneDNN-prepacked weights when `prepack` (the cost model's cpu_gemm decision);
     training keeps h/up/a for all slots since backward needs them.
+
+    The weights only need ``w[e]``, ``shape`` and ``dtype``, so an expert store's per-expert view
+    works too; ``packed`` = (p1, p3, p2) then supplies prepacked weights by expert, and
+    ``expert_order`` the order the experts are computed in (each writes its own rows, so the
+    result does not depend on it).
     """
     T, H = hidden.shape
     S = ids.numel()
@@ -174,12 +186,14 @@ def experts_forward(hidden, ids, weights, w1, w3, w2, b1, b3, b2, spec: ExpertSp
         h_all, a_all = xs.new_empty((S, n1)), xs.new_empty((S, n_i))
         up_all = xs.new_empty((S, n_up)) if w3 is not None else None
         p1 = p3 = p2 = None
+    elif packed is not None:
+        p1, p3, p2 = packed
     elif prepack:
         p1, p2 = PackedWeights.get(w1, spec.transposed), PackedWeights.get(w2, spec.transposed)
         p3 = PackedWeights.get(w3, spec.transposed) if w3 is not None else None
     else:
         p1 = p3 = p2 = None
-    for e, s, t in perm.slices():
+    for e, s, t in perm.slices(expert_order):
         h = _linear(xs[s:t], w1, e, spec.transposed, p1, None if b1 is None else b1[e],
                     out=h_all[s:t] if keep else None)
         up = None

@@ -73,6 +73,13 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, config: Backen
         write_summary(dumps, _empty_run(graph_id), [], {"path": reason})
         return _inner(gm, example_inputs, config, dumps)
 
+    from moe_compiler.runtime import offload
+
+    with offload.restored(example_inputs):  # weights an earlier compile released come back from disk
+        return _compile_moe(gm, example_inputs, config, graph_id, record, dumps)
+
+
+def _compile_moe(gm, example_inputs, config: BackendConfig, graph_id: str, record: CompileRecord, dumps: DumpWriter):
     try:
         aten_gm = _compat.functionalize(gm, example_inputs)
     except Exception as e:
@@ -104,7 +111,11 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, config: Backen
     final = new_gm if any(r.changed for r in run.records) or _count_moe_ops(new_gm) else gm
     record.moe_op_count = _count_moe_ops(final) if final is new_gm else 0
     write_summary(dumps, run, ctx.moe_layers, {"moe_ops": record.moe_op_count})
-    return _inner(final, example_inputs, config, dumps)
+    compiled = _inner(final, example_inputs, config, dumps)
+    if final is new_gm:
+        for hook in ctx.after_compile:
+            hook()
+    return compiled
 
 
 def _count_moe_ops(gm) -> int:

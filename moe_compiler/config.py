@@ -51,6 +51,11 @@ class BackendConfig:
     # contiguous placement) or {"group": pg|name|None, "mode": "all_to_all"|"hierarchical",
     # "ranks_per_node": M (hierarchical), "placement": path|Placement, "overlap_degree": n}; None/False = off.
     expert_parallel: Optional[BoolOrDict] = None
+    # Expert offloading for inference (passes offload_experts, hoist_prefetch): True or {"budget": 0.5 | "2GB",
+    # "policy": "lru"|"arc"|"shallow"|"predicted", "dir": path, "host_budget": ..., "prefetch": True,
+    # "prefetch_depth": 1|"auto", "shallow_layers": 1, "release_parameters": True, "drop_page_cache": True};
+    # None/False = off. See moe_compiler/runtime/offload.py.
+    offload: Optional[BoolOrDict] = None
 
     def __post_init__(self):
         if self.inner_backend not in INNER_BACKENDS:
@@ -59,6 +64,12 @@ class BackendConfig:
             from moe_compiler.runtime.expert_parallel import normalize_options
 
             normalize_options(self.expert_parallel)
+        if self.offload is not None:
+            from moe_compiler.runtime import expert_parallel, offload
+
+            if offload.normalize_options(self.offload) and expert_parallel.normalize_options(self.expert_parallel):
+                raise ConfigError("options 'offload' and 'expert_parallel' cannot be combined: offloading serves "
+                                  "single-device inference; turn one of them off")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(BackendConfig)}

@@ -53,6 +53,8 @@ class PassContext:
     training: bool = False
     # MoE layer reports found so far (moe_compiler.explain.MoELayerReport)
     moe_layers: list = field(default_factory=list)
+    # callables run once the graph is compiled (e.g. offload_experts frees the weights it moved to disk)
+    after_compile: list = field(default_factory=list)
 
 
 class GraphPass(Protocol):

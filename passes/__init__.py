@@ -12,11 +12,14 @@ from moe_compiler.config import BackendConfig, ConfigError
 from moe_compiler.passes.cost_decisions import CostDecisions
 from moe_compiler.passes.detect_moe import DetectMoE
 from moe_compiler.passes.fuse_gating import FuseGating
+from moe_compiler.passes.hoist_prefetch import HoistPrefetch
+from moe_compiler.passes.offload_experts import OffloadExperts
 from moe_compiler.passes.plan_placement import PlanPlacement
 from moe_compiler.passes.rewrite_dispatch import RewriteDispatch
 from moe_compiler.passes.sparse_collectives import SparseCollectives
 
-PIPELINE = (DetectMoE, PlanPlacement, CostDecisions, SparseCollectives, FuseGating, RewriteDispatch)
+PIPELINE = (DetectMoE, PlanPlacement, CostDecisions, SparseCollectives, FuseGating, RewriteDispatch, OffloadExperts,
+            HoistPrefetch)
 PASSES = {p.name: p for p in PIPELINE}
 
 

@@ -1,0 +1,113 @@
+"""Custom ops of offloaded MoE layers (inference): experts come from an expert store.
+
+    p = moe_compiler.prefetch_experts(logits_hat, score_bias, store, layer, spec)
+        # logits_hat [T, E]: a later layer's router applied to an earlier gate input (Fate).
+        # Scores as the router scores them, top-(k+1) per token, experts ranked by votes; issues
+        # asynchronous loads of the ranked experts into the store; returns the per-token
+        # predictions [T, k+1] int64 (the data dependency that orders it before the layer).
+    y = moe_compiler.offloaded_experts(x, ids, w, p, store, layer, spec)        # [T, H]
+        # The same dropless grouped GEMMs as grouped_experts (codegen/torch_experts), each expert
+        # pinned in the store while it computes: resident experts first, then those in flight,
+        # then misses loaded on demand, so the output equals the resident layer's bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+
+from moe_compiler.codegen import torch_experts
+from moe_compiler.ir import _spec
+from moe_compiler.runtime import offload
+
+_LIB = torch.library.Library("moe_compiler", "FRAGMENT")
+_LIB.define("prefetch_experts(Tensor logits, Tensor? score_bias, str store, int layer, str spec) -> Tensor")
+_LIB.define("offloaded_experts(Tensor hidden, Tensor ids, Tensor weights, Tensor? prediction, str store, int layer, "
+            "str spec) -> Tensor")
+
+NAMES = ("w1", "w3", "w2", "b1", "b3", "b2")
+
+
+def predict(logits: torch.Tensor, score_bias, spec) -> tuple[torch.Tensor, list, dict]:
+    """logits [T, E] -> (per-token top-(k+1) experts [T, k+1], experts ranked by votes, votes)."""
+    r = spec.router
+    logits = logits.reshape(-1, r.num_experts).float()
+    scores = torch.softmax(logits, -1) if r.score_func == "softmax" else torch.sigmoid(logits)
+    if score_bias is not None:
+        scores = scores + score_bias.reshape(-1).float()
+    k = min(r.top_k + 1, r.num_experts)
+    per_token = torch.topk(torch.nan_to_num(scores, nan=-1.0), k, dim=-1).indices if logits.shape[0] else \
+        torch.empty((0, k), dtype=torch.int64, device=logits.device)
+    votes = torch.bincount(per_token.reshape(-1), minlength=r.num_experts).tolist()
+    ranked = sorted((e for e in range(r.num_experts) if votes[e]), key=lambda e: (-votes[e], e))
+    return per_token, ranked, {e: votes[e] for e in ranked}
+
+
+@torch.library.impl(_LIB, "prefetch_experts", "CompositeExplicitAutograd")
+def _prefetch(logits, score_bias, store, layer, spec):
+    s = _spec(spec)
+    per_token, ranked, votes = predict(logits, score_bias, s)
+    st = offload.get_store(store)
+    st.prefetch(layer, ranked, votes=votes, token_predictions=per_token.cpu())
+    return per_token
+
+
+@torch.library.register_fake("moe_compiler::prefetch_experts")
+def _prefetch_fake(logits, score_bias, store, layer, spec):
+    s = _spec(spec)
+    t = logits.numel() // s.router.num_experts
+    return logits.new_empty((t, min(s.router.top_k + 1, s.router.num_experts)), dtype=torch.int64)
+
+
+class _StoreWeights:
+    """``w[e]`` of the expert being computed, as experts_forward indexes a stacked weight."""
+
+    def __init__(self, current: dict, name: str, shape, dtype):
+        self.current, self.name, self.shape, self.dtype = current, name, shape, dtype
+
+    def __getitem__(self, e):
+        return self.current[e][self.name]
+
+
+@torch.library.impl(_LIB, "offloaded_experts", "CompositeExplicitAutograd")
+def _offloaded(hidden, ids, weights, prediction, store, layer, spec):
+    s = _spec(spec)
+    st = offload.get_store(store)
+    lay = st.layers[layer]
+    x = hidden.reshape(-1, hidden.shape[-1])
+    E = lay.num_experts
+    used = torch.unique(ids).tolist() if ids.numel() else []
+    order = st.begin_step(layer, used, ids.cpu() if prediction is not None else None)
+    current: dict = {}
+    man = lay.manifest
+    views = {n: (_StoreWeights(current, n, (E, *man["shapes"][n]), lay.dtype) if n in man["names"] else None)
+             for n in NAMES}
+    packed = None
+    if lay.prepack:
+        packed = tuple(_StoreWeights(current, "packed:" + n, None, lay.dtype) if n in lay.prepack else None
+                       for n in ("w1", "w3", "w2"))
+
+    def pinned(order):
+        for e in order:
+            with st.use(layer, e) as tensors:
+                current[e] = tensors
+                try:
+                    yield e
+                finally:
+                    del current[e]
+
+    gen = pinned(order)
+    try:
+        y, _ = torch_experts.experts_forward(x, ids, weights, views["w1"], views["w3"], views["w2"], views["b1"],
+                                             views["b3"], views["b2"], s.experts, prepack=False, packed=packed,
+                                             expert_order=gen)
+    finally:
+        gen.close()
+    return y.to(hidden.dtype).reshape(hidden.shape)
+
+
+@torch.library.register_fake("moe_compiler::offloaded_experts")
+def _offloaded_fake(hidden, ids, weights, prediction, store, layer, spec):
+    return hidden.new_empty(hidden.shape)
+
+
+PREFETCH_EXPERTS_OP = torch.ops.moe_compiler.prefetch_experts.default
+OFFLOADED_EXPERTS_OP = torch.ops.moe_compiler.offloaded_experts.default

@@ -1,0 +1,251 @@
+"""Which cached expert to evict: one interface, four policies.
+
+A key is (layer index, expert id); layers are numbered in the order the model runs them. The expert
+store owns the budget, the pins and the bytes; a policy only keeps its bookkeeping and, when room is
+needed, ranks the resident keys from "evict first" to "evict last" (``victims``). The store skips
+keys that are in use, so a policy never has to know about pins.
+
+    lru        least recently used (the baseline)
+    arc        Adaptive Replacement Cache (Megiddo & Modha): recency list T1, frequency list T2,
+               ghost lists B1/B2 steer the target size p of T1
+    shallow    Fate's shallow-favouring allocation: the first ``shallow_layers`` layers keep all their
+               experts, the rest of the budget is shared equally by the deeper layers; LRU inside a layer
+    predicted  ExpertFlow's PLEC: each layer's share of the budget follows its predicted demand (decayed
+               predictor votes, corrected by the experts actually used); inside a layer the expert with
+               the least predicted demand goes first
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+POLICIES = ("lru", "arc", "shallow", "predicted")
+
+
+class CachePolicy:
+    """Bookkeeping of one eviction policy; see the module docstring."""
+
+    name = "base"
+
+    def setup(self, expert_bytes: list, num_experts: list, budget: int) -> None:
+        """Called whenever the layers or the budget change: bytes of one expert and expert count per layer."""
+        self.expert_bytes, self.num_experts, self.budget = list(expert_bytes), list(num_experts), int(budget)
+
+    def on_access(self, key) -> None:
+        """key was used (a hit, or a load that finished for a use)."""
+
+    def on_insert(self, key) -> None:
+        """key was admitted into the cache (a load was issued for it)."""
+
+    def on_evict(self, key) -> None:
+        """key left the cache."""
+
+    def on_prediction(self, layer: int, votes: dict) -> None:
+        """The predictor's votes for a layer's experts (expert -> tokens that predict it)."""
+
+    def on_use(self, layer: int, experts) -> None:
+        """The experts a layer actually used this step."""
+
+    def victims(self, resident: list, incoming) -> list:
+        """resident keys ordered from the first to evict to the last."""
+        raise NotImplementedError
+
+
+class LRU(CachePolicy):
+    name = "lru"
+
+    def __init__(self):
+        self._order: OrderedDict = OrderedDict()
+
+    def on_access(self, key):
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    on_insert = on_access
+
+    def on_evict(self, key):
+        self._order.pop(key, None)
+
+    def victims(self, resident, incoming):
+        rank = {k: i for i, k in enumerate(self._order)}
+        return sorted(resident, key=lambda k: rank.get(k, -1))
+
+
+class ARC(CachePolicy):
+    """ARC over entries (capacity c = budget / mean expert bytes)."""
+
+    name = "arc"
+
+    def __init__(self):
+        self.t1: OrderedDict = OrderedDict()
+        self.t2: OrderedDict = OrderedDict()
+        self.b1: OrderedDict = OrderedDict()
+        self.b2: OrderedDict = OrderedDict()
+        self.p = 0.0
+        self.c = 1
+        self._incoming_from_b2 = False
+
+    def setup(self, expert_bytes, num_experts, budget):
+        super().setup(expert_bytes, num_experts, budget)
+        total = sum(b * n for b, n in zip(expert_bytes, num_experts))
+        count = sum(num_experts)
+        self.c = max(1, int(budget // max(1.0, total / max(1, count))))
+
+    def on_access(self, key):
+        if key in self.t1:
+            del self.t1[key]
+            self.t2[key] = None
+        elif key in self.t2:
+            self.t2.move_to_end(key)
+
+    def on_insert(self, key):
+        self._incoming_from_b2 = False
+        if key in self.b1:  # recency was evicted too early: grow T1's target
+            self.p = min(self.c, self.p + max(len(self.b2) / max(1, len(self.b1)), 1))
+            del self.b1[key]
+            self.t2[key] = None
+        elif key in self.b2:  # frequency was evicted too early: shrink T1's target
+            self.p = max(0.0, self.p - max(len(self.b1) / max(1, len(self.b2)), 1))
+            del self.b2[key]
+            self.t2[key] = None
+            self._incoming_from_b2 = True
+        else:
+            self.t1[key] = None
+        for ghost in (self.b1, self.b2):  # ghosts are bounded by c each
+            while len(ghost) > self.c:
+                ghost.popitem(last=False)
+
+    def on_evict(self, key):
+        if key in self.t1:
+            del self.t1[key]
+            self.b1[key] = None
+        elif key in self.t2:
+            del self.t2[key]
+            self.b2[key] = None
+
+    def victims(self, resident, incoming):
+        res = set(resident)
+        t1 = [k for k in self.t1 if k in res]
+        t2 = [k for k in self.t2 if k in res]
+        rest = [k for k in resident if k not in self.t1 and k not in self.t2]
+        t1_first = bool(t1) and (len(t1) > self.p or (self._incoming_from_b2 and len(t1) == int(self.p)))
+        return rest + (t1 + t2 if t1_first else t2 + t1)
+
+
+class _Quota(CachePolicy):
+    """Per-layer byte quotas; over-quota layers give up entries first, LRU order inside a layer."""
+
+    def __init__(self):
+        self._lru = LRU()
+
+    def quotas(self) -> list:
+        raise NotImplementedError
+
+    def on_access(self, key):
+        self._lru.on_access(key)
+
+    def on_insert(self, key):
+        self._lru.on_insert(key)
+
+    def on_evict(self, key):
+        self._lru.on_evict(key)
+
+    def inner_order(self, keys: list) -> list:
+        return self._lru.victims(keys, None)
+
+    def victims(self, resident, incoming):
+        quotas = self.quotas()
+        used = [0] * len(quotas)
+        for layer, _ in resident:
+            if layer < len(used):
+                used[layer] += self.expert_bytes[layer]
+        own = incoming[0] if incoming is not None else -1
+
+        def pressure(layer):  # bytes over quota (the incoming layer counts its new entry)
+            extra = self.expert_bytes[layer] if layer == own else 0
+            return used[layer] + extra - quotas[layer] if layer < len(quotas) else float("inf")
+
+        by_layer: dict = {}
+        for k in resident:
+            by_layer.setdefault(k[0], []).append(k)
+        over = sorted((l for l in by_layer if pressure(l) > 0), key=lambda l: -pressure(l))
+        under = sorted((l for l in by_layer if pressure(l) <= 0), key=lambda l: pressure(l), reverse=True)
+        return [k for l in over + under for k in self.inner_order(by_layer[l])]
+
+
+class ShallowFavoring(_Quota):
+    """Fate: keep every expert of the first ``shallow_layers`` layers; share the rest equally."""
+
+    name = "shallow"
+
+    def __init__(self, shallow_layers: int = 1):
+        super().__init__()
+        self.shallow_layers = int(shallow_layers)
+
+    def quotas(self):
+        n = len(self.num_experts)
+        full = [b * e for b, e in zip(self.expert_bytes, self.num_experts)]
+        shallow = min(self.shallow_layers, n)
+        keep = 0
+        q = [0] * n
+        for layer in range(shallow):  # only as many shallow layers as the budget holds whole
+            if keep + full[layer] > self.budget:
+                break
+            q[layer] = full[layer]
+            keep += full[layer]
+        deep = [layer for layer in range(n) if q[layer] == 0]
+        share = (self.budget - keep) / max(1, len(deep))
+        for layer in deep:
+            q[layer] = share
+        return q
+
+
+class PredictedDemand(_Quota):
+    """ExpertFlow's PLEC: quotas in proportion to predicted demand, with correction from real use."""
+
+    name = "predicted"
+
+    def __init__(self, decay: float = 0.8):
+        super().__init__()
+        self.decay = float(decay)
+        self.demand: dict = {}  # (layer, expert) -> decayed predicted + used count
+
+    def _bump(self, layer, weights: dict):
+        for key in [k for k in self.demand if k[0] == layer]:
+            self.demand[key] *= self.decay
+        for e, w in weights.items():
+            self.demand[(layer, int(e))] = self.demand.get((layer, int(e)), 0.0) + float(w)
+
+    def on_prediction(self, layer, votes):
+        total = sum(votes.values()) or 1.0
+        self._bump(layer, {e: v / total for e, v in votes.items()})
+
+    def on_use(self, layer, experts):
+        experts = list(experts)
+        for e in experts:  # real-time correction: what was used counts as demand too
+            key = (layer, int(e))
+            self.demand[key] = self.demand.get(key, 0.0) + 1.0 / max(1, len(experts))
+
+    def quotas(self):
+        n = len(self.num_experts)
+        per_layer = [0.0] * n
+        for (layer, _), d in self.demand.items():
+            if layer < n:
+                per_layer[layer] += d
+        floor = [min(b, self.budget / max(1, n)) for b in self.expert_bytes]  # every layer keeps >= one expert
+        spare = max(0.0, self.budget - sum(floor))
+        total = sum(per_layer)
+        if total <= 0:
+            return [f + spare / max(1, n) for f in floor]
+        return [f + spare * d / total for f, d in zip(floor, per_layer)]
+
+    def inner_order(self, keys):
+        recency = {k: i for i, k in enumerate(self._lru.victims(keys, None))}
+        return sorted(keys, key=lambda k: (self.demand.get(k, 0.0), recency[k]))
+
+
+def make_policy(name: str, **kwargs) -> CachePolicy:
+    """A policy by name (see POLICIES); kwargs go to its constructor (shallow: shallow_layers)."""
+    table = {"lru": LRU, "arc": ARC, "shallow": ShallowFavoring, "predicted": PredictedDemand}
+    if name not in table:
+        raise ValueError(f"unknown cache policy {name!r}; accepted: {list(POLICIES)}")
+    return table[name](**kwargs)

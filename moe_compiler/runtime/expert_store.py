@@ -1,0 +1,430 @@
+"""Tiered expert store: a budgeted fast tier, an optional host tier, and per-expert files on disk.
+
+    fast tier    the memory experts are computed from: GPU memory, or on a CPU-only machine a RAM
+                 budget standing for it (``budget`` bytes; a cache policy picks what to evict)
+    host tier    optional (``host_budget`` bytes, LRU): raw copies kept in host memory, so a miss in
+                 the fast tier need not go to disk (pinned memory on GPU machines)
+    disk         runtime.expert_files: one checked safetensors file per expert
+
+Loads are asynchronous: one background thread reads and prepares experts (demand loads before
+prefetches), and on CUDA copies them to the device on a side stream. A layer pins each expert while it
+computes with it, so an expert in use is never evicted, and the fast tier never holds more than its
+budget (loads in flight count against it). Every number explain() and bench/offload.py report
+comes from ``stats()``.
+
+    store = ExpertStore(root, budget=0.5, policy="lru")
+    layer = store.add_layer("model.layers.0.mlp", {"w1": [E, N1, H], "w2": [E, H, I]}, transposed=False)
+    store.prefetch(layer, [3, 5])            # asynchronous; returns the experts it could issue
+    with store.use(layer, e) as w:           # waits for the load (a miss loads on demand)
+        w["w1"], w["w2"] ...                 # that expert's tensors (and "packed:<name>" when prepacked)
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from moe_compiler.runtime.cache_policy import CachePolicy, make_policy
+from moe_compiler.runtime.expert_files import ExpertFiles, ExpertReadError
+
+_DEMAND, _PREFETCH = 0, 1
+
+
+@dataclass
+class LayerStats:
+    """Counters of one MoE layer (hits/misses count experts a step actually used)."""
+
+    name: str
+    steps: int = 0
+    hits: int = 0              # used experts that were resident or already being prefetched
+    misses: int = 0            # used experts loaded on demand
+    prefetched: int = 0        # loads issued by the predictor
+    prefetch_used: int = 0     # of those, experts the layer then used
+    predicted: int = 0         # used experts that were in the predicted set (for recall)
+    predicted_steps_used: int = 0  # used experts over the steps that had a prediction
+    token_hits: int = 0        # (token, expert) routings inside that token's predicted top-(k+1)
+    token_total: int = 0
+    bytes_loaded: int = 0
+    stall_s: float = 0.0       # time the layer waited for loads
+
+    def as_dict(self) -> dict:
+        used = self.hits + self.misses
+        return {"name": self.name, "steps": self.steps, "hits": self.hits, "misses": self.misses,
+                "hit_rate": self.hits / used if used else None,
+                "prediction_recall": self.predicted / self.predicted_steps_used if self.predicted_steps_used else None,
+                "token_recall": self.token_hits / self.token_total if self.token_total else None,
+                "prefetched": self.prefetched, "prefetch_used": self.prefetch_used,
+                "bytes_loaded": self.bytes_loaded, "stall_s": self.stall_s}
+
+
+@dataclass
+class Layer:
+    index: int
+    name: str
+    folder: str
+    manifest: dict
+    transposed: bool
+    prepack: tuple            # names of weights to keep in oneDNN's packed layout (CPU)
+    device: torch.device
+    dtype: torch.dtype
+    stats: LayerStats = None
+
+    @property
+    def expert_bytes(self) -> int:
+        return max(self.manifest["bytes"]) if self.manifest["bytes"] else 0
+
+    @property
+    def num_experts(self) -> int:
+        return self.manifest["num_experts"]
+
+
+@dataclass
+class _Entry:
+    nbytes: int
+    ready: threading.Event = field(default_factory=threading.Event)
+    tensors: dict = None
+    error: BaseException = None
+    pins: int = 0
+    started: bool = False
+    by_prefetch: bool = False
+
+
+def parse_bytes(value) -> int | float:
+    """'2GB' / '512MiB' / 123456 -> bytes (int); a float in (0, 1] stays a fraction of the experts' bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"a budget must be bytes or a fraction in (0, 1], got {value!r}")
+    if isinstance(value, float):
+        if not 0 < value <= 1:
+            raise ValueError(f"a fractional budget must be in (0, 1], got {value!r}")
+        return value
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"a budget in bytes must be >= 0, got {value!r}")
+        return value
+    if isinstance(value, str):
+        text = value.strip().upper().replace(" ", "")
+        units = {"TIB": 2 ** 40, "GIB": 2 ** 30, "MIB": 2 ** 20, "KIB": 2 ** 10, "TB": 10 ** 12, "GB": 10 ** 9,
+                 "MB": 10 ** 6, "KB": 10 ** 3, "B": 1}
+        for unit, mult in units.items():
+            if text.endswith(unit):
+                try:
+                    return int(float(text[: -len(unit)]) * mult)
+                except ValueError:
+                    break
+        try:
+            return parse_bytes(float(text)) if "." in text else int(text)
+        except ValueError:
+            pass
+    raise ValueError(f"cannot read {value!r} as a budget: give bytes (int, or '2GB', '512MiB') "
+                     "or a fraction of the experts' bytes in (0, 1]")
+
+
+class ExpertStore:
+    """See the module docstring. Thread-safe; one loader thread per store."""
+
+    def __init__(self, root: str, *, budget=1.0, policy: str | CachePolicy = "lru", host_budget=0,
+                 drop_page_cache: bool = True, policy_options: dict | None = None):
+        self.files = ExpertFiles(root, drop_page_cache=drop_page_cache)
+        self.root = root
+        self._budget_spec = parse_bytes(budget)
+        self._host_budget_spec = parse_bytes(host_budget)
+        self.policy = make_policy(policy, **(policy_options or {})) if isinstance(policy, str) else policy
+        self.layers: list[Layer] = []
+        self._by_name: dict = {}
+        self._entries: dict = {}          # (layer, expert) -> _Entry (fast tier, loading or ready)
+        self._host: OrderedDict = OrderedDict()  # (layer, expert) -> raw tensors (host tier, LRU)
+        self._host_bytes = 0
+        self._used = 0
+        self.peak_bytes = 0
+        self._lock = threading.Condition()
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._thread = None
+        self._predicted: dict = {}        # layer -> (set of predicted experts, per-token predictions or None)
+        self.budget = 0
+        self.host_budget = 0
+
+    # ------------------------------------------------------------------ layers and budget
+    def add_layer(self, name: str, stacked: dict, *, transposed: bool, prepack=(), write: bool = True) -> int:
+        """Register a layer (writing its experts to disk unless already there); returns its index.
+
+        stacked: weight name -> [E, ...] tensor. A layer already registered under ``name`` is reused.
+        """
+        with self._lock:
+            if name in self._by_name:
+                return self._by_name[name]
+        folder = "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or "layer"
+        if write:
+            self.files.write_layer(folder, stacked)
+        manifest = self.files.manifest(folder)
+        any_w = next(iter(stacked.values()))
+        with self._lock:
+            index = len(self.layers)
+            layer = Layer(index, name, folder, manifest, transposed, tuple(prepack), any_w.device, any_w.dtype,
+                          LayerStats(name))
+            self.layers.append(layer)
+            self._by_name[name] = index
+            self._resize()
+        return index
+
+    def _resize(self):
+        total = sum(layer.expert_bytes * layer.num_experts for layer in self.layers)
+        spec = self._budget_spec
+        self.budget = int(spec * total) if isinstance(spec, float) else spec
+        hspec = self._host_budget_spec
+        self.host_budget = int(hspec * total) if isinstance(hspec, float) else hspec
+        biggest = max((layer.expert_bytes for layer in self.layers), default=0)
+        if self.layers and self.budget < biggest:
+            raise ValueError(f"offload budget {self.budget} bytes is smaller than one expert ({biggest} bytes); "
+                             f"the budget must hold at least the largest expert (experts total {total} bytes)")
+        self.policy.setup([layer.expert_bytes for layer in self.layers],
+                          [layer.num_experts for layer in self.layers], self.budget)
+
+    @property
+    def total_expert_bytes(self) -> int:
+        return sum(layer.expert_bytes * layer.num_experts for layer in self.layers)
+
+    # ------------------------------------------------------------------ loading
+    def _ensure_thread(self):
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loader, name="moe-expert-loader", daemon=True)
+            self._thread.start()
+
+    def _loader(self):
+        while True:
+            _, _, key = self._queue.get()
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is None or entry.started:
+                    continue
+                entry.started = True
+            try:
+                tensors = self._read(key)
+            except BaseException as e:  # surfaced to whoever waits for the expert
+                tensors, error = None, e
+            else:
+                error = None
+            with self._lock:
+                entry.tensors, entry.error = tensors, error
+                if error is None:
+                    self.layers[key[0]].stats.bytes_loaded += entry.nbytes
+                entry.ready.set()
+                self._lock.notify_all()
+
+    def _read(self, key) -> dict:
+        layer = self.layers[key[0]]
+        with self._lock:
+            raw = self._host.get(key)
+            if raw is not None:
+                self._host.move_to_end(key)
+        if raw is None:
+            raw = self.files.read_expert(layer.folder, key[1], layer.manifest)
+            self._host_admit(key, raw, layer.manifest["bytes"][key[1]])
+        return self._prepare(layer, raw)
+
+    def _host_admit(self, key, raw, nbytes):
+        if self.host_budget <= 0 or nbytes > self.host_budget:
+            return
+        with self._lock:
+            while self._host and self._host_bytes + nbytes > self.host_budget:
+                old, tensors = self._host.popitem(last=False)
+                self._host_bytes -= sum(t.numel() * t.element_size() for t in tensors.values())
+            self._host[key] = raw
+            self._host_bytes += nbytes
+
+    def _prepare(self, layer: Layer, raw: dict) -> dict:
+        """Raw CPU tensors -> compute-ready copies (device, and oneDNN-packed where the layer asks)."""
+        out = {}
+        if layer.device.type == "cuda":
+            stream = self._cuda_stream(layer.device)
+            with torch.cuda.stream(stream):
+                for n, t in raw.items():
+                    out[n] = t.pin_memory().to(layer.device, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(stream)
+            done.synchronize()
+            return out
+        for n, t in raw.items():
+            out[n] = t
+            if n in layer.prepack:
+                from moe_compiler.codegen.torch_experts import PackedWeights
+
+                out["packed:" + n] = PackedWeights.pack_one(t, layer.transposed)
+        return out
+
+    def _cuda_stream(self, device):
+        if not hasattr(self, "_streams"):
+            self._streams = {}
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def _make_room(self, key, nbytes, protect, wait: bool) -> bool:
+        """Evict (policy order, unpinned and ready only) until nbytes fit; caller holds the lock."""
+        while True:
+            if self._used + nbytes <= self.budget:
+                return True
+            evictable = [k for k, en in self._entries.items()
+                         if en.pins == 0 and en.ready.is_set() and k not in protect and k != key]
+            for victim in self.policy.victims(evictable, key):
+                self._evict(victim)
+                if self._used + nbytes <= self.budget:
+                    return True
+            if not wait:
+                return False
+            if not any(not en.ready.is_set() or en.pins for en in self._entries.values()):
+                raise RuntimeError(f"offload budget {self.budget} bytes cannot hold expert {key} ({nbytes} bytes)")
+            self._lock.wait(timeout=1.0)
+
+    def _evict(self, key):
+        entry = self._entries.pop(key)
+        self._used -= entry.nbytes
+        self.policy.on_evict(key)
+
+    def _issue(self, key, priority, protect=(), wait=False) -> bool:
+        """Start loading key unless it is cached or loading; caller holds the lock."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            if priority == _DEMAND and not entry.started:  # a queued prefetch is needed now: jump the queue
+                self._queue.put((priority, next(self._seq), key))
+            return True
+        nbytes = self.layers[key[0]].manifest["bytes"][key[1]]
+        if not self._make_room(key, nbytes, protect, wait):
+            return False
+        self._entries[key] = _Entry(nbytes, by_prefetch=priority == _PREFETCH)
+        self._used += nbytes
+        self.peak_bytes = max(self.peak_bytes, self._used)
+        self.policy.on_insert(key)
+        self._ensure_thread()
+        self._queue.put((priority, next(self._seq), key))
+        return True
+
+    # ------------------------------------------------------------------ the API layers use
+    def prefetch(self, layer: int, experts, votes: dict | None = None, token_predictions=None) -> list:
+        """Issue asynchronous loads of experts (best first) while the budget allows; returns those issued
+        or already cached. Records the prediction for recall (votes: expert -> tokens predicting it)."""
+        experts = [int(e) for e in experts]
+        with self._lock:
+            self._predicted[layer] = (set(experts), token_predictions)
+            if votes:
+                self.policy.on_prediction(layer, votes)
+            taken = []
+            for e in experts:
+                if not self._issue((layer, e), _PREFETCH):
+                    break
+                taken.append(e)
+                self.layers[layer].stats.prefetched += 1
+            return taken
+
+    def begin_step(self, layer: int, experts, ids=None) -> list:
+        """A layer is about to use ``experts``: count hits/misses and recall, issue demand loads for the
+        missing ones while they fit next to the resident ones, and return the order to compute in
+        (ready first, then in flight, then the rest)."""
+        experts = [int(e) for e in experts]
+        with self._lock:
+            st = self.layers[layer].stats
+            st.steps += 1
+            predicted, per_token = self._predicted.pop(layer, (None, None))
+            if predicted is not None:
+                st.predicted_steps_used += len(experts)
+                st.predicted += len(predicted.intersection(experts))
+                if per_token is not None and ids is not None and per_token.shape[0] == ids.shape[0]:
+                    st.token_hits += int((ids.unsqueeze(-1) == per_token.unsqueeze(1)).any(-1).sum())
+                    st.token_total += ids.numel()
+            ready, flying, missing = [], [], []
+            for e in experts:
+                entry = self._entries.get((layer, e))
+                if entry is None:
+                    missing.append(e)
+                    st.misses += 1
+                    continue
+                st.hits += 1
+                if entry.by_prefetch:
+                    st.prefetch_used += 1
+                    entry.by_prefetch = False
+                self.policy.on_access((layer, e))
+                (ready if entry.ready.is_set() else flying).append(e)
+            self.policy.on_use(layer, experts)
+            protect = {(layer, e) for e in experts}
+            for e in missing:
+                if not self._issue((layer, e), _DEMAND, protect=protect):
+                    break
+        return ready + flying + missing
+
+    @contextmanager
+    def use(self, layer: int, expert: int):
+        """Pin one expert for the duration of the block and yield its tensors (loading it if needed)."""
+        key = (layer, int(expert))
+        start = time.perf_counter()
+        with self._lock:
+            self._issue(key, _DEMAND, wait=True)
+            entry = self._entries[key]
+            entry.pins += 1
+        waited = not entry.ready.is_set()
+        entry.ready.wait()
+        if waited:
+            with self._lock:
+                self.layers[layer].stats.stall_s += time.perf_counter() - start
+        try:
+            if entry.error is not None:
+                with self._lock:
+                    self._entries.pop(key, None)
+                    self._used -= entry.nbytes
+                    self.policy.on_evict(key)
+                if isinstance(entry.error, ExpertReadError):
+                    raise ExpertReadError(str(entry.error)) from entry.error
+                raise RuntimeError(f"loading expert {expert} of layer {self.layers[layer].name!r} failed: "
+                                   f"{entry.error}") from entry.error
+            yield entry.tensors
+        finally:
+            with self._lock:
+                entry.pins -= 1
+                self._lock.notify_all()
+
+    # ------------------------------------------------------------------ reporting
+    def resident(self) -> list:
+        with self._lock:
+            return sorted(k for k, en in self._entries.items() if en.ready.is_set())
+
+    def cached_bytes(self) -> int:
+        with self._lock:
+            return self._used
+
+    def stats(self) -> dict:
+        with self._lock:
+            layers = [layer.stats.as_dict() for layer in self.layers]
+        hits = sum(l["hits"] for l in layers)
+        misses = sum(l["misses"] for l in layers)
+        pred = sum(layer.stats.predicted for layer in self.layers)
+        pred_n = sum(layer.stats.predicted_steps_used for layer in self.layers)
+        tok = sum(layer.stats.token_hits for layer in self.layers)
+        tok_n = sum(layer.stats.token_total for layer in self.layers)
+        return {"policy": self.policy.name, "budget_bytes": self.budget, "host_budget_bytes": self.host_budget,
+                "expert_bytes_total": self.total_expert_bytes, "peak_bytes": self.peak_bytes,
+                "hit_rate": hits / (hits + misses) if hits + misses else None,
+                "prediction_recall": pred / pred_n if pred_n else None,
+                "token_recall": tok / tok_n if tok_n else None,
+                "bytes_loaded": sum(l["bytes_loaded"] for l in layers),
+                "stall_s": sum(l["stall_s"] for l in layers), "layers": layers}
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            for layer in self.layers:
+                layer.stats = LayerStats(layer.name)
+            self.peak_bytes = self._used
+
+    def drain(self) -> None:
+        """Wait for every load in flight (used before measuring or shutting down)."""
+        while True:
+            with self._lock:
+                pending = [en for en in self._entries.values() if not en.ready.is_set()]
+            if not pending:
+                return
+            for en in pending:
+                en.ready.wait()

@@ -1,0 +1,203 @@
+"""hoist_prefetch: predict each offloaded layer's experts from an earlier gate input (Fate).
+
+For offloaded layer m (graph order) and prefetch depth d, the source is layer m-d's gate input
+(the tensor its router reads), or, for the first d layers, the embedding output. Layer m's router
+subgraph (the nodes between its gate input and its logits, e.g. view -> mm with the router weight)
+is copied with the source substituted, right after the source exists:
+
+    h_j   = <layer j's gate input>                              # [T, H], j = m - d
+    l_hat = <layer m's router subgraph>(h_j)                     # [T, E]   (hoisted copy)
+    p_m   = moe_compiler.prefetch_experts(l_hat, bias_m, store, m, spec_m)   # [T, k+1], loads start
+    ...   (layers j .. m-1 run while the experts load)
+    y_m   = moe_compiler.offloaded_experts(x_m, ids_m, w_m, p_m, store, m, spec_m)
+
+The prediction only decides what is loaded early; layer m computes with the experts its own router
+picks (mispredicted ones load on demand), so outputs never change. The hoisted nodes carry
+meta["moe_compiler_pass"] = "hoist_prefetch" and show in the pass dumps; each layer's spec notes
+where its prediction comes from, or why it has none.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from moe_compiler import _compat
+from moe_compiler.codegen.offload_ops import OFFLOADED_EXPERTS_OP, PREFETCH_EXPERTS_OP
+from moe_compiler.codegen.ops import GATING_OP
+from moe_compiler.ir import MoESpec
+from moe_compiler.pipeline import PassContext, PassResult
+
+_aten = torch.ops.aten
+_VIEWS = {_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default, _aten.clone.default,
+          _aten.alias.default}
+
+
+def _router_slice(roots, gate_input, param_nodes):
+    """Nodes computing roots from gate_input and parameters only (graph order), or None."""
+    seen, stack, reached = set(), [r for r in roots if isinstance(r, torch.fx.Node)], False
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        if n is gate_input:
+            reached = True
+            continue
+        if n.op == "placeholder":
+            if n not in param_nodes:
+                return None  # depends on another activation
+            continue
+        if n.op == "get_attr":
+            continue
+        seen.add(n)
+        if n.op != "call_function":
+            return None
+        stack.extend(a for a in n.all_input_nodes)
+    return seen if reached else None
+
+
+def _gate(node, param_nodes):
+    """(gate input, router slice, logits, bias) of an offloaded layer, or a reason string."""
+    ids = node.args[1]
+    if not (isinstance(ids, torch.fx.Node) and ids.target is operator.getitem
+            and getattr(ids.args[0], "target", None) is GATING_OP):
+        return "its routing does not come from a gating op"
+    logits, bias, _ = ids.args[0].args
+    candidate = node.args[0]
+    while isinstance(candidate, torch.fx.Node):
+        nodes = _router_slice([logits, bias], candidate, param_nodes)
+        if nodes is not None:
+            return candidate, nodes, logits, bias
+        if candidate.op != "call_function" or candidate.target not in _VIEWS:
+            break
+        candidate = candidate.args[0]
+    return "its router does not read its expert input through parameters only"
+
+
+def _embedding(graph, hidden_size):
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target is _aten.embedding.default:
+            v = n.meta.get("val")
+            if v is not None and v.shape[-1] == hidden_size:
+                return n
+    return None
+
+
+def _depth(spec: MoESpec, option) -> int:
+    if option != "auto":
+        return int(option)
+    choice = spec.note("decision:prefetch_depth")
+    try:
+        return max(1, int(choice))
+    except (TypeError, ValueError):
+        return 1
+
+
+@dataclass(frozen=True)
+class HoistPrefetch:
+    """Insert cross-layer expert predictors and prefetches ahead of offloaded layers."""
+
+    name: ClassVar[str] = "hoist_prefetch"
+
+    def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        from moe_compiler.runtime import offload
+
+        options = offload.normalize_options(getattr(ctx.config, "offload", None))
+        graph = gm.graph
+        layers = [n for n in graph.nodes if n.op == "call_function" and n.target is OFFLOADED_EXPERTS_OP]
+        if options is None or not options["prefetch"] or not layers:
+            return PassResult(gm, False, {})
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        params = {n for n, p in zip(placeholders, ctx.placeholder_paths + [None] * len(placeholders)) if p}
+        fake_mode = _compat.fake_mode_of(gm)
+        gates = [_gate(n, params) for n in layers]
+        counters = {"layers_predicted": 0, "from_embedding": 0, "not_predicted": 0, "hoisted_nodes": 0}
+        for m, node in enumerate(layers):
+            spec = MoESpec.from_json(node.args[-1])
+            note = self._hoist(gm, ctx, node, m, spec, gates, options, fake_mode, counters)
+            spec = spec.replace(notes=spec.notes + (("prefetch", note),))
+            node.args = node.args[:-1] + (spec.to_json(),)
+            node.meta["moe_spec"] = spec
+        graph.lint()
+        gm.recompile()
+        return PassResult(gm, counters["layers_predicted"] > 0, counters)
+
+    def _hoist(self, gm, ctx, node, m, spec, gates, options, fake_mode, counters) -> str:
+        graph = gm.graph
+        target = gates[m]
+        if isinstance(target, str):
+            counters["not_predicted"] += 1
+            return f"not predicted: {target}"
+        gate_input, nodes, logits, bias = target
+        depth = _depth(spec, options["prefetch_depth"])
+        src_index = m - depth
+        if src_index >= 0 and not isinstance(gates[src_index], str):
+            source, origin = gates[src_index][0], f"layer {spec_path(gates, src_index, node)} gate input"
+        elif src_index >= 0:
+            counters["not_predicted"] += 1
+            return f"not predicted: the source layer {src_index} has no usable gate input"
+        else:
+            source = _embedding(graph, spec.experts.hidden_size)
+            origin = "the embedding output"
+            if source is None:
+                counters["not_predicted"] += 1
+                return "not predicted: no earlier gate input in this graph (no embedding output of width H)"
+        want, have = gate_input.meta["val"], source.meta["val"]
+        reshape = None
+        if str(tuple(want.shape)) != str(tuple(have.shape)):
+            if want.dim() == 2 and isinstance(want.shape[-1], int) and have.shape[-1] == want.shape[-1]:
+                reshape = [-1, int(want.shape[-1])]
+            else:
+                counters["not_predicted"] += 1
+                return f"not predicted: {origin} has shape {tuple(have.shape)}, the router reads {tuple(want.shape)}"
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        ext = [a for n in nodes for a in n.all_input_nodes if a not in nodes and a is not gate_input]
+        anchor = max([source] + ext, key=lambda n: order[n])
+        if order[anchor] >= order[node]:
+            counters["not_predicted"] += 1
+            return "not predicted: the router's inputs exist only after the layer runs"
+        env, cursor = {}, anchor
+
+        def put(make):
+            nonlocal cursor
+            with graph.inserting_after(cursor):
+                new = make()
+            new.meta["moe_compiler_pass"] = self.name
+            cursor = new
+            return new
+
+        if reshape is not None:
+            sub = put(lambda: graph.call_function(_aten.reshape.default, (source, reshape)))
+            with fake_mode:
+                sub.meta["val"] = have.reshape(reshape)
+        else:
+            sub = source
+        env[gate_input] = sub
+        for n in sorted(nodes, key=lambda n: order[n]):
+            copy = put(lambda n=n: graph.node_copy(n, lambda a: env.get(a, a)))
+            copy.meta.update({k: v for k, v in n.meta.items() if k == "val"})
+            copy.meta["moe_compiler_pass"] = self.name
+            env[n] = copy
+        new_logits = env.get(logits, logits)
+        new_bias = env.get(bias, bias) if isinstance(bias, torch.fx.Node) else bias
+        store, layer = node.args[4], node.args[5]
+        pred = put(lambda: graph.call_function(PREFETCH_EXPERTS_OP, (new_logits, new_bias, store, layer,
+                                                                     node.args[-1])))
+        with fake_mode:
+            pred.meta["val"] = PREFETCH_EXPERTS_OP(new_logits.meta["val"],
+                                                   new_bias.meta["val"] if isinstance(new_bias, torch.fx.Node) else None,
+                                                   store, layer, node.args[-1])
+        node.args = node.args[:3] + (pred,) + node.args[4:]
+        counters["layers_predicted"] += 1
+        counters["hoisted_nodes"] += len(nodes) + 1 + (reshape is not None)
+        if src_index < 0:
+            counters["from_embedding"] += 1
+        return (f"predicted from {origin} ({depth} layer(s) ahead): router copied ({len(nodes)} node(s)), "
+                f"top-{spec.top_k + 1} per token, experts ranked by votes")
+
+
+def spec_path(gates, index, node) -> str:
+    g = gates[index]
+    return str(index) if isinstance(g, str) else f"{index} ({g[0].name})"
