@@ -84,6 +84,9 @@ class ExplainReport:
     fallbacks: list
     # with options expert_parallel: bytes of expert weights each rank of the EP group holds ([] otherwise)
     expert_bytes_per_rank: list = field(default_factory=list)
+    # with option offload: the expert store's counters after the example run (ExpertStore.stats():
+    # hit_rate, prediction_recall, token_recall, bytes_loaded, stall_s, peak_bytes, per layer)
+    offload: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"moe_compiler report: {self.graph_count} graph(s), {self.graph_break_count} graph break(s)"]
@@ -101,6 +104,18 @@ class ExplainReport:
             lines.append(f"fallback to Inductor: {f}")
         if self.dump_dirs:
             lines.append("pass dumps: " + ", ".join(self.dump_dirs))
+        if self.offload:
+            o = self.offload
+            pct = (lambda v: "n/a" if v is None else f"{100 * v:.1f}%")
+            lines.append(f"offload ({o['policy']}, budget {o['budget_bytes'] / 2**20:.2f} of "
+                         f"{o['expert_bytes_total'] / 2**20:.2f} MiB): hit rate {pct(o['hit_rate'])}, "
+                         f"prediction recall {pct(o['prediction_recall'])}, token recall {pct(o['token_recall'])}, "
+                         f"{o['bytes_loaded'] / 2**20:.2f} MiB loaded, stall {1e3 * o['stall_s']:.2f} ms, "
+                         f"peak {o['peak_bytes'] / 2**20:.2f} MiB")
+            for layer in o["layers"]:
+                lines.append(f"  {layer['name']}: hit rate {pct(layer['hit_rate'])}, "
+                             f"recall {pct(layer['prediction_recall'])}, {layer['bytes_loaded'] / 2**10:.0f} KiB loaded, "
+                             f"stall {1e3 * layer['stall_s']:.2f} ms")
         if self.expert_bytes_per_rank:
             lines.append("expert bytes per rank: " + ", ".join(
                 f"rank {r}: {b / 2**20:.2f} MiB" for r, b in enumerate(self.expert_bytes_per_rank)))
@@ -154,8 +169,16 @@ def explain(model, *example_inputs, **options) -> ExplainReport:
     from torch._dynamo.backends.debugging import ExplainWithBackend
 
     from moe_compiler.backend import moe_backend
+    from moe_compiler.runtime import offload
 
     torch._dynamo.reset()
+    store = None
+    if offload.normalize_options(options.get("offload")) is not None:
+        given = options["offload"] if isinstance(options["offload"], dict) else {}
+        # explaining must not free the caller's weights unless asked to
+        options = dict(options, offload={"release_parameters": False, **given})
+        _, store = offload.store_for(offload.normalize_options(options["offload"]))
+        store.reset_stats()
 
     def backend(gm, inputs):
         return moe_backend(gm, inputs, options=options)
@@ -177,6 +200,7 @@ def explain(model, *example_inputs, **options) -> ExplainReport:
         dump_dirs=[r.dump_dir for r in records if r.dump_dir],
         fallbacks=[f"{r.graph_id}: {r.fallback_reason}" for r in records if r.fallback_reason],
         expert_bytes_per_rank=_expert_bytes(model, options),
+        offload=store.stats() if store is not None else {},
     )
 
 

@@ -42,15 +42,24 @@ class Block(nn.Module):
         self.mlp = MoELayer(c.dim, c.ffn, c.experts, c.top_k)
         self.heads = c.heads
 
-    def forward(self, x, router_logits: list | None = None):
+    def forward(self, x, router_logits: list | None = None, past=None):
+        """x [B, S, D]; past: (k, v) [B, heads, P, D/heads] of earlier positions, or None.
+        Returns x, or (x, (k, v)) with the keys/values of all P + S positions when past is given."""
         b, s, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, d // self.heads).unbind(2)
-        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(self.norm1(x)).view(b, s, 3, self.heads, d // self.heads)
+                   .unbind(2))
+        mask = None
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+            if s > 1:  # causal over the new positions, all of the past visible
+                mask = torch.ones(s, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - s)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past is None)
         x = x + self.proj(a.transpose(1, 2).reshape(b, s, d))
         h = self.norm2(x)
         if router_logits is not None:  # [B*S, E], for load-balancing losses and analysis
             router_logits.append(F.linear(h.reshape(-1, d), self.mlp.router))
-        return x + self.mlp(h)
+        x = x + self.mlp(h)
+        return x if past is None else (x, (k, v))
 
 
 class ReferenceLM(nn.Module):
@@ -64,12 +73,24 @@ class ReferenceLM(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.pos, std=0.02)
 
-    def forward(self, ids: torch.Tensor, router_logits: list | None = None) -> torch.Tensor:
-        """ids [B, S] -> logits [B, S, vocab]; appends each layer's router logits when given a list."""
-        x = self.embed(ids) + self.pos[: ids.shape[1]]
-        for blk in self.blocks:
-            x = blk(x, router_logits)
-        return F.linear(self.norm(x), self.embed.weight)
+    def forward(self, ids: torch.Tensor, router_logits: list | None = None, cache: list | None = None):
+        """ids [B, S] -> logits [B, S, vocab]; appends each layer's router logits when given a list.
+
+        Incremental decoding: pass ``cache`` (a list: empty for the prompt, then what the previous call
+        returned); the call returns (logits, new cache) and positions continue after the cached ones.
+        """
+        start = 0 if not cache else cache[0][0].shape[2]
+        x = self.embed(ids) + self.pos[start: start + ids.shape[1]]
+        if cache is None:
+            for blk in self.blocks:
+                x = blk(x, router_logits)
+            return F.linear(self.norm(x), self.embed.weight)
+        new_cache = []
+        for i, blk in enumerate(self.blocks):
+            past = cache[i] if cache else (x.new_zeros(x.shape[0], blk.heads, 0, x.shape[-1] // blk.heads),) * 2
+            x, kv = blk(x, router_logits, past)
+            new_cache.append(kv)
+        return F.linear(self.norm(x), self.embed.weight), new_cache
 
     def save(self, folder: str) -> None:
         from safetensors.torch import save_file

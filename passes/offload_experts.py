@@ -82,7 +82,8 @@ class OffloadExperts:
                     stacked[name] = values[a]
             any_w = stacked["w1"]
             layer = store.add_layer(spec.path or node.name, stacked, transposed=spec.experts.transposed,
-                                    prepack=_prepacked(spec, any_w.device, any_w.dtype, stacked))
+                                    prepack=_prepacked(spec, any_w.device, any_w.dtype, stacked),
+                                    source=sources.get("w1"))
             if options["release_parameters"]:
                 releases += [(t, store_id, layer, name) for name, t in sources.items()]
             notes = (("offload", f"experts served by the store at {store_id} (layer {layer}): policy "
@@ -96,6 +97,7 @@ class OffloadExperts:
             y.meta["moe_compiler_pass"] = self.name
             node.replace_all_uses_with(y)
             gm.graph.erase_node(node)
+        store.check_budget()
         gm.graph.eliminate_dead_code()
         gm.recompile()
         ctx.after_compile.append(lambda: [offload.release(*r) for r in releases])

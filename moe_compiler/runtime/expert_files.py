@@ -27,7 +27,7 @@ def _crc(tensors: dict) -> int:
     crc = 0
     for name in sorted(tensors):
         t = tensors[name].contiguous()
-        crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"", crc)
+        crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"", crc)
     return crc
 
 

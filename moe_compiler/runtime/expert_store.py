@@ -24,6 +24,7 @@ import itertools
 import queue
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -147,21 +148,27 @@ class ExpertStore:
         self._seq = itertools.count()
         self._thread = None
         self._predicted: dict = {}        # layer -> (set of predicted experts, per-token predictions or None)
+        self._last_used: dict = {}        # layer -> experts its latest step used
         self.budget = 0
         self.host_budget = 0
 
     # ------------------------------------------------------------------ layers and budget
-    def add_layer(self, name: str, stacked: dict, *, transposed: bool, prepack=(), write: bool = True) -> int:
-        """Register a layer (writing its experts to disk unless already there); returns its index.
+    def add_layer(self, name: str, stacked: dict, *, transposed: bool, prepack=(), source=None) -> int:
+        """Register a layer, writing its experts to disk; returns its index.
 
-        stacked: weight name -> [E, ...] tensor. A layer already registered under ``name`` is reused.
+        stacked: weight name -> [E, ...] tensor. ``source`` (the module's weight tensor) identifies the
+        layer across compilations: the same name and the same live source tensor reuse the layer
+        (a recompilation for new shapes); anything else gets a layer of its own, so a store never
+        serves one model's experts to another. The disk copy is a snapshot taken now.
         """
         with self._lock:
-            if name in self._by_name:
-                return self._by_name[name]
-        folder = "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or "layer"
-        if write:
-            self.files.write_layer(folder, stacked)
+            for ref, index in self._by_name.get(name, []):
+                if source is not None and ref is not None and ref() is source:
+                    return index
+            generation = len(self._by_name.get(name, []))
+        base = "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or "layer"
+        folder = base if generation == 0 else f"{base}.{generation}"
+        self.files.write_layer(folder, stacked)
         manifest = self.files.manifest(folder)
         any_w = next(iter(stacked.values()))
         with self._lock:
@@ -169,20 +176,29 @@ class ExpertStore:
             layer = Layer(index, name, folder, manifest, transposed, tuple(prepack), any_w.device, any_w.dtype,
                           LayerStats(name))
             self.layers.append(layer)
-            self._by_name[name] = index
+            self._by_name.setdefault(name, []).append((weakref.ref(source) if source is not None else None, index))
             self._resize()
         return index
 
-    def _resize(self):
-        total = sum(layer.expert_bytes * layer.num_experts for layer in self.layers)
-        spec = self._budget_spec
-        self.budget = int(spec * total) if isinstance(spec, float) else spec
-        hspec = self._host_budget_spec
-        self.host_budget = int(hspec * total) if isinstance(hspec, float) else hspec
-        biggest = max((layer.expert_bytes for layer in self.layers), default=0)
-        if self.layers and self.budget < biggest:
-            raise ValueError(f"offload budget {self.budget} bytes is smaller than one expert ({biggest} bytes); "
+    def _budgets(self, layers) -> tuple[int, int]:
+        total = sum(layer.expert_bytes * layer.num_experts for layer in layers)
+        spec, hspec = self._budget_spec, self._host_budget_spec
+        return (int(spec * total) if isinstance(spec, float) else spec,
+                int(hspec * total) if isinstance(hspec, float) else hspec)
+
+    def check_budget(self, layers=None):
+        """Raise ValueError when the budget cannot hold the largest expert (call once the layers are in:
+        a fractional budget grows as layers join)."""
+        layers = self.layers if layers is None else layers
+        budget, _ = self._budgets(layers)
+        biggest = max((layer.expert_bytes for layer in layers), default=0)
+        if layers and budget < biggest:
+            total = sum(layer.expert_bytes * layer.num_experts for layer in layers)
+            raise ValueError(f"offload budget {budget} bytes is smaller than one expert ({biggest} bytes); "
                              f"the budget must hold at least the largest expert (experts total {total} bytes)")
+
+    def _resize(self):
+        self.budget, self.host_budget = self._budgets(self.layers)
         self.policy.setup([layer.expert_bytes for layer in self.layers],
                           [layer.num_experts for layer in self.layers], self.budget)
 
@@ -314,12 +330,15 @@ class ExpertStore:
             self._predicted[layer] = (set(experts), token_predictions)
             if votes:
                 self.policy.on_prediction(layer, votes)
+            # a prefetch is a guess: it may not evict what any layer used in its latest step
+            protect = {(l, e) for l, used in self._last_used.items() for e in used}
             taken = []
             for e in experts:
-                if not self._issue((layer, e), _PREFETCH):
+                fresh = (layer, e) not in self._entries
+                if not self._issue((layer, e), _PREFETCH, protect=protect):
                     break
                 taken.append(e)
-                self.layers[layer].stats.prefetched += 1
+                self.layers[layer].stats.prefetched += fresh
             return taken
 
     def begin_step(self, layer: int, experts, ids=None) -> list:
@@ -351,6 +370,7 @@ class ExpertStore:
                 self.policy.on_access((layer, e))
                 (ready if entry.ready.is_set() else flying).append(e)
             self.policy.on_use(layer, experts)
+            self._last_used[layer] = experts
             protect = {(layer, e) for e in experts}
             for e in missing:
                 if not self._issue((layer, e), _DEMAND, protect=protect):
@@ -406,6 +426,9 @@ class ExpertStore:
         tok = sum(layer.stats.token_hits for layer in self.layers)
         tok_n = sum(layer.stats.token_total for layer in self.layers)
         return {"policy": self.policy.name, "budget_bytes": self.budget, "host_budget_bytes": self.host_budget,
+                "hits": hits, "misses": misses, "predicted": pred, "predicted_of": pred_n, "token_hits": tok,
+                "token_total": tok_n, "prefetched": sum(l["prefetched"] for l in layers),
+                "prefetch_used": sum(l["prefetch_used"] for l in layers),
                 "expert_bytes_total": self.total_expert_bytes, "peak_bytes": self.peak_bytes,
                 "hit_rate": hits / (hits + misses) if hits + misses else None,
                 "prediction_recall": pred / pred_n if pred_n else None,

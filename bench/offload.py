@@ -1,0 +1,209 @@
+"""Expert offloading on the trained reference model: prefill and decode, budgets x policies, side by side.
+
+    python bench/offload.py            # budgets 25/50/75%, every variant
+    python bench/offload.py --quick    # 50% budget, fewer steps; last line is a JSON object
+
+The model (tests/data/reference_lm: 8 MoE layers, 16 experts each, top-2) is compiled with backend
+"moe" once per variant, each from its own copy of the weights (offloading frees the module's expert
+weights). Variants, all on identical teacher-forced tokens from held-out text:
+
+    resident          no offload: every expert in memory (the bound)
+    on_demand         offload, no prediction, a fast tier of one expert: each layer loads what it uses
+    lru               offload, no prediction, LRU cache of the budget
+    pred+<policy>     offload with hoist_prefetch (Fate) and policy lru / arc / shallow / predicted
+
+Each repetition runs every variant in turn (interleaved): a prompt of --prompt tokens per sequence
+(prefill), then --decode single-token steps with a KV cache. Expert reads go to disk: the store drops
+each file's page-cache pages after reading it (posix_fadvise DONTNEED). Reported per variant: median
+tokens/s for prefill and decode, hit rate (used experts resident or already in flight when the layer
+needed them), prediction recall (used experts inside the predicted set), token recall (a token's
+routed experts inside its own top-(k+1) prediction), MiB loaded, stall time and the store's peak bytes
+against its budget; outputs are compared with the resident model's bit for bit (torch.equal).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from moe_compiler.reference_lm import ReferenceLM, corpus_bytes, corpus_files  # noqa: E402
+from moe_compiler.runtime import offload  # noqa: E402
+
+MODEL_DIR = os.path.join(os.path.dirname(HERE), "tests", "data", "reference_lm")
+POLICIES = ("lru", "arc", "shallow", "predicted")
+# one expert of the reference model: gate_up [2F, D] + down [D, F] in fp32
+_CFG = json.load(open(os.path.join(MODEL_DIR, "config.json")))
+EXPERT_BYTES = 4 * 3 * _CFG["dim"] * _CFG["ffn"]
+
+
+def heldout_tokens(batch: int, length: int) -> torch.Tensor:
+    files = corpus_files()
+    held = corpus_bytes(files[int(len(files) * 0.95):])
+    stride = len(held) // batch
+    return torch.stack([held[i * stride: i * stride + length] for i in range(batch)])
+
+
+class Variant:
+    def __init__(self, name: str, budget, policy: str | None, prefetch: bool, root: str):
+        self.name, self.budget, self.policy, self.prefetch = name, budget, policy, prefetch
+        self.model = ReferenceLM.load(MODEL_DIR)
+        options = {"inner_backend": "eager"}
+        self.store = None
+        if policy is not None:
+            folder = os.path.join(root, name.replace("+", "_"))
+            shutil.rmtree(folder, ignore_errors=True)
+            options["offload"] = {"budget": budget, "policy": policy, "dir": folder, "prefetch": prefetch}
+            self.store_id, self.store = offload.store_for(offload.normalize_options(options["offload"]))
+        self.fn = torch.compile(self.model, backend="moe", options=options, dynamic=False)
+        self.prefill_s, self.decode_s, self.outputs = [], [], None
+        self.phase = {"prefill": {}, "decode": {}}  # summed store counters per phase
+
+    def _count(self, phase: str, before: dict | None):
+        if self.store is None:
+            return None
+        now = self.store.stats()
+        if before is not None:
+            acc = self.phase[phase]
+            for k in ("hits", "misses", "predicted", "predicted_of", "token_hits", "token_total", "bytes_loaded",
+                      "stall_s", "prefetched", "prefetch_used"):
+                acc[k] = acc.get(k, 0) + now[k] - before[k]
+        return now
+
+    def run(self, tokens: torch.Tensor, prompt: int):
+        """Prefill tokens[:, :prompt], then decode the rest one position at a time (teacher forced)."""
+        outs = []
+        with torch.no_grad():
+            s0 = self._count("prefill", None)
+            t0 = time.perf_counter()
+            logits, cache = self.fn(tokens[:, :prompt], cache=[])
+            t1 = time.perf_counter()
+            s1 = self._count("prefill", s0)
+            outs.append(logits)
+            for t in range(prompt, tokens.shape[1]):
+                logits, cache = self.fn(tokens[:, t:t + 1], cache=cache)
+                outs.append(logits)
+            t2 = time.perf_counter()
+            self._count("decode", s1)
+        return torch.cat(outs, 1), t1 - t0, t2 - t1
+
+    def measured(self, phase: str) -> dict:
+        a = self.phase[phase]
+        used = a.get("hits", 0) + a.get("misses", 0)
+        ratio = (lambda n, d: a.get(n, 0) / a[d] if a.get(d) else None)
+        return {"hit_rate": a["hits"] / used if used else None, "prediction_recall": ratio("predicted", "predicted_of"),
+                "token_recall": ratio("token_hits", "token_total"), "bytes_loaded": a.get("bytes_loaded", 0),
+                "stall_s": a.get("stall_s", 0.0), "prefetched": a.get("prefetched", 0),
+                "prefetch_used": a.get("prefetch_used", 0)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--decode", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--budgets", default=None, help="comma-separated fractions, e.g. 0.25,0.5,0.75")
+    args = ap.parse_args(argv)
+    decode = args.decode or (24 if args.quick else 48)
+    reps = args.reps or (3 if args.quick else 5)
+    budgets = [float(b) for b in (args.budgets or ("0.5" if args.quick else "0.25,0.5,0.75")).split(",")]
+    torch.manual_seed(0)
+    torch._dynamo.config.cache_size_limit = 256
+    tokens = heldout_tokens(args.batch, args.prompt + decode)
+    root = tempfile.mkdtemp(prefix="moe_offload_bench_")
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    variants = [Variant("resident", None, None, False, root)]
+    for b in budgets:
+        pct = int(round(100 * b))
+        variants.append(Variant(f"on_demand@{pct}", EXPERT_BYTES, "lru", False, root))  # room for one expert
+        variants.append(Variant(f"lru@{pct}", b, "lru", False, root))
+        policies = POLICIES if not args.quick else ("lru", "shallow", "predicted")
+        variants += [Variant(f"pred+{p}@{pct}", b, p, True, root) for p in policies]
+    print(f"reference model, batch {args.batch}, prompt {args.prompt}, {decode} decode steps, {reps} reps "
+          f"(+1 warm-up), {len(variants)} variants", flush=True)
+
+    for rep in range(reps + 1):  # rep 0 compiles and warms the caches
+        for v in variants:
+            out, pre, dec = v.run(tokens, args.prompt)
+            if rep == 0:
+                v.phase = {"prefill": {}, "decode": {}}
+                continue
+            v.prefill_s.append(pre)
+            v.decode_s.append(dec)
+            # the resident model packs its expert weights (oneDNN) from its second call on, so its
+            # outputs are compared from the first measured repetition
+            if rep == 1:
+                v.outputs = out
+            elif v.outputs is not None and not torch.equal(out, v.outputs):
+                v.outputs = None  # not deterministic across runs: recorded as unequal
+    resident = variants[0]
+    rows = []
+    for v in variants:
+        st = v.store.stats() if v.store is not None else {}
+        row = {"variant": v.name,
+               "prefill_tok_s": args.batch * args.prompt / statistics.median(v.prefill_s),
+               "decode_tok_s": args.batch * decode / statistics.median(v.decode_s),
+               "equal_to_resident": v.outputs is not None and resident.outputs is not None
+               and torch.equal(v.outputs, resident.outputs)}
+        if st:
+            for phase in ("prefill", "decode"):
+                m = v.measured(phase)
+                row[phase] = dict(hit_rate=m["hit_rate"], prediction_recall=m["prediction_recall"],
+                                  token_recall=m["token_recall"], mib_loaded=m["bytes_loaded"] / 2 ** 20 / reps,
+                                  stall_ms=1e3 * m["stall_s"] / reps,
+                                  prefetch_useful=m["prefetch_used"] / m["prefetched"] if m["prefetched"] else None)
+            row.update(peak_mib=st["peak_bytes"] / 2 ** 20, budget_mib=st["budget_bytes"] / 2 ** 20,
+                       within_budget=st["peak_bytes"] <= st["budget_bytes"])
+        rows.append(row)
+    f = (lambda x, fmt: "-" if x is None else format(x, fmt))
+    for phase in ("prefill", "decode"):
+        print(f"\n{phase}: {'variant':16s} {'tok/s':>8s} {'hit':>6s} {'recall':>6s} {'tokrec':>6s} {'useful':>6s} "
+              f"{'MiB/rep':>8s} {'stall ms':>8s} {'peak/budget MiB':>16s} equal")
+        for r in rows:
+            p = r.get(phase, {})
+            print(f"{'':9s}{r['variant']:16s} {r[phase + '_tok_s']:8.1f} {f(p.get('hit_rate'), '6.3f'):>6s} "
+                  f"{f(p.get('prediction_recall'), '6.3f'):>6s} {f(p.get('token_recall'), '6.3f'):>6s} "
+                  f"{f(p.get('prefetch_useful'), '6.3f'):>6s} {f(p.get('mib_loaded'), '8.2f'):>8s} "
+                  f"{f(p.get('stall_ms'), '8.1f'):>8s} "
+                  f"{(f(r.get('peak_mib'), '.2f') + '/' + f(r.get('budget_mib'), '.2f')) if 'peak_mib' in r else '-':>16s} "
+                  f"{r['equal_to_resident']}")
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    total_mib = variants[-1].store.total_expert_bytes / 2 ** 20 if variants[-1].store else 0
+    print(f"expert bytes of the model: {total_mib:.2f} MiB; process peak RSS grew {(rss1 - rss0) / 1024:.0f} MiB "
+          f"while {len(variants)} compiled copies ran (the model is far below RSS noise: the store's peak bytes "
+          "above are the memory figure)")
+    by = {r["variant"]: r for r in rows}
+    at50 = [r for r in rows if r["variant"].startswith("pred+") and r["variant"].endswith("@50")]
+    best = max(at50, key=lambda r: r["decode"]["hit_rate"] or 0) if at50 else None
+    headline = {
+        "hit_rate_at_50pct": best["decode"]["hit_rate"] if best else None,  # decode; prefill in the table
+        "best_policy_at_50pct": best["variant"] if best else None,
+        "decode_speedup_vs_on_demand": (best["decode_tok_s"] / by["on_demand@50"]["decode_tok_s"]
+                                        if best and "on_demand@50" in by else None),
+        "decode_speedup_lru_vs_on_demand": (by["lru@50"]["decode_tok_s"] / by["on_demand@50"]["decode_tok_s"]
+                                            if "lru@50" in by and "on_demand@50" in by else None),
+        "decode_vs_resident": best["decode_tok_s"] / by["resident"]["decode_tok_s"] if best else None,
+        "prediction_recall": best["decode"]["prediction_recall"] if best else None,
+        "outputs_equal": all(r["equal_to_resident"] for r in rows),
+        "within_budget": all(r.get("within_budget", True) for r in rows),
+    }
+    shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps(headline))
+    return headline
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""Expert offloading: the store (tiers, budget, pins, policies), the disk tier's checks, and the
+offload_experts / hoist_prefetch passes end to end (outputs bit-equal to the resident model)."""
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import moe_compiler
+from moe_compiler.config import ConfigError, make_config
+from moe_compiler.modules import MoELayer
+from moe_compiler.runtime import offload
+from moe_compiler.runtime.cache_policy import POLICIES, make_policy
+from moe_compiler.runtime.expert_files import ExpertFiles, ExpertReadError
+from moe_compiler.runtime.expert_store import ExpertStore, parse_bytes
+
+
+class Stack(nn.Module):
+    """Embedding -> L x (RMSNorm -> MoELayer -> +): the smallest model with cross-layer gate inputs."""
+
+    def __init__(self, layers=3, hidden=16, ffn=24, experts=6, top_k=2, vocab=50, seed=0, dtype=None):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(vocab, hidden, dtype=dtype)
+        self.norms = nn.ModuleList(nn.RMSNorm(hidden, dtype=dtype) for _ in range(layers))
+        self.moes = nn.ModuleList(MoELayer(hidden, ffn, experts, top_k, dtype=dtype) for _ in range(layers))
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for norm, moe in zip(self.norms, self.moes):
+            x = x + moe(norm(x))
+        return x
+
+
+@pytest.fixture(autouse=True)
+def _fresh_stores():
+    offload.forget_stores()
+    yield
+    offload.forget_stores()
+
+
+def _resident(model_args, ids_list):
+    ref = Stack(**model_args)
+    fn = torch.compile(ref, backend="moe", options={"inner_backend": "eager"})
+    with torch.no_grad():
+        fn(ids_list[0])  # the resident path packs its weights (oneDNN) from the second call on
+        return [fn(ids) for ids in ids_list]
+
+
+def _offloaded(model_args, ids_list, tmp_path, dump=None, **opts):
+    model = Stack(**model_args)
+    options = {"inner_backend": "eager", "offload": {"dir": str(tmp_path / "experts"), **opts}}
+    if dump:
+        options["dump_dir"] = dump
+    fn = torch.compile(model, backend="moe", options=options)
+    with torch.no_grad():
+        outs = [fn(ids) for ids in ids_list]
+    model.compiled = fn
+    return model, outs, offload.store_for(offload.normalize_options(options["offload"]))[1]
+
+
+# ------------------------------------------------------------------ options
+def test_options_are_checked():
+    assert offload.normalize_options(None) is None and offload.normalize_options(False) is None
+    assert offload.normalize_options(True)["policy"] == "lru"
+    for bad, msg in [({"budgte": 1}, "unknown keys"), ({"policy": "mru"}, "policy"), ({"budget": 1.5}, "fraction"),
+                     ({"budget": "lots"}, "cannot read"), ({"prefetch_depth": 0}, "prefetch_depth"),
+                     ({"prefetch": "yes"}, "prefetch"), ({"shallow_layers": -1}, "shallow_layers")]:
+        with pytest.raises(ConfigError, match=msg):
+            make_config({"offload": bad})
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        make_config({"offload": True, "expert_parallel": True})
+
+
+def test_parse_bytes():
+    assert parse_bytes("2GB") == 2 * 10 ** 9 and parse_bytes("512MiB") == 512 * 2 ** 20
+    assert parse_bytes(0.25) == 0.25 and parse_bytes(1000) == 1000 and parse_bytes("1.5KB") == 1500
+    for bad in (True, -1, 0.0, 2.0, "x"):
+        with pytest.raises(ValueError):
+            parse_bytes(bad)
+
+
+# ------------------------------------------------------------------ disk tier
+def _layer(E=4, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return {"w1": torch.randn(E, 6, 4, generator=g).to(dtype), "w2": torch.randn(E, 4, 3, generator=g).to(dtype)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_files_roundtrip(tmp_path, dtype):
+    files = ExpertFiles(str(tmp_path))
+    w = _layer(dtype=dtype)
+    sizes = files.write_layer("L", w)
+    assert sizes == [(24 + 12) * w["w1"].element_size()] * 4
+    man = files.manifest("L")
+    for e in range(4):
+        got = files.read_expert("L", e, man)
+        assert all(torch.equal(got[n], w[n][e]) for n in w)
+
+
+def test_missing_and_corrupt_files_raise(tmp_path):
+    files = ExpertFiles(str(tmp_path))
+    files.write_layer("L", _layer())
+    man = files.manifest("L")
+    os.remove(files.path("L", 1))
+    with pytest.raises(ExpertReadError, match="expert 1"):
+        files.read_expert("L", 1, man)
+    path = files.path("L", 2)
+    data = bytearray(open(path, "rb").read())
+    data[-3] ^= 0xFF  # one flipped bit pattern in the tensor bytes
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(ExpertReadError, match="corrupt"):
+        files.read_expert("L", 2, man)
+    open(files.path("L", 3), "wb").write(b"\x10\x00\x00\x00garbage")
+    with pytest.raises(ExpertReadError):
+        files.read_expert("L", 3, man)
+
+
+# ------------------------------------------------------------------ the store
+def _store(tmp_path, layers, budget, policy, **kw):
+    store = ExpertStore(str(tmp_path / "s"), budget=budget, policy=policy, **kw)
+    for i, w in enumerate(layers):
+        store.add_layer(f"layer{i}", w, transposed=False)
+    store.check_budget()
+    return store
+
+
+def test_budget_below_one_expert_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="smaller than one expert"):
+        _store(tmp_path, [_layer()], budget=10, policy="lru")
+
+
+@given(num_layers=st.integers(1, 3), experts=st.integers(1, 6), budget=st.floats(0.05, 1.0),
+       policy=st.sampled_from(POLICIES), host=st.sampled_from([0, 0.5]),
+       steps=st.lists(st.tuples(st.lists(st.integers(0, 5), max_size=6), st.lists(st.integers(0, 5), max_size=4)),
+                      min_size=1, max_size=6))
+@settings(max_examples=15)
+def test_store_budget_pins_and_values(tmp_path_factory, num_layers, experts, budget, policy, host, steps):
+    tmp = tmp_path_factory.mktemp("store")
+    layers = [_layer(experts, seed=i) for i in range(num_layers)]
+    budget = max(budget, 1.0 / (experts * num_layers))  # at least one expert (else a clear error)
+    store = _store(tmp, layers, budget, policy, host_budget=host)
+    for used, predicted in steps:
+        for layer in range(num_layers):
+            nxt = (layer + 1) % num_layers
+            store.prefetch(nxt, [e % experts for e in predicted], votes={e % experts: 1 for e in predicted})
+            order = store.begin_step(layer, sorted({e % experts for e in used}))
+            assert sorted(order) == sorted({e % experts for e in used})
+            for e in order:
+                with store.use(layer, e) as w:
+                    # meanwhile, other loads must not evict this expert nor break the budget
+                    store.prefetch(nxt, list(range(experts)))
+                    assert store.cached_bytes() <= store.budget
+                    assert torch.equal(w["w1"], layers[layer]["w1"][e]) and torch.equal(w["w2"], layers[layer]["w2"][e])
+                    assert (layer, e) in store._entries
+            assert store.cached_bytes() <= store.budget
+    store.drain()
+    assert store.peak_bytes <= store.budget
+    s = store.stats()
+    assert s["hits"] + s["misses"] == sum(len({e % experts for e in u}) for u, _ in steps) * num_layers
+
+
+def test_store_reports_a_failing_read(tmp_path):
+    store = _store(tmp_path, [_layer()], budget=1.0, policy="lru")
+    os.remove(store.files.path(store.layers[0].folder, 2))
+    with pytest.raises(ExpertReadError, match="expert 2"):
+        with store.use(0, 2):
+            pass
+    with store.use(0, 1) as w:  # the others still load
+        assert w["w1"].shape == (6, 4)
+
+
+def test_policies_rank_victims():
+    lru = make_policy("lru")
+    lru.setup([10], [4], 30)
+    for k in [(0, 0), (0, 1), (0, 2)]:
+        lru.on_insert(k)
+    lru.on_access((0, 0))
+    assert lru.victims([(0, 0), (0, 1), (0, 2)], (0, 3))[0] == (0, 1)
+    shallow = make_policy("shallow", shallow_layers=1)
+    shallow.setup([10, 10, 10], [2, 2, 2], 40)  # layer 0 keeps both experts, layers 1/2 share 20
+    assert shallow.quotas() == [20, 10, 10]
+    for k in [(0, 0), (0, 1), (1, 0), (2, 0)]:
+        shallow.on_insert(k)
+    assert shallow.victims([(0, 0), (0, 1), (1, 0), (2, 0)], (1, 1))[0] == (1, 0)  # own layer over quota
+    plec = make_policy("predicted")
+    plec.setup([10, 10], [4, 4], 40)
+    plec.on_prediction(0, {0: 5, 1: 1})
+    plec.on_prediction(1, {2: 1})
+    assert plec.victims([(0, 0), (0, 1)], (1, 0))[0] == (0, 1)  # lower predicted demand goes first
+    arc = make_policy("arc")
+    arc.setup([10], [8], 30)
+    for k in [(0, 0), (0, 1), (0, 2)]:
+        arc.on_insert(k)
+    arc.on_access((0, 0))  # promoted to the frequency list
+    assert arc.victims([(0, 0), (0, 1), (0, 2)], (0, 3))[:2] == [(0, 1), (0, 2)]
+
+
+# ------------------------------------------------------------------ compiled end to end
+MODEL = dict(layers=3, hidden=16, ffn=24, experts=6, top_k=2)
+
+
+@given(budget=st.sampled_from([0.2, 0.5, 1.0]), policy=st.sampled_from(POLICIES), prefetch=st.booleans(),
+       seed=st.integers(0, 3))
+@settings(max_examples=6)
+def test_offloaded_model_equals_resident(tmp_path_factory, budget, policy, prefetch, seed):
+    torch._dynamo.reset()
+    offload.forget_stores()
+    tmp = tmp_path_factory.mktemp("off")
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, 50, (2, 5), generator=g) for _ in range(3)]
+    ref = _resident(MODEL, ids)
+    model, outs, store = _offloaded(MODEL, ids, tmp, budget=budget, policy=policy, prefetch=prefetch)
+    for a, b in zip(outs, ref):
+        assert torch.equal(a, b)
+    assert store.peak_bytes <= store.budget
+    assert all(p.untyped_storage().nbytes() == 0 for m in model.moes for p in (m.gate_up_proj, m.down_proj))
+    assert all(m.router.untyped_storage().nbytes() > 0 for m in model.moes)  # routers stay resident
+
+
+def test_hoisted_prefetch_in_dumps_and_recompile(tmp_path):
+    ids = [torch.randint(0, 50, (2, 5)), torch.randint(0, 50, (1, 7)), torch.randint(0, 50, (2, 5))]
+    ref = _resident(MODEL, ids)
+    torch._dynamo.reset()
+    model, outs, store = _offloaded(MODEL, ids, tmp_path, dump=str(tmp_path / "dumps"), budget=0.5)
+    for a, b in zip(outs, ref):  # the second shape recompiles with the released weights restored
+        assert torch.equal(a, b)
+    after = glob.glob(str(tmp_path / "dumps" / "*" / "*_hoist_prefetch.after.py"))
+    assert after
+    text = open(sorted(after)[0]).read()
+    assert text.count("prefetch_experts.default(") == MODEL["layers"]
+    assert "predicted from the embedding output" in text and "predicted from layer 0" in text
+    s = store.stats()
+    assert s["prediction_recall"] is not None and 0 <= s["prediction_recall"] <= 1
+    assert len(store.layers) == MODEL["layers"]  # the recompile reused the layers
+    assert all(p.untyped_storage().nbytes() == 0 for m in model.moes for p in (m.gate_up_proj, m.down_proj))
+
+
+def test_a_missing_expert_file_fails_the_call(tmp_path):
+    ids = torch.randint(0, 50, (2, 5))
+    model, _, store = _offloaded(MODEL, [ids], tmp_path, budget=0.2, prefetch=False)
+    for layer in store.layers:
+        for path in glob.glob(os.path.join(store.root, layer.folder, "expert_*.safetensors")):
+            os.remove(path)
+    with pytest.raises(ExpertReadError, match="cannot read expert"), torch.no_grad():
+        model.compiled(torch.randint(0, 50, (2, 5)))  # no recompile: the op's loads fail, loudly
+
+
+def test_explain_reports_offload_metrics(tmp_path):
+    model = Stack(**MODEL)
+    report = moe_compiler.explain(model, torch.randint(0, 50, (2, 8)), inner_backend="eager",
+                                  offload={"dir": str(tmp_path / "e"), "budget": 0.5})
+    o = report.offload
+    assert o["policy"] == "lru" and len(o["layers"]) == MODEL["layers"] and o["hits"] + o["misses"] > 0
+    assert "offload (lru" in str(report) and "hit rate" in str(report)
+    assert model.moes[0].gate_up_proj.untyped_storage().nbytes() > 0  # explain does not free weights
+
+
+def test_training_graphs_stay_resident(tmp_path):
+    model = Stack(**MODEL)
+    fn = torch.compile(model, backend="moe", options={"inner_backend": "eager",
+                                                     "offload": {"dir": str(tmp_path / "e")}})
+    fn(torch.randint(0, 50, (2, 5))).sum().backward()
+    assert model.moes[0].gate_up_proj.grad is not None
+    assert model.moes[0].gate_up_proj.untyped_storage().nbytes() > 0
+
+
+# ------------------------------------------------------------------ the ops on edge cases
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [0, 1, 9])
+def test_offloaded_op_edge_cases(tmp_path, dtype, tokens):
+    from moe_compiler.codegen.offload_ops import OFFLOADED_EXPERTS_OP, PREFETCH_EXPERTS_OP
+    from moe_compiler.codegen.ops import GROUPED_EXPERTS_OP
+
+    torch.manual_seed(tokens)
+    layer = MoELayer(8, 12, 5, 2, dtype=dtype)
+    spec = layer.spec.to_json()
+    store_id, store = offload.store_for(offload.normalize_options({"dir": str(tmp_path / "e"), "budget": 0.4}))
+    store.add_layer("l", {"w1": layer.gate_up_proj.detach(), "w2": layer.down_proj.detach()}, transposed=False)
+    x = torch.randn(tokens, 8, dtype=dtype)
+    ids = torch.zeros(tokens, 2, dtype=torch.int64)  # every token to experts 0 and 1 ...
+    ids[:, 1] = 1
+    w = torch.rand(tokens, 2)
+    logits = torch.full((tokens, 5), float("nan"))  # ... and a prediction from NaN logits
+    pred = PREFETCH_EXPERTS_OP(logits, None, store_id, 0, spec)
+    assert pred.shape == (tokens, 3)
+    y = OFFLOADED_EXPERTS_OP(x, ids, w, pred, store_id, 0, spec)
+    want = GROUPED_EXPERTS_OP(x, ids, w, layer.gate_up_proj.detach(), None, layer.down_proj.detach(), None, None,
+                              None, spec)
+    torch.testing.assert_close(y, want, rtol=0, atol=0) if dtype == torch.float32 else \
+        torch.testing.assert_close(y, want)
+    assert y.shape == (tokens, 8) and y.dtype == dtype
