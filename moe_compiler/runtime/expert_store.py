@@ -220,18 +220,22 @@ class ExpertStore:
                 if entry is None or entry.started:
                     continue
                 entry.started = True
-            try:
-                tensors = self._read(key)
-            except BaseException as e:  # surfaced to whoever waits for the expert
-                tensors, error = None, e
-            else:
-                error = None
-            with self._lock:
-                entry.tensors, entry.error = tensors, error
-                if error is None:
-                    self.layers[key[0]].stats.bytes_loaded += entry.nbytes
-                entry.ready.set()
-                self._lock.notify_all()
+            self._load(key, entry)
+
+    def _load(self, key, entry):
+        """Read and prepare one claimed entry (entry.started set by the caller), then publish it."""
+        try:
+            tensors = self._read(key)
+        except BaseException as e:  # surfaced to whoever waits for the expert
+            tensors, error = None, e
+        else:
+            error = None
+        with self._lock:
+            entry.tensors, entry.error = tensors, error
+            if error is None:
+                self.layers[key[0]].stats.bytes_loaded += entry.nbytes
+            entry.ready.set()
+            self._lock.notify_all()
 
     def _read(self, key) -> dict:
         layer = self.layers[key[0]]
@@ -386,7 +390,11 @@ class ExpertStore:
             self._issue(key, _DEMAND, wait=True)
             entry = self._entries[key]
             entry.pins += 1
+            claimed = not entry.started  # not picked up by the loader yet: load it here, without a hand-off
+            entry.started = True
         waited = not entry.ready.is_set()
+        if claimed:
+            self._load(key, entry)
         entry.ready.wait()
         if waited:
             with self._lock:
