@@ -13,6 +13,11 @@ After:
         #   -> all_to_all_single(rows, data-dependent splits) -> this rank's grouped experts
         #   -> reverse all_to_all_single -> fp32 weighted combine
 
+With movement "weights" (or "auto" where the cost model's movement decision says so) a layer becomes
+Hecate's FSSDP instead (codegen/comm/fssdp.py): experts move to the tokens.
+    (y, need, handle) = moe_compiler.fssdp_moe(x, logits, bias, w1, w3, w2, b1, b3, b2, spec'')
+    y' = getitem(..., 0)             # spec'' notes += ("fssdp", {"group", "owners", "materialize", ...})
+
 The collectives sit inside one opaque custom op with an autograd formula (not functional
 collectives in the graph), so the graph compiles in one piece and Inductor never reorders a
 collective. Placement per layer: the option's placement (file or Placement; layers matched by
@@ -23,14 +28,16 @@ plan_placement, else contiguous (expert e on rank e * G // E). The per-layer col
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from moe_compiler.codegen.comm.ep import NOTE, EP_MOE_OP, EPPlan
+from moe_compiler.codegen.comm import fssdp
 from moe_compiler.codegen.comm.executor import group_name
-from moe_compiler.codegen.comm.schedule import Schedule, plan_layer
+from moe_compiler.codegen.comm.schedule import Schedule, plan_fssdp_layer, plan_layer
 from moe_compiler.config import ConfigError
 from moe_compiler.ir import MOE_OP, MoESpec
 from moe_compiler.pipeline import DumpWriter, PassContext, PassResult
@@ -87,11 +94,18 @@ class SparseCollectives:
         placement = load_placement(opts["placement"])
         schedule = Schedule(ctx.graph_id)
         graph = gm.graph
-        done = 0
+        done = fssdp_done = 0
         layers = [n for n in graph.nodes if n.op == "call_function" and n.target is MOE_OP]
         for i, node in enumerate(layers):
             spec = MoESpec.from_json(node.args[-1])
             rows = _layer_rows(spec, i, placement, size)
+            if _moves_weights(spec, opts["movement"]):
+                plan = _fssdp_plan(spec, i, rows, gname, size, opts)
+                self._emit_fssdp(graph, node, spec, plan)
+                schedule.layers.append(plan_fssdp_layer(plan.layer, size, [plan.owned(g) for g in range(size)],
+                                                        plan.materialize, plan.rematerialize))
+                fssdp_done += 1
+                continue
             layer_mode = mode if mode != "auto" else _mode_from_cost_model(spec, gname, size, rpn)
             plan = EPPlan(gname, layer_mode, rows, rpn if layer_mode == "hierarchical" else 0, opts["overlap_degree"])
             new_spec = spec.replace(notes=spec.notes + ((NOTE, plan.to_json()),))
@@ -107,14 +121,32 @@ class SparseCollectives:
                                               (rpn if layer_mode == "hierarchical" else 0) or size, per_rank,
                                               opts["overlap_degree"]))
             done += 1
-        if done:
+        if done or fssdp_done:
             gm.recompile()
             from moe_compiler.backend import _dump_root
 
             fname = f"comm_schedule.rank{dist.get_rank()}.json" if dist.get_world_size() > 1 else "comm_schedule.json"
             DumpWriter(_dump_root(ctx.config), ctx.graph_id).write(fname, schedule.to_json())
-            log.info("sparse_collectives: %d MoE layer(s) expert-parallel over %d ranks (mode %s)", done, size, mode)
-        return PassResult(gm, bool(done), {"layers_expert_parallel": done, "group_size": size if done else 0})
+            log.info("sparse_collectives: %d MoE layer(s) expert-parallel (mode %s), %d FSSDP, over %d ranks",
+                     done, mode, fssdp_done, size)
+        return PassResult(gm, bool(done or fssdp_done), {"layers_expert_parallel": done, "layers_fssdp": fssdp_done,
+                                                         "group_size": size if done or fssdp_done else 0})
+
+    def _emit_fssdp(self, graph, node, spec: MoESpec, plan: "fssdp.FSSDPPlan") -> None:
+        new_spec = spec.replace(notes=spec.notes + ((fssdp.NOTE, plan.to_json()),))
+        with graph.inserting_before(node):
+            op = graph.call_function(fssdp.FSSDP_MOE_OP, (*node.args[:-1], new_spec.to_json()))
+            out = graph.call_function(operator.getitem, (op, 0))
+        from moe_compiler._compat import fake_mode_of
+
+        with fake_mode_of(graph.owning_module):
+            op.meta["val"] = fssdp.FSSDP_MOE_OP(*[a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in op.args])
+        for n in (op, out):
+            n.meta["moe_compiler_pass"] = self.name
+            n.meta["moe_spec"] = new_spec
+        out.meta["val"] = node.meta["val"]
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
 
 
 def _mode_from_cost_model(spec: MoESpec, group_name: str, size: int, ranks_per_node: int) -> str:
@@ -128,3 +160,38 @@ def _mode_from_cost_model(spec: MoESpec, group_name: str, size: int, ranks_per_n
                  "single all-to-all (coherent) is not emitted by the compiler yet" if choice == "single_all_to_all"
                  else "hierarchical needs the world group and a ranks_per_node that divides it")
     return "all_to_all"
+
+
+def _moves_weights(spec: MoESpec, movement: str) -> bool:
+    """movement "weights" -> FSSDP; "auto" -> the cost_decisions pass's movement choice (EP when absent)."""
+    if movement == "auto":
+        return str(spec.note("decision:movement", "")).startswith("weights")
+    return movement == "weights"
+
+
+def _fssdp_plan(spec: MoESpec, index: int, rows: tuple, group_name: str, size: int, opts: dict) -> "fssdp.FSSDPPlan":
+    multi = [e for e, r in enumerate(rows) if len(r) != 1]
+    if multi:
+        raise ConfigError(f"expert_parallel movement 'weights' (FSSDP) shards each expert on exactly one owner; the "
+                          f"placement puts experts {multi[:8]} of {spec.path or f'MoE layer {index}'} on several ranks "
+                          "(FSSDP replicates per iteration by itself: use a one-rank-per-expert placement)")
+    replicate = opts["replicate"]
+    if replicate == "auto":
+        replicate = _replicated_experts(spec.note("decision:replicas"), spec.num_experts, size)
+    return fssdp.FSSDPPlan(group_name, tuple(r[0] for r in rows), opts["materialize"],
+                           min(int(replicate), spec.num_experts), opts["rematerialize"], opts["load_window"],
+                           spec.path or f"layer{index}")
+
+
+def _replicated_experts(choice, num_experts: int, size: int) -> int:
+    """Experts with more than one replica in the cost model's replicas decision ("4*2,1*6" -> 2).
+
+    Without the decision (pass disabled): a quarter of the experts."""
+    if not choice:
+        return max(1, num_experts // 4) if size > 1 else 0
+    n = 0
+    for run in str(choice).split(","):
+        reps, count = run.split("*")
+        n += int(count) if int(reps) > 1 else 0
+    return n
+

@@ -117,11 +117,25 @@ def _a2a(out, inp, out_splits, in_splits, hop: Hop, what: str):
     try:
         dist.all_to_all_single(out, inp.contiguous(), out_splits, in_splits, group=hop.group)
     except Exception as e:  # noqa: BLE001 - re-raised with context
-        raise CommError(
-            f"expert parallelism: all_to_all {what!r} on group {hop.name} failed on group rank {hop.rank} of "
-            f"{hop.size} (a peer process died, timed out, or ran a different schedule): {type(e).__name__}: "
-            f"{str(e).splitlines()[0][:300] if str(e) else ''}") from e
+        raise _comm_error("all_to_all", what, hop, e) from e
     return out
+
+
+def _comm_error(kind: str, what: str, hop: Hop, e: Exception) -> CommError:
+    return CommError(
+        f"expert parallelism: {kind} {what!r} on group {hop.name} failed on group rank {hop.rank} of "
+        f"{hop.size} (a peer process died, timed out, or ran a different schedule): {type(e).__name__}: "
+        f"{str(e).splitlines()[0][:300] if str(e) else ''}")
+
+
+def all_gather_rows(t: torch.Tensor, hop: Hop, what: str) -> torch.Tensor:
+    """[n, ...] on every group rank -> [G * n, ...] (rank order); a failing peer raises CommError."""
+    parts = [torch.empty_like(t) for _ in range(hop.size)]
+    try:
+        dist.all_gather(parts, t.contiguous(), group=hop.group)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        raise _comm_error("all_gather", what, hop, e) from e
+    return torch.cat(parts, 0)
 
 
 class AllToAll(torch.autograd.Function):

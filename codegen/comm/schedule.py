@@ -15,6 +15,15 @@ token chunk (``overlap_degree`` of them) it runs these steps in this order, unde
     n     all_to_all       world          reverse of step 1      rows [S_recv, H] fp32 -> [S_send, H]
 
 S_send = tokens * top_k slots of this rank, S_recv = slots other ranks route to this rank's experts.
+
+FSSDP layers (mode "fssdp", codegen/comm/fssdp.py) move expert chunks instead of tokens:
+
+    0     all_gather       world          fixed [G, E] int64     per-expert slot counts ("exchange_loads")
+    1     all_to_all       world          need (from step 0)     chunks [M_send, C] -> [M_recv, C] ("sparse_all_gather")
+          ("sparse" materialisation: then dispatch / dispatch_meta / combine of the slots whose expert
+          was not gathered, to its owner, as above)
+    backward: sparse_all_gather again when rematerializing, then
+    n     all_to_all       world          reverse of step 1      gradient chunks -> owners ("sparse_reduce_scatter")
 """
 from __future__ import annotations
 
@@ -23,6 +32,7 @@ import json
 from dataclasses import dataclass, field
 
 MODES = ("all_to_all", "hierarchical")
+FSSDP_MODE = "fssdp"
 
 
 @dataclass(frozen=True)
@@ -94,3 +104,24 @@ def plan_layer(layer: str, mode: str, group_size: int, ranks_per_node: int, expe
                               "[S_recv, H] fp32", ov))
     return LayerSchedule(layer, mode, group_size, ranks_per_node, tuple(tuple(e) for e in experts_per_rank),
                          overlap_degree, tuple(steps))
+
+
+def plan_fssdp_layer(layer: str, group_size: int, owned_per_rank, materialize: str, rematerialize: bool
+                     ) -> LayerSchedule:
+    """The steps of one FSSDP layer (see the module docstring); experts_per_rank = each rank's owned experts."""
+    steps = [CommStep("all_gather", "exchange_loads", "world", "fixed", "[G, E] int64 slot counts"),
+             CommStep("all_to_all", "sparse_all_gather", "world", "need:exchange_loads",
+                      "[M_send, C] weight dtype (one chunk = one expert's parameters)",
+                      ("non-MoE compute before the layer (planned)",))]
+    if materialize == "sparse":
+        steps += [CommStep("exchange_counts", "dispatch_counts", "world", "fixed", "[G] int64"),
+                  CommStep("all_to_all", "dispatch", "world", "counts:dispatch_counts", "[S_send, H] hidden dtype"),
+                  CommStep("all_to_all", "dispatch_meta", "world", "counts:dispatch_counts", "[S_send] int64 expert"),
+                  CommStep("all_to_all", "combine", "world", "reverse:dispatch", "[S_recv, H] fp32")]
+    if rematerialize:
+        steps.append(CommStep("all_to_all", "sparse_all_gather(backward)", "world", "need:exchange_loads",
+                              "[M_send, C] weight dtype (re-materialised for backward)"))
+    steps.append(CommStep("all_to_all", "sparse_reduce_scatter(backward)", "world", "reverse:sparse_all_gather",
+                          "[M_recv, C] gradient chunks to their owners (summed there)"))
+    return LayerSchedule(layer, FSSDP_MODE + ("/sparse" if materialize == "sparse" else ""), group_size, 0,
+                         tuple(tuple(e) for e in owned_per_rank), 1, tuple(steps))

@@ -6,7 +6,16 @@
                                  "mode": "all_to_all",         # or "hierarchical" (intra- then inter-node)
                                  "ranks_per_node": 2,          # hierarchical only: ranks of one node
                                  "placement": "plan.json",     # or a Placement object; default contiguous
-                                 "overlap_degree": 1}}         # token chunks per layer (Tutel)
+                                 "overlap_degree": 1,          # token chunks per layer (Tutel)
+                                 "movement": "tokens"}}        # or "weights" (FSSDP, Hecate) or "auto"
+    FSSDP keys (movement "weights" or "auto"; codegen/comm/fssdp.py):
+        "materialize": "needed"      # gather every expert a rank's tokens use; "sparse": only the
+                                     # top-`replicate` by windowed load, other tokens go to the owner
+        "replicate": "auto"          # "sparse": experts gathered per iteration (int, or the cost
+                                     # model's replicas decision)
+        "rematerialize": False       # free gathered experts after forward, gather again for backward
+        "load_window": 5             # "sparse": iterations in the sliding load average
+    With movement "weights" the placement gives each expert's one owner (default contiguous).
 
     shard_experts(model, placement=None, group=None)  -> bytes kept   # keep only this rank's expert rows
     expert_bytes_per_rank(model, placement=None, num_ranks=None) -> [bytes of rank 0, ...]
@@ -19,7 +28,10 @@ import os
 import torch
 
 MODES = ("all_to_all", "hierarchical")
-KEYS = ("group", "mode", "placement", "ranks_per_node", "overlap_degree")
+KEYS = ("group", "mode", "placement", "ranks_per_node", "overlap_degree", "movement", "materialize", "replicate",
+        "rematerialize", "load_window")
+MOVEMENTS = ("tokens", "weights", "auto")
+FSSDP_KEYS = ("materialize", "replicate", "rematerialize", "load_window")
 # parameter names of stacked expert weights [E, ...] (MoELayer and transformers 5 experts modules)
 EXPERT_PARAM_NAMES = ("gate_up_proj", "down_proj", "up_proj", "gate_proj", "gate_up_proj_bias", "down_proj_bias")
 
@@ -42,7 +54,11 @@ def normalize_options(value):
     if bad:
         raise ConfigError(f"option 'expert_parallel' has unknown keys {bad}; accepted keys are {list(KEYS)}")
     out = {"group": value.get("group"), "mode": value.get("mode", "all_to_all"), "placement": value.get("placement"),
-           "ranks_per_node": value.get("ranks_per_node"), "overlap_degree": value.get("overlap_degree", 1)}
+           "ranks_per_node": value.get("ranks_per_node"), "overlap_degree": value.get("overlap_degree", 1),
+           "movement": value.get("movement", "tokens"), "materialize": value.get("materialize", "needed"),
+           "replicate": value.get("replicate", "auto"), "rematerialize": value.get("rematerialize", False),
+           "load_window": value.get("load_window", 5)}
+    _check_fssdp(out, value)
     if out["mode"] not in MODES + ("auto",):
         raise ConfigError(f"option expert_parallel['mode'] must be one of {list(MODES) + ['auto']}, got {out['mode']!r}")
     rpn = out["ranks_per_node"]
@@ -67,6 +83,30 @@ def normalize_options(value):
         raise ConfigError("option expert_parallel['placement'] must be a placement file path or a "
                           f"moe_compiler.passes.placement.Placement, got {type(p).__name__}")
     return out
+
+
+def _check_fssdp(out: dict, given: dict) -> None:
+    from moe_compiler.config import ConfigError
+
+    if out["movement"] not in MOVEMENTS:
+        raise ConfigError(f"option expert_parallel['movement'] must be one of {list(MOVEMENTS)} (tokens = expert "
+                          f"parallelism, weights = FSSDP), got {out['movement']!r}")
+    if out["movement"] == "tokens":
+        extra = sorted(k for k in FSSDP_KEYS if k in given)
+        if extra:
+            raise ConfigError(f"option expert_parallel keys {extra} configure FSSDP; they need movement 'weights' "
+                              "or 'auto' (movement is 'tokens')")
+    if out["materialize"] not in ("needed", "sparse"):
+        raise ConfigError("option expert_parallel['materialize'] must be 'needed' (gather every expert the tokens use) "
+                          f"or 'sparse' (Hecate's sparse materialisation), got {out['materialize']!r}")
+    r = out["replicate"]
+    if r != "auto" and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
+        raise ConfigError(f"option expert_parallel['replicate'] must be 'auto' or an int >= 0, got {r!r}")
+    if not isinstance(out["rematerialize"], bool):
+        raise ConfigError(f"option expert_parallel['rematerialize'] must be True or False, got {out['rematerialize']!r}")
+    w = out["load_window"]
+    if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+        raise ConfigError(f"option expert_parallel['load_window'] must be an int >= 1, got {w!r}")
 
 
 def _is_process_group(g) -> bool:

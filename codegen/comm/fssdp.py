@@ -1,0 +1,428 @@
+"""Fully sharded sparse data parallelism (Hecate): move expert weights to the tokens, not tokens to experts.
+
+Every expert of a layer has one owner rank in the group (its parameters, gradients and optimizer
+state live there only). A chunk is one expert's parameters flattened: [w1[e], w3[e], w2[e], b1[e],
+b3[e], b2[e]] -> C elements. Per iteration, on every rank of the group:
+
+    ids [T, k]      = top-k routing of this rank's tokens, locally
+    counts [G, E]   = all_gather(per-expert slot counts)                      "exchange_loads"
+    need [G, E]     = materialisation placement P1 minus the owners (int64 0/1, the same on every rank)
+                      "needed": every expert a rank's tokens use            (tokens never move)
+                      "sparse": Hecate's sparse materialisation: only the top-`replicate` experts by
+                                load (sliding window over `load_window` iterations) are gathered to the
+                                ranks that use them; other slots go to the expert's owner by all-to-all
+    gathered [M, C] = sparse_all_gather(shard [E_own, C], need)              one all_to_all_single with
+                      splits from need (no counts exchange): owner o sends chunk e to each r with need[r, e]
+    y [T, H]        = local grouped experts on owned + gathered experts (+ routed slots in "sparse"),
+                      fp32 weighted combine, like the single-process op
+
+Backward: the gather's backward is ``sparse_reduce_scatter`` (each owner receives the sum of its
+chunk's gradient copies, added to its own), both torch.library ops paired by register_autograd.
+With ``rematerialize`` the gathered chunks are dropped after forward and gathered again for
+backward (the saved ``need`` replays the same placement); otherwise they are saved.
+
+Bytes moved by one gather = sum(need) * chunk bytes over the group (recorded per step by
+``executor.record_traffic`` as "sparse_all_gather" / "sparse_reduce_scatter").
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from moe_compiler import reference
+from moe_compiler.codegen.comm import executor
+from moe_compiler.codegen.ops import gating_weights
+from moe_compiler.ir import MoESpec, _spec, grads_by_recompute
+
+NOTE = "fssdp"
+MATERIALIZE = ("needed", "sparse")
+_WEIGHTS = ("w1", "w3", "w2", "b1", "b3", "b2")
+_DIFF = ("hidden", "router_logits") + _WEIGHTS
+_OPERANDS = ("hidden", "router_logits", "score_bias") + _WEIGHTS
+
+
+@dataclass(frozen=True)
+class FSSDPPlan:
+    """One layer's FSSDP plan, as the spec note stores it."""
+
+    group: str                   # process group name ("world" = default group)
+    owners: tuple                # per expert: its owner's rank in the group
+    materialize: str = "needed"  # "needed" | "sparse"
+    replicate: int = 0           # "sparse": experts gathered per iteration (top by windowed load)
+    rematerialize: bool = False  # free gathered experts after forward, gather again for backward
+    load_window: int = 5         # "sparse": iterations in the sliding load average
+    layer: str = ""              # key of the layer's load window
+
+    def to_json(self) -> str:
+        return json.dumps({"group": self.group, "owners": list(self.owners), "materialize": self.materialize,
+                           "replicate": self.replicate, "rematerialize": self.rematerialize,
+                           "load_window": self.load_window, "layer": self.layer}, sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> "FSSDPPlan":
+        d = json.loads(text)
+        return FSSDPPlan(d["group"], tuple(int(o) for o in d["owners"]), d["materialize"], int(d["replicate"]),
+                         bool(d["rematerialize"]), int(d["load_window"]), d.get("layer", ""))
+
+    def owned(self, rank: int) -> list:
+        return [e for e, o in enumerate(self.owners) if o == rank]
+
+
+_PLANS: dict = {}
+
+
+def plan_of(spec_or_text) -> FSSDPPlan:
+    """The FSSDP plan of a spec (its ("fssdp", json) note) or of the note's JSON text."""
+    if isinstance(spec_or_text, str):
+        text = spec_or_text
+    else:
+        text = spec_or_text.note(NOTE)
+        if text is None:
+            raise ValueError(f"fssdp_moe: spec of {spec_or_text.path or 'the layer'} has no {NOTE!r} note")
+    p = _PLANS.get(text)
+    if p is None:
+        p = _PLANS[text] = FSSDPPlan.from_json(text)
+    return p
+
+
+def _hop(plan: FSSDPPlan) -> executor.Hop:
+    return executor.world_hop(executor.resolve_group(plan.group))
+
+
+# ------------------------------------------------------------------ chunks
+def chunk_layout(weights: dict) -> list:
+    """[(name, row shape, numel)] of the present expert operands, in chunk order."""
+    return [(n, tuple(weights[n].shape[1:]), math.prod(weights[n].shape[1:])) for n in _WEIGHTS
+            if weights[n] is not None]
+
+
+def shard_chunks(weights: dict, owned: list, num_experts: int) -> torch.Tensor:
+    """The owned experts' parameters as chunks [E_own, C] (differentiable in the weights).
+
+    Each weight is either all experts [E, ...] (owned rows are selected) or this rank's shard
+    [E_own, ...] in ascending expert order (what ``shard_experts`` leaves)."""
+    present = [(n, weights[n]) for n in _WEIGHTS if weights[n] is not None]
+    dtypes = {w.dtype for _, w in present}
+    if len(dtypes) > 1:
+        raise ValueError(f"fssdp: expert weights must share one dtype to form chunks, got "
+                         f"{ {n: str(w.dtype) for n, w in present} }")
+    parts = []
+    for n, w in present:
+        if w.shape[0] == num_experts and len(owned) != num_experts:
+            w = w.index_select(0, torch.tensor(owned, dtype=torch.int64, device=w.device))
+        elif w.shape[0] != len(owned):
+            raise ValueError(f"fssdp: expert weight {n} has {w.shape[0]} rows; expected {num_experts} (all experts) "
+                             f"or {len(owned)} (this rank's owned experts {owned})")
+        parts.append(w.reshape(len(owned), -1))
+    return torch.cat(parts, 1)
+
+
+def unchunk(rows: torch.Tensor, layout: list) -> list:
+    """Chunks [n, C] -> the six expert operands [n, *shape] (None where absent)."""
+    out, start = {}, 0
+    for name, shape, numel in layout:
+        out[name] = rows[:, start:start + numel].reshape((rows.shape[0],) + shape)
+        start += numel
+    return [out.get(n) for n in _WEIGHTS]
+
+
+def gathered_experts(need: torch.Tensor, plan: FSSDPPlan, rank: int) -> list:
+    """Experts this rank receives, in the gather's row order (by owner rank, then expert id)."""
+    mine = need[rank].tolist()
+    return [e for o in range(need.shape[0]) for e in plan.owned(o) if mine[e]]
+
+
+def _gather_splits(need: torch.Tensor, plan: FSSDPPlan, rank: int):
+    """(send row indices into the shard, send splits [G], recv splits [G]) of one sparse all-gather."""
+    G = need.shape[0]
+    rows = need.tolist()
+    owned = plan.owned(rank)
+    send_idx, send_splits = [], []
+    for r in range(G):
+        picked = [i for i, e in enumerate(owned) if rows[r][e]]
+        send_idx += picked
+        send_splits.append(len(picked))
+    recv_splits = [sum(rows[rank][e] for e in plan.owned(o)) for o in range(G)]
+    return send_idx, send_splits, recv_splits
+
+
+# ------------------------------------------------------------------ SparseAllGather / SparseReduceScatter
+def sparse_all_gather_impl(shard: torch.Tensor, need: torch.Tensor, plan: FSSDPPlan) -> torch.Tensor:
+    hop = _hop(plan)
+    send_idx, send_splits, recv_splits = _gather_splits(need, plan, hop.rank)
+    send = shard.index_select(0, torch.tensor(send_idx, dtype=torch.int64, device=shard.device))
+    out = shard.new_empty((sum(recv_splits), shard.shape[1]))
+    executor._a2a(out, send, recv_splits, send_splits, hop, f"{plan.layer}:sparse_all_gather")
+    executor.note_traffic(plan.layer, "sparse_all_gather", hop, send_splits, recv_splits, executor._row_bytes(shard))
+    return out
+
+
+def sparse_reduce_scatter_impl(grad: torch.Tensor, need: torch.Tensor, plan: FSSDPPlan) -> torch.Tensor:
+    hop = _hop(plan)
+    send_idx, send_splits, recv_splits = _gather_splits(need, plan, hop.rank)
+    back = grad.new_empty((sum(send_splits), grad.shape[1]))
+    executor._a2a(back, grad.contiguous(), send_splits, recv_splits, hop, f"{plan.layer}:sparse_reduce_scatter")
+    executor.note_traffic(plan.layer, "sparse_reduce_scatter", hop, recv_splits, send_splits, executor._row_bytes(grad))
+    out = grad.new_zeros((len(plan.owned(hop.rank)), grad.shape[1]))
+    # accumulate in fp32: an owner sums up to G-1 copies
+    acc = out.float().index_add_(0, torch.tensor(send_idx, dtype=torch.int64, device=grad.device), back.float())
+    return acc.to(grad.dtype)
+
+
+_LIB = torch.library.Library("moe_compiler", "FRAGMENT")
+_LIB.define("sparse_all_gather(Tensor shard, Tensor need, str plan) -> Tensor")
+_LIB.define("sparse_reduce_scatter(Tensor grad, Tensor need, str plan) -> Tensor")
+
+
+@torch.library.impl(_LIB, "sparse_all_gather", "CompositeExplicitAutograd")
+def _sparse_all_gather(shard, need, plan):
+    return sparse_all_gather_impl(shard, need, plan_of(plan))
+
+
+@torch.library.impl(_LIB, "sparse_reduce_scatter", "CompositeExplicitAutograd")
+def _sparse_reduce_scatter(grad, need, plan):
+    return sparse_reduce_scatter_impl(grad, need, plan_of(plan))
+
+
+@torch.library.register_fake("moe_compiler::sparse_all_gather")
+def _sparse_all_gather_fake(shard, need, plan):
+    return shard.new_empty((torch.library.get_ctx().new_dynamic_size(), shard.shape[1]))
+
+
+@torch.library.register_fake("moe_compiler::sparse_reduce_scatter")
+def _sparse_reduce_scatter_fake(grad, need, plan):
+    return grad.new_empty((len(plan_of(plan).owned(executor.dist.get_rank(executor.resolve_group(plan_of(plan).group)))),
+                           grad.shape[1]))
+
+
+def _save_need(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.plan = inputs[2]
+
+
+def _gather_backward(ctx, grad):
+    (need,) = ctx.saved_tensors
+    return torch.ops.moe_compiler.sparse_reduce_scatter(grad.contiguous(), need, ctx.plan), None, None
+
+
+def _reduce_scatter_backward(ctx, grad):
+    (need,) = ctx.saved_tensors
+    return torch.ops.moe_compiler.sparse_all_gather(grad.contiguous(), need, ctx.plan), None, None
+
+
+torch.library.register_autograd("moe_compiler::sparse_all_gather", _gather_backward, setup_context=_save_need)
+torch.library.register_autograd("moe_compiler::sparse_reduce_scatter", _reduce_scatter_backward,
+                                setup_context=_save_need)
+
+
+class _SavedGather(torch.autograd.Function):
+    """Chunks gathered in forward, reused in backward (no re-materialisation): the backward is still the
+    sparse reduce-scatter to the owners."""
+
+    @staticmethod
+    def forward(ctx, shard, gathered, need, plan_json):
+        ctx.save_for_backward(need)
+        ctx.plan = plan_json
+        return gathered.detach().clone() if gathered.requires_grad else gathered.view_as(gathered)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (need,) = ctx.saved_tensors
+        return torch.ops.moe_compiler.sparse_reduce_scatter(grad.contiguous(), need, ctx.plan), None, None, None
+
+
+# ------------------------------------------------------------------ materialisation
+class LoadWindow:
+    """Sliding average of a layer's global per-expert loads over the last ``size`` iterations."""
+
+    def __init__(self, size: int):
+        self.loads = collections.deque(maxlen=max(1, int(size)))
+
+    def update(self, load: torch.Tensor) -> torch.Tensor:
+        self.loads.append(load.double())
+        return torch.stack(list(self.loads)).mean(0)
+
+
+_WINDOWS: dict = {}
+
+
+def load_window(plan: FSSDPPlan) -> LoadWindow:
+    key = (plan.group, plan.layer, plan.load_window)
+    w = _WINDOWS.get(key)
+    if w is None:
+        w = _WINDOWS[key] = LoadWindow(plan.load_window)
+    return w
+
+
+def reset_load_windows() -> None:
+    _WINDOWS.clear()
+
+
+def materialisation(ids: torch.Tensor, plan: FSSDPPlan, hop: executor.Hop) -> torch.Tensor:
+    """need [G, E] int64 for this iteration (identical on every rank: built from all-gathered counts)."""
+    E, G = len(plan.owners), hop.size
+    counts = torch.zeros(E, dtype=torch.int64, device=ids.device).scatter_add_(
+        0, ids.reshape(-1), torch.ones(ids.numel(), dtype=torch.int64, device=ids.device))
+    everyone = executor.all_gather_rows(counts.unsqueeze(0), hop, f"{plan.layer}:exchange_loads")  # [G, E]
+    need = everyone > 0
+    if plan.materialize == "sparse":
+        loads = load_window(plan).update(everyone.sum(0))
+        top = torch.argsort(-loads, stable=True)[:plan.replicate]
+        chosen = torch.zeros(E, dtype=torch.bool, device=ids.device)
+        chosen[top] = True
+        need &= chosen.unsqueeze(0)
+    owners = torch.tensor(plan.owners, dtype=torch.int64, device=ids.device)
+    need &= owners.unsqueeze(0) != torch.arange(G, device=ids.device).unsqueeze(1)
+    return need.to(torch.int64)
+
+
+# ------------------------------------------------------------------ the layer
+def fssdp_forward(hidden, router_logits, score_bias, weights: dict, spec: MoESpec, plan: FSSDPPlan, *,
+                  need=None, gathered=None):
+    """(out [T, H] hidden's dtype, need [G, E], gathered [M, C]) on this rank's tokens.
+
+    need=None: decide the materialisation (collective); gathered=None: gather it (collective, via the
+    autograd-paired op); a given gathered tensor is reused (its backward still reduce-scatters)."""
+    H, E = hidden.shape[-1], spec.num_experts
+    if len(plan.owners) != E:
+        raise ValueError(f"fssdp: the plan has owners for {len(plan.owners)} experts, the layer has {E}")
+    x = hidden.reshape(-1, H)
+    T, k = x.shape[0], spec.top_k
+    with torch.no_grad():
+        ids, _ = reference.route(router_logits.reshape(T, E), score_bias, spec.router)
+    gate_w = gating_weights(router_logits.reshape(T, E), ids, spec)
+    hop = _hop(plan)
+    owned = plan.owned(hop.rank)
+    shard = shard_chunks(weights, owned, E)
+    if need is None:
+        with torch.no_grad():
+            need = materialisation(ids, plan, hop)
+    plan_json = plan.to_json()
+    if gathered is None:
+        gathered = torch.ops.moe_compiler.sparse_all_gather(shard, need, plan_json)
+    else:
+        gathered = _SavedGather.apply(shard, gathered, need, plan_json)
+    layout = chunk_layout(weights)
+    local = owned + gathered_experts(need, plan, hop.rank)
+    local_w = unchunk(torch.cat([shard, gathered], 0), layout)
+    local_index = torch.full((E,), -1, dtype=torch.int64, device=x.device)
+    local_index[local] = torch.arange(len(local), dtype=torch.int64, device=x.device)
+    flat = ids.reshape(-1)
+    token = torch.div(torch.arange(flat.numel(), device=x.device), k, rounding_mode="floor")
+    xs = x.index_select(0, token)
+    from moe_compiler.codegen.comm.ep import _run_experts
+
+    if plan.materialize == "needed":  # every used expert is here: tokens never move
+        ys = _run_experts(xs, flat, local_w, local_index, spec)
+    else:  # slots of experts not gathered here go to the owner and back (owners always hold theirs)
+        owners = torch.tensor(plan.owners, dtype=torch.int64, device=x.device)
+        dest = torch.where(local_index[flat] >= 0, torch.full_like(flat, hop.rank), owners[flat])
+        (xr, er), route = executor.route_rows([xs, flat], dest, hop, layer=plan.layer, name="dispatch")
+        yr = _run_experts(xr, er, local_w, local_index, spec)
+        ys = executor.reverse_rows(yr, route, name="combine")
+    out = (ys.view(T, k, H) * gate_w.float().unsqueeze(-1)).sum(1)
+    return out.to(hidden.dtype).reshape(hidden.shape), need, gathered
+
+
+# ------------------------------------------------------------------ the op
+# Gathered chunks kept from forward for backward (no re-materialisation), by handle. An entry goes
+# when backward takes it or when the handle tensor dies (forward without backward); a missing entry
+# only costs a second gather, so results never depend on it.
+_KEPT: dict = {}
+_NEXT_HANDLE = itertools.count()
+kept_stats = collections.Counter()  # "kept", "reused", "regathered"
+
+_LIB.define("fssdp_moe(Tensor hidden, Tensor router_logits, Tensor? score_bias, Tensor w1, Tensor? w3, Tensor w2, "
+            "Tensor? b1, Tensor? b3, Tensor? b2, str spec) -> (Tensor, Tensor, Tensor)")
+_LIB.define("fssdp_moe_backward(Tensor grad_out, Tensor hidden, Tensor router_logits, Tensor? score_bias, Tensor w1, "
+            "Tensor? w3, Tensor w2, Tensor? b1, Tensor? b3, Tensor? b2, Tensor need, Tensor handle, str spec) "
+            "-> Tensor[]")
+
+
+def _weights(w1, w3, w2, b1, b3, b2) -> dict:
+    return dict(zip(_WEIGHTS, (w1, w3, w2, b1, b3, b2)))
+
+
+@torch.library.impl(_LIB, "fssdp_moe", "CompositeExplicitAutograd")
+def _fssdp_moe(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec):
+    """-> (out like hidden, need [G, E] int64, handle [1] int64 of the kept gathered chunks or -1)."""
+    from moe_compiler import recording
+
+    s = _spec(spec)
+    plan = plan_of(s)
+    if recording._active() is not None:
+        with torch.no_grad():
+            ids, w = reference.route(router_logits.reshape(-1, s.num_experts), score_bias, s.router)
+        recording.observe(s.path, ids, w)
+    with torch.no_grad():
+        out, need, gathered = fssdp_forward(hidden, router_logits, score_bias, _weights(w1, w3, w2, b1, b3, b2), s,
+                                            plan)
+    if plan.rematerialize:  # dropped now, gathered again in backward
+        return out, need, torch.full((1,), -1, dtype=torch.int64)
+    key = next(_NEXT_HANDLE)
+    handle = torch.full((1,), key, dtype=torch.int64)
+    _KEPT[key] = gathered
+    weakref.finalize(handle, _KEPT.pop, key, None)
+    kept_stats["kept"] += 1
+    return out, need, handle
+
+
+@torch.library.register_fake("moe_compiler::fssdp_moe")
+def _fssdp_moe_fake(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec):
+    s = _spec(spec)
+    G = executor.dist.get_world_size(executor.resolve_group(plan_of(s).group))
+    return (hidden.new_empty(hidden.shape), hidden.new_empty((G, s.num_experts), dtype=torch.int64),
+            hidden.new_empty((1,), dtype=torch.int64))
+
+
+@torch.library.impl(_LIB, "fssdp_moe_backward", "CompositeExplicitAutograd")
+def _fssdp_moe_backward(grad_out, hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, need, handle, spec):
+    s = _spec(spec)
+    plan = plan_of(s)
+    key = int(handle.reshape(-1)[0])
+    saved = _KEPT.pop(key, None) if key >= 0 else None
+    kept_stats["reused" if saved is not None else "regathered"] += 1
+    operands = dict(hidden=hidden, router_logits=router_logits, w1=w1, w3=w3, w2=w2, b1=b1, b3=b3, b2=b2)
+
+    def forward(hidden, router_logits, w1, w3, w2, b1, b3, b2):
+        return fssdp_forward(hidden, router_logits, score_bias, _weights(w1, w3, w2, b1, b3, b2), s, plan,
+                             need=need, gathered=saved)[0]
+
+    grads = grads_by_recompute(forward, operands, _DIFF, grad_out, collective=True)
+    # weight grads arrive as column slices of the chunk gradient: give them the operands' layout
+    present = [operands[n] for n in _DIFF if operands[n] is not None]
+    return [g if g.stride() == t.stride() else torch.empty_like(t).copy_(g) for g, t in zip(grads, present)]
+
+
+@torch.library.register_fake("moe_compiler::fssdp_moe_backward")
+def _fssdp_moe_backward_fake(grad_out, hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, need, handle,
+                             spec):
+    operands = dict(hidden=hidden, router_logits=router_logits, w1=w1, w3=w3, w2=w2, b1=b1, b3=b3, b2=b2)
+    return [torch.empty_like(operands[n]) for n in _DIFF if operands[n] is not None]
+
+
+def _setup(ctx, inputs, output):
+    ctx.present = [t is not None for t in inputs[:-1]]
+    ctx.save_for_backward(*[t for t in inputs[:-1] if t is not None], output[1], output[2])
+    ctx.spec = inputs[-1]
+
+
+def _backward(ctx, grad_out, _grad_need, _grad_handle):
+    *saved, need, handle = ctx.saved_tensors
+    saved = iter(saved)
+    operands = [next(saved) if p else None for p in ctx.present]
+    grads = iter(torch.ops.moe_compiler.fssdp_moe_backward(grad_out.contiguous(), *operands, need, handle,
+                                                           ctx.spec))
+    named = dict(zip(_OPERANDS, operands))
+    return (*[next(grads) if n in _DIFF and named[n] is not None else None for n in _OPERANDS], None)
+
+
+torch.library.register_autograd("moe_compiler::fssdp_moe", _backward, setup_context=_setup)
+
+FSSDP_MOE_OP = torch.ops.moe_compiler.fssdp_moe.default
