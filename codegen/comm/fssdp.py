@@ -119,7 +119,7 @@ def shard_chunks(weights: dict, owned: list, num_experts: int) -> torch.Tensor:
         elif w.shape[0] != len(owned):
             raise ValueError(f"fssdp: expert weight {n} has {w.shape[0]} rows; expected {num_experts} (all experts) "
                              f"or {len(owned)} (this rank's owned experts {owned})")
-        parts.append(w.reshape(len(owned), -1))
+        parts.append(w.reshape(len(owned), math.prod(w.shape[1:])))
     return torch.cat(parts, 1)
 
 
@@ -310,7 +310,8 @@ def fssdp_forward(hidden, router_logits, score_bias, weights: dict, spec: MoESpe
         gathered = _SavedGather.apply(shard, gathered, need, plan_json)
     layout = chunk_layout(weights)
     local = owned + gathered_experts(need, plan, hop.rank)
-    local_w = unchunk(torch.cat([shard, gathered], 0), layout)
+    local_rows = torch.cat([shard, gathered], 0)
+    local_w = unchunk(local_rows, layout)
     local_index = torch.full((E,), -1, dtype=torch.int64, device=x.device)
     local_index[local] = torch.arange(len(local), dtype=torch.int64, device=x.device)
     flat = ids.reshape(-1)
@@ -327,6 +328,8 @@ def fssdp_forward(hidden, router_logits, score_bias, weights: dict, spec: MoESpe
         yr = _run_experts(xr, er, local_w, local_index, spec)
         ys = executor.reverse_rows(yr, route, name="combine")
     out = (ys.view(T, k, H) * gate_w.float().unsqueeze(-1)).sum(1)
+    if torch.is_grad_enabled():  # a rank whose tokens use no expert still joins the backward reduce-scatter
+        out = out + local_rows.narrow(0, 0, 0).sum()
     return out.to(hidden.dtype).reshape(hidden.shape), need, gathered
 
 
