@@ -98,15 +98,19 @@ def sparse_all_gather(chunk_bytes: float, chunks: int, crossing_fraction, ranks:
     intra, inter = profile.intra_node, profile.inter_node
     got = lam * chunks                                  # chunks received by one rank
     local_share = sympy.Rational(rpn - 1, ranks - 1)    # owners inside this node
-    t_intra = p2p(got * local_share * chunk_bytes, intra.bandwidth, intra.latency, got * local_share)
+    # one message per sending peer (the chunks of one owner travel together: one all_to_all_single
+    # with splits on CPU/gloo, grouped sends on NCCL), at most one per chunk
+    t_intra = p2p(got * local_share * chunk_bytes, intra.bandwidth, intra.latency,
+                  sympy.Min(got * local_share, rpn - 1))
     if nodes == 1:
         return t_intra
     remote = got * (1 - local_share)
     if hierarchical:
-        t_inter = p2p(remote * chunk_bytes / rpn, inter.bandwidth, inter.latency, remote / rpn)
-        t_share = p2p(remote * chunk_bytes, intra.bandwidth, intra.latency, remote)
+        t_inter = p2p(remote * chunk_bytes / rpn, inter.bandwidth, inter.latency,
+                      sympy.Min(remote / rpn, nodes - 1))
+        t_share = p2p(remote * chunk_bytes, intra.bandwidth, intra.latency, sympy.Min(remote, rpn - 1))
         return sympy.Max(t_intra, t_inter) + t_share
-    t_inter = p2p(remote * chunk_bytes, inter.bandwidth, inter.latency, remote)
+    t_inter = p2p(remote * chunk_bytes, inter.bandwidth, inter.latency, sympy.Min(remote, ranks - rpn))
     return sympy.Max(t_intra, t_inter)
 
 

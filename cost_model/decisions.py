@@ -99,13 +99,17 @@ def attention_window(layer: LayerShape, profile: HardwareProfile, tokens=T):
 
 def ep_costs(layer: LayerShape, profile: HardwareProfile, ranks: int, ranks_per_node=None, *,
              num_layers: int = 1, training: bool = False) -> dict:
-    """Per-layer communication seconds (sympy in T) of each EP mode; backward doubles the all-to-alls."""
+    """Per-layer communication seconds (sympy in T) of each EP mode, counts and routing metadata included."""
     n = T * layer.top_k * layer.hidden * layer.bytes   # routed token copies one rank sends
-    bw = 2 if training else 1
-    out = {"two_all_to_all": bw * 2 * C.all_to_all(n, ranks, profile, ranks_per_node),
-           "hierarchical": bw * 2 * C.all_to_all_hierarchical(n, ranks, profile, ranks_per_node)}
+    # training: ep_moe's backward re-runs the forward's all-to-alls (recompute), then their reverses
+    bw = 3 if training else 1
+    # each dispatch also exchanges counts [G] int64 and the slots' (expert, rank) ids [S, 2] int64
+    meta = (2 if training else 1) * (C.all_to_all(ranks * 8, ranks, profile, ranks_per_node)
+                                     + C.all_to_all(T * layer.top_k * 16, ranks, profile, ranks_per_node))
+    out = {"two_all_to_all": bw * 2 * C.all_to_all(n, ranks, profile, ranks_per_node) + meta,
+           "hierarchical": bw * 2 * C.all_to_all_hierarchical(n, ranks, profile, ranks_per_node) + 2 * meta}
     if not training:
-        out["single_all_to_all"] = (C.all_to_all(n, ranks, profile, ranks_per_node)
+        out["single_all_to_all"] = (C.all_to_all(n, ranks, profile, ranks_per_node) + meta
                                     + C.all_gather(T * layer.hidden * layer.bytes, ranks, profile, ranks_per_node)
                                     / max(1, num_layers))
     return out
@@ -122,7 +126,7 @@ def decide_ep_mode(layer: LayerShape, profile: HardwareProfile, ranks: int, toke
 
 
 def movement_costs(layer: LayerShape, profile: HardwareProfile, ranks: int, ranks_per_node=None, *,
-                   window=None, training: bool = False, num_layers: int = 1) -> dict:
+                   window=None, training: bool = False, num_layers: int = 1, rematerialize: bool = False) -> dict:
     """Exposed seconds (sympy in T) of moving tokens (EP, best all-to-all mode) vs weights (FSSDP)."""
     ep = ep_costs(layer, profile, ranks, ranks_per_node, num_layers=num_layers, training=training)
     tokens_cost = sympy.Min(*ep.values())
@@ -130,18 +134,22 @@ def movement_costs(layer: LayerShape, profile: HardwareProfile, ranks: int, rank
     lam = need * (1 - sympy.Rational(1, ranks)) / layer.num_experts     # of them, owned elsewhere
     gather = C.sparse_all_gather(layer.expert_bytes, layer.num_experts, lam, ranks, profile, ranks_per_node,
                                  hierarchical=True)
-    transfers = (2 * gather + C.sparse_reduce_scatter(layer.expert_bytes, layer.num_experts, lam, ranks, profile,
-                                                      ranks_per_node, hierarchical=True)) if training else gather
+    loads = C.all_gather(layer.num_experts * 8, ranks, profile, ranks_per_node)  # the per-expert counts
+    gathers = (2 if rematerialize else 1) if training else 1
+    transfers = gathers * gather + (C.sparse_reduce_scatter(layer.expert_bytes, layer.num_experts, lam, ranks, profile,
+                                                            ranks_per_node, hierarchical=True) if training else 0)
     window = attention_window(layer, profile) if window is None else as_expr(window)
-    # forward gather, re-gather for backward and the gradient reduce-scatter each hide behind one window
-    weights_cost = exposed(transfers, (3 if training else 1) * window)
+    # each gather and the gradient reduce-scatter hide behind one window; the loads exchange cannot
+    # (it follows the router)
+    weights_cost = loads + exposed(transfers, (gathers + (1 if training else 0)) * window)
     return {"tokens (EP)": tokens_cost, "weights (FSSDP)": weights_cost}
 
 
 def decide_movement(layer: LayerShape, profile: HardwareProfile, ranks: int, tokens: float, *,
-                    ranks_per_node=None, window=None, training: bool = False, num_layers: int = 1) -> Decision:
+                    ranks_per_node=None, window=None, training: bool = False, num_layers: int = 1,
+                    rematerialize: bool = False) -> Decision:
     exprs = movement_costs(layer, profile, ranks, ranks_per_node, window=window, training=training,
-                           num_layers=num_layers)
+                           num_layers=num_layers, rematerialize=rematerialize)
     need = float(evaluate(active_experts(T, layer.num_experts, layer.top_k), T=tokens))
     tok_b = tokens * layer.top_k * layer.hidden * layer.bytes * (ranks - 1) / ranks * 2
     w_b = need * (1 - 1 / ranks) * layer.expert_bytes

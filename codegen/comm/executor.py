@@ -88,7 +88,8 @@ _TRAFFIC: list = []
 @contextlib.contextmanager
 def record_traffic():
     """Collect {"layer", "step", "group", "rows_remote", "bytes_remote", "rows_sent", "rows_received"}
-    per executed all-to-all (remote = to other ranks of the step's group)."""
+    per executed all-to-all (remote = to other ranks of the step's group); the backward of a
+    differentiable all-to-all is logged as "<step>.backward"."""
     log: list = []
     _TRAFFIC.append(log)
     try:
@@ -151,7 +152,10 @@ class AllToAll(torch.autograd.Function):
     def backward(ctx, g):
         out_splits, in_splits = ctx.splits
         gx = g.new_empty((sum(in_splits),) + tuple(g.shape[1:]))
-        return _a2a(gx, g, in_splits, out_splits, ctx.hop, ctx.what + ".backward"), None, None, None, None
+        gx = _a2a(gx, g, in_splits, out_splits, ctx.hop, ctx.what + ".backward")
+        layer, _, step = ctx.what.rpartition(":")
+        note_traffic(layer, step + ".backward", ctx.hop, out_splits, in_splits, _row_bytes(g))
+        return gx, None, None, None, None
 
 
 def all_to_all(x, out_splits, in_splits, hop: Hop, what: str):
