@@ -9,6 +9,7 @@ import copy
 import os
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -223,6 +224,92 @@ def test_fssdp_training_equals_single_process(world):
         assert res["remat/eager"]["kept"]["regathered"] == 2 * steps
         if "needed/inductor" in res:  # kept from forward and reused: no second gather
             assert res["needed/inductor"]["kept"]["reused"] == 2 * steps, res["needed/inductor"]
+
+
+def reshard_worker(rank, world):
+    """2 Adam steps, re-own the experts (Hecate heterogeneous sharding from the observed loads, then a
+    forced swap), 2 more steps: parameters and Adam state still equal one process on the global batch."""
+    import torch.distributed as dist
+
+    from moe_compiler.passes.placement import Placement
+    from moe_compiler.runtime import fssdp as rt
+    from moe_compiler.runtime.expert_parallel import EXPERT_PARAM_NAMES, shard_experts
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _Stack()
+    ref = copy.deepcopy(model)
+    shard_experts(model)
+    xs = [torch.randn(3 + r, 5, 16, generator=torch.Generator().manual_seed(100 + r)) for r in range(world)]
+    cm = torch.compile(model, backend="moe", options={"expert_parallel": {"movement": "weights"}, "strict": True,
+                                                        "inner_backend": "eager"})
+    opt, ref_opt = torch.optim.Adam(model.parameters(), lr=1e-2), torch.optim.Adam(ref.parameters(), lr=1e-2)
+    moved = []
+
+    def train(step):
+        cm(xs[rank] * (1 + step)).square().sum().backward()
+        for n, p in model.named_parameters():
+            if n.rsplit(".", 1)[-1] not in EXPERT_PARAM_NAMES:
+                dist.all_reduce(p.grad)
+        opt.step()
+        opt.zero_grad()
+        sum(ref(x * (1 + step)).square().sum() for x in xs).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+
+    for step in range(2):
+        train(step)
+    loads = rt.layer_loads()
+    planned = rt.plan_owners(np.stack([loads[k] for k in sorted(loads)]), world, top_t=1)
+    moved.append(rt.reshard(model, opt, planned))
+    for step in range(2, 3):
+        train(step)
+    swap = Placement(world, [[((e * world // 6 + 1) % world,) for e in range(6)] for _ in range(2)])
+    moved.append(rt.reshard(model, opt, swap))
+    for step in range(3, 5):
+        train(step)
+    err = 0.0
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        if p.shape != q.shape:
+            rows = list(model.get_submodule(n.rsplit(".", 1)[0])._moe_compiler_local_experts)
+            err = max(err, _rel(p, q.detach()[rows]), _rel(opt.state[p]["exp_avg"], ref_opt.state[q]["exp_avg"][rows]))
+        else:
+            err = max(err, _rel(p, q))
+    rt.clear_owners()
+    return dict(err=err, moved=moved, local=list(model.layers[0]._moe_compiler_local_experts),
+                loads_layers=sorted(loads))
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_reshard_moves_parameters_and_optimizer_state():
+    results = run_ranks("test_fssdp:reshard_worker", 2, {}, timeout=200, pg_timeout=90, python_path=(HERE,))
+    for rank, r in enumerate(results):
+        assert r["err"] < 1e-4, (rank, r)
+        assert len(r["loads_layers"]) == 2, r
+        assert sum(r["moved"][1].values()) > 0, r  # the swap moved experts
+        assert r["local"] == [e for e in range(6) if (e * 2 // 6 + 1) % 2 == rank]
+
+
+def test_plan_owners_hecate_heterogeneous_sharding():
+    from moe_compiler.runtime.fssdp import plan_owners
+
+    loads = np.array([[100, 1, 1, 1, 50, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 80]], dtype=float)
+    p = plan_owners(loads, 4, ranks_per_node=2, top_t=1)
+    for layer in p.layers:
+        owners = [r[0] for r in layer]
+        assert sorted(owners.count(r) for r in range(4)) == [2, 2, 2, 2]  # ceil(8 / 4) slots each
+    l0 = [r[0] for r in p.layers[0]]
+    assert l0[0] // 2 != l0[4] // 2  # the two heavy experts on different nodes
+    assert p.metadata["method"] == "hecate_heterogeneous_sharding"
+    odd = plan_owners(np.ones((1, 5)), 2)
+    assert sorted(r[0] for r in odd.layers[0]).count(0) in (2, 3)
+    with pytest.raises(ValueError, match="layers, experts"):
+        plan_owners(np.ones(4), 2)
+    with pytest.raises(ValueError, match="ranks_per_node"):
+        plan_owners(np.ones((1, 4)), 4, ranks_per_node=3)
+    with pytest.raises(ValueError, match="non-negative"):
+        plan_owners(-np.ones((1, 4)), 2)
 
 
 # ------------------------------------------------------------------ failures

@@ -27,6 +27,7 @@ Bytes moved by one gather = sum(need) * chunk bytes over the group (recorded per
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import json
 import math
@@ -89,6 +90,16 @@ def plan_of(spec_or_text) -> FSSDPPlan:
     if p is None:
         p = _PLANS[text] = FSSDPPlan.from_json(text)
     return p
+
+
+def with_current_owners(plan: FSSDPPlan) -> FSSDPPlan:
+    """The plan with the owners moe_compiler.runtime.fssdp.reshard() last gave its layer, if any."""
+    from moe_compiler.runtime.fssdp import owners_override
+
+    owners = owners_override(plan.layer)
+    if owners is None or tuple(owners) == plan.owners:
+        return plan
+    return dataclasses.replace(plan, owners=tuple(owners))
 
 
 def _hop(plan: FSSDPPlan) -> executor.Hop:
@@ -271,8 +282,8 @@ def materialisation(ids: torch.Tensor, plan: FSSDPPlan, hop: executor.Hop) -> to
         0, ids.reshape(-1), torch.ones(ids.numel(), dtype=torch.int64, device=ids.device))
     everyone = executor.all_gather_rows(counts.unsqueeze(0), hop, f"{plan.layer}:exchange_loads")  # [G, E]
     need = everyone > 0
+    loads = load_window(plan).update(everyone.sum(0))  # also what heterogeneous sharding re-owns by
     if plan.materialize == "sparse":
-        loads = load_window(plan).update(everyone.sum(0))
         top = torch.argsort(-loads, stable=True)[:plan.replicate]
         chosen = torch.zeros(E, dtype=torch.bool, device=ids.device)
         chosen[top] = True
@@ -290,6 +301,7 @@ def fssdp_forward(hidden, router_logits, score_bias, weights: dict, spec: MoESpe
     need=None: decide the materialisation (collective); gathered=None: gather it (collective, via the
     autograd-paired op); a given gathered tensor is reused (its backward still reduce-scatters)."""
     H, E = hidden.shape[-1], spec.num_experts
+    plan = with_current_owners(plan)
     if len(plan.owners) != E:
         raise ValueError(f"fssdp: the plan has owners for {len(plan.owners)} experts, the layer has {E}")
     x = hidden.reshape(-1, H)
