@@ -28,6 +28,8 @@ class MoELayerReport:
     spec: object = None  # moe_compiler.ir.MoESpec when rewritten
     # [(name, choice, why)] from the cost_decisions pass (also in the spec's "decision:<name>" notes)
     decisions: list = field(default_factory=list)
+    # with option expert_parallel: how the layer runs across ranks and why (sparse_collectives)
+    strategy: str = ""
 
     @staticmethod
     def from_spec(spec, rewritten: bool, reason: str, graph_id: str) -> "MoELayerReport":
@@ -47,7 +49,8 @@ class MoELayerReport:
         chosen = ""
         if self.decisions:
             chosen = " {decisions: " + ", ".join(f"{n}={c}" for n, c, _ in self.decisions) + "}"
-        return f"{self.path or '<root>'}: {self.num_experts} experts, top-{self.top_k}, {state}{extra}{chosen}{why}"
+        how = f" <{self.strategy}>" if self.strategy else ""
+        return f"{self.path or '<root>'}: {self.num_experts} experts, top-{self.top_k}, {state}{extra}{how}{chosen}{why}"
 
     def decisions_text(self) -> str:
         """One line per cost-model decision with its reason (empty when the pass did not run)."""

@@ -99,15 +99,25 @@ class SparseCollectives:
         for i, node in enumerate(layers):
             spec = MoESpec.from_json(node.args[-1])
             rows = _layer_rows(spec, i, placement, size)
+            reports = [r for r in ctx.moe_layers if r.rewritten and r.path == spec.path and
+                       getattr(r, "graph_id", "") in ("", ctx.graph_id)]
             if _moves_weights(spec, opts["movement"]):
                 plan = _fssdp_plan(spec, i, rows, gname, size, opts)
                 self._emit_fssdp(graph, node, spec, plan)
+                for r in reports[:1]:
+                    r.strategy = (f"FSSDP over {size} ranks: experts move to the tokens (materialize {plan.materialize}"
+                                  + (f", top {plan.replicate} by load" if plan.materialize == "sparse" else "")
+                                  + f", rematerialize {'on' if plan.rematerialize else 'off'}; "
+                                  + _why_movement(spec, opts["movement"]) + ")")
                 schedule.layers.append(plan_fssdp_layer(plan.layer, size, [plan.owned(g) for g in range(size)],
                                                         plan.materialize, plan.rematerialize))
                 fssdp_done += 1
                 continue
             layer_mode = mode if mode != "auto" else _mode_from_cost_model(spec, gname, size, rpn)
             plan = EPPlan(gname, layer_mode, rows, rpn if layer_mode == "hierarchical" else 0, opts["overlap_degree"])
+            for r in reports[:1]:
+                r.strategy = (f"expert parallel over {size} ranks: tokens move to the experts (mode {layer_mode}; "
+                              + _why_movement(spec, opts["movement"]) + ")")
             new_spec = spec.replace(notes=spec.notes + ((NOTE, plan.to_json()),))
             with graph.inserting_before(node):
                 ep = graph.call_function(EP_MOE_OP, (*node.args[:-1], new_spec.to_json()))
@@ -167,6 +177,13 @@ def _moves_weights(spec: MoESpec, movement: str) -> bool:
     if movement == "auto":
         return str(spec.note("decision:movement", "")).startswith("weights")
     return movement == "weights"
+
+
+def _why_movement(spec: MoESpec, movement: str) -> str:
+    if movement != "auto":
+        return f"option movement {movement!r}"
+    choice = spec.note("decision:movement")
+    return f"cost model chose {choice!r}" if choice else "movement 'auto' without a cost-model decision: EP"
 
 
 def _fssdp_plan(spec: MoESpec, index: int, rows: tuple, group_name: str, size: int, opts: dict) -> "fssdp.FSSDPPlan":

@@ -197,6 +197,11 @@ def training_worker(rank, world, variants, steps):
         state_rows = sum(s["exp_avg"].shape[0] for p, s in opt.state.items() if p.dim() == 3)
         out[name] = dict(err=err, layers=counters["sparse_collectives"].get("layers_fssdp", 0),
                          kept=dict(fssdp.kept_stats), state_rows=state_rows)
+    import moe_compiler
+
+    for movement in ("weights", "auto"):
+        report = moe_compiler.explain(_Stack(), torch.randn(4, 5, 16), expert_parallel={"movement": movement})
+        out[f"explain/{movement}"] = [m.one_line() for m in report.moe_layers]
     return out
 
 
@@ -214,6 +219,10 @@ def test_fssdp_training_equals_single_process(world):
     results = run_ranks("test_fssdp:training_worker", world, {"variants": variants, "steps": steps}, timeout=300,
                         pg_timeout=90, python_path=(HERE,))
     for rank, res in enumerate(results):
+        lines = res.pop("explain/weights")
+        assert len(lines) == 2 and all("FSSDP over" in l and "option movement 'weights'" in l for l in lines), lines
+        lines = res.pop("explain/auto")  # the cost model decides per layer; explain says which and why
+        assert all("cost model chose" in l and ("FSSDP over" in l or "expert parallel over" in l) for l in lines), lines
         for name, r in res.items():
             assert r["layers"] == 2, (rank, name, r)
             assert r["err"] < 1e-4, (rank, name, r)
