@@ -48,8 +48,11 @@ class BackendConfig:
     # "ranks_per_node": M, "method": "ilp"|"eplb"|..., "replicas": R}; None = no placement.
     placement: Optional[dict] = None
     # Expert parallelism on torch.distributed (pass sparse_collectives): True (world group, all_to_all,
-    # contiguous placement) or {"group": pg|name|None, "mode": "all_to_all"|"hierarchical",
-    # "ranks_per_node": M (hierarchical), "placement": path|Placement, "overlap_degree": n}; None/False = off.
+    # contiguous placement) or {"group": pg|name|None, "mode": "all_to_all"|"hierarchical"|"auto",
+    # "ranks_per_node": M (hierarchical), "placement": path|Placement, "overlap_degree": n,
+    # "movement": "tokens"|"weights"|"auto" (weights = FSSDP, Hecate), "materialize": "needed"|"sparse",
+    # "replicate": n|"auto", "rematerialize": bool, "load_window": n}; None/False = off.
+    # See moe_compiler/runtime/expert_parallel.py.
     expert_parallel: Optional[BoolOrDict] = None
     # Expert offloading for inference (passes offload_experts, hoist_prefetch): True or {"budget": 0.5 | "2GB",
     # "policy": "lru"|"arc"|"shallow"|"predicted", "dir": path, "host_budget": ..., "prefetch": True,
