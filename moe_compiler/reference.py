@@ -86,8 +86,8 @@ def expert_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, tran
 
 
 def expert_mlp(x, e, w1, w3, w2, b1, b3, b2, spec: ExpertSpec):
-    """One expert e applied to its rows x [rows, H] -> [rows, H]."""
-    dt = w1.dtype
+    """One expert e applied to its rows x [rows, H] -> [rows, H] (w* stacked [E, ...] or per-expert sequences)."""
+    dt = w1[e].dtype
     x = x.to(dt)
     h = expert_linear(x, w1[e], None if b1 is None else b1[e], spec.transposed)
     up = expert_linear(x, w3[e], None if b3 is None else b3[e], spec.transposed) if w3 is not None else None
@@ -105,6 +105,10 @@ def experts_forward(hidden2d, ids, weights, w1, w3, w2, b1, b3, b2, spec: Expert
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=w1.shape[0]).tolist()
+    if torch.is_grad_enabled():
+        # one unbind per weight: its backward stacks the experts' gradients once, where w[e] per
+        # expert would write a zero-filled [E, ...] gradient for every expert (O(E^2) memory traffic)
+        w1, w3, w2, b1, b3, b2 = (None if w is None else w.unbind(0) for w in (w1, w3, w2, b1, b3, b2))
     rows = hidden2d[order // k]
     start = 0
     for e, n in enumerate(counts):

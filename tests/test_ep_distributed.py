@@ -178,19 +178,7 @@ def test_ep_four_ranks_flat_and_hierarchical(cases):
 
 
 # ------------------------------------------------------------------ the compiled path
-class _Stack(torch.nn.Module):
-    """Pre-norm residual blocks of the project's MoELayer: x + moe(layer_norm(x))."""
-
-    def __init__(self, layers=2, hidden=16, ffn=12, experts=6, top_k=2):
-        super().__init__()
-        from moe_compiler import MoELayer
-
-        self.layers = torch.nn.ModuleList([MoELayer(hidden, ffn, experts, top_k) for _ in range(layers)])
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = x + layer(F.layer_norm(x, x.shape[-1:]))
-        return x
+from torch_moe_styles import ResidualMoEStack as _Stack  # noqa: E402
 
 
 def compiled_worker(rank, world, dump_dir, placement_path, modes):

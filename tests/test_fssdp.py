@@ -12,7 +12,6 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
@@ -145,17 +144,25 @@ def test_fssdp_op_equals_single_process_on_2_and_4_ranks(cases2, cases4):
 
 
 # ------------------------------------------------------------------ compiled training
-class _Stack(torch.nn.Module):
-    def __init__(self, layers=2, hidden=16, ffn=12, experts=6, top_k=2):
-        super().__init__()
-        from moe_compiler import MoELayer
+from torch_moe_styles import ResidualMoEStack as _Stack  # noqa: E402
 
-        self.layers = torch.nn.ModuleList([MoELayer(hidden, ffn, experts, top_k) for _ in range(layers)])
 
-    def forward(self, x):
-        for layer in self.layers:
-            x = x + layer(F.layer_norm(x, x.shape[-1:]))
-        return x
+def _train_step(cm, model, opt, ref, ref_opt, xs, rank, step):
+    """One step on this rank's tokens (non-expert gradients all-reduced: data parallel) and one
+    single-process step of the reference on every rank's tokens."""
+    import torch.distributed as dist
+
+    from moe_compiler.runtime.expert_parallel import EXPERT_PARAM_NAMES
+
+    cm(xs[rank] * (1 + step)).square().sum().backward()
+    for n, p in model.named_parameters():
+        if n.rsplit(".", 1)[-1] not in EXPERT_PARAM_NAMES:
+            dist.all_reduce(p.grad)
+    opt.step()
+    opt.zero_grad()
+    sum(ref(x * (1 + step)).square().sum() for x in xs).backward()
+    ref_opt.step()
+    ref_opt.zero_grad()
 
 
 def training_worker(rank, world, variants, steps):
@@ -180,15 +187,7 @@ def training_worker(rank, world, variants, steps):
                                                             "strict": True})
         opt, ref_opt = torch.optim.Adam(model.parameters(), lr=1e-2), torch.optim.Adam(ref.parameters(), lr=1e-2)
         for step in range(steps):
-            cm(xs[rank] * (1 + step)).square().sum().backward()
-            for n, p in model.named_parameters():  # data parallel for the non-expert parameters
-                if n.rsplit(".", 1)[-1] not in EXPERT_PARAM_NAMES:
-                    dist.all_reduce(p.grad)
-            opt.step()
-            opt.zero_grad()
-            sum(ref(x * (1 + step)).square().sum() for x in xs).backward()
-            ref_opt.step()
-            ref_opt.zero_grad()
+            _train_step(cm, model, opt, ref, ref_opt, xs, rank, step)
         err = 0.0
         for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
             if p.shape != q.shape:  # an expert shard: compare with the owned rows
@@ -256,15 +255,7 @@ def reshard_worker(rank, world):
     moved = []
 
     def train(step):
-        cm(xs[rank] * (1 + step)).square().sum().backward()
-        for n, p in model.named_parameters():
-            if n.rsplit(".", 1)[-1] not in EXPERT_PARAM_NAMES:
-                dist.all_reduce(p.grad)
-        opt.step()
-        opt.zero_grad()
-        sum(ref(x * (1 + step)).square().sum() for x in xs).backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
+        _train_step(cm, model, opt, ref, ref_opt, xs, rank, step)
 
     for step in range(2):
         train(step)

@@ -87,3 +87,18 @@ class NearMissTopK(nn.Module):
     def forward(self, x):
         vals, idx = torch.topk(self.proj(x).softmax(-1), self.k, dim=-1)
         return x + self.out(vals * idx.float())
+
+
+class ResidualMoEStack(nn.Module):
+    """Pre-norm residual blocks of the project's MoELayer: x + moe(layer_norm(x)) (distributed tests)."""
+
+    def __init__(self, layers=2, hidden=16, ffn=12, experts=6, top_k=2):
+        super().__init__()
+        from moe_compiler import MoELayer
+
+        self.layers = nn.ModuleList([MoELayer(hidden, ffn, experts, top_k) for _ in range(layers)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(F.layer_norm(x, x.shape[-1:]))
+        return x

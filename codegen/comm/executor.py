@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +99,36 @@ def record_traffic():
         _TRAFFIC.remove(log)
 
 
+_TIMERS: list = []
+
+
+@contextlib.contextmanager
+def record_comm_time():
+    """Collect {"seconds": wall time inside this module's collectives, "calls": n} while active."""
+    acc = {"seconds": 0.0, "calls": 0}
+    _TIMERS.append(acc)
+    try:
+        yield acc
+    finally:
+        _TIMERS.remove(acc)
+
+
+@contextlib.contextmanager
+def timed_collective():
+    """Adds the block's wall time to the active record_comm_time() accumulators."""
+    if not _TIMERS:
+        yield
+        return
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        dt = time.perf_counter() - t0
+        for acc in _TIMERS:
+            acc["seconds"] += dt
+            acc["calls"] += 1
+
+
 def _row_bytes(t: torch.Tensor) -> int:
     return math.prod(t.shape[1:]) * t.element_size()
 
@@ -116,7 +147,8 @@ def note_traffic(layer: str, step: str, hop: Hop, send_splits, recv_splits, row_
 # ------------------------------------------------------------------ collectives
 def _a2a(out, inp, out_splits, in_splits, hop: Hop, what: str):
     try:
-        dist.all_to_all_single(out, inp.contiguous(), out_splits, in_splits, group=hop.group)
+        with timed_collective():
+            dist.all_to_all_single(out, inp.contiguous(), out_splits, in_splits, group=hop.group)
     except Exception as e:  # noqa: BLE001 - re-raised with context
         raise _comm_error("all_to_all", what, hop, e) from e
     return out
@@ -133,7 +165,8 @@ def all_gather_rows(t: torch.Tensor, hop: Hop, what: str) -> torch.Tensor:
     """[n, ...] on every group rank -> [G * n, ...] (rank order); a failing peer raises CommError."""
     parts = [torch.empty_like(t) for _ in range(hop.size)]
     try:
-        dist.all_gather(parts, t.contiguous(), group=hop.group)
+        with timed_collective():
+            dist.all_gather(parts, t.contiguous(), group=hop.group)
     except Exception as e:  # noqa: BLE001 - re-raised with context
         raise _comm_error("all_gather", what, hop, e) from e
     return torch.cat(parts, 0)
