@@ -183,19 +183,20 @@ class HoistPrefetch:
         new_logits = env.get(logits, logits)
         new_bias = env.get(bias, bias) if isinstance(bias, torch.fx.Node) else bias
         store, layer = node.args[4], node.args[5]
-        pred = put(lambda: graph.call_function(PREFETCH_EXPERTS_OP, (new_logits, new_bias, store, layer,
-                                                                     node.args[-1])))
+        extra = options["prefetch_extra"]
+        pspec = spec.replace(notes=spec.notes + (("prefetch_extra", extra),)).to_json()
+        pred = put(lambda: graph.call_function(PREFETCH_EXPERTS_OP, (new_logits, new_bias, store, layer, pspec)))
         with fake_mode:
             pred.meta["val"] = PREFETCH_EXPERTS_OP(new_logits.meta["val"],
                                                    new_bias.meta["val"] if isinstance(new_bias, torch.fx.Node) else None,
-                                                   store, layer, node.args[-1])
+                                                   store, layer, pspec)
         node.args = node.args[:3] + (pred,) + node.args[4:]
         counters["layers_predicted"] += 1
         counters["hoisted_nodes"] += len(nodes) + 1 + (reshape is not None)
         if src_index < 0:
             counters["from_embedding"] += 1
         return (f"predicted from {origin} ({depth} layer(s) ahead): router copied ({len(nodes)} node(s)), "
-                f"top-{spec.top_k + 1} per token, experts ranked by votes")
+                f"top-{min(spec.top_k + extra, spec.num_experts)} per token, experts ranked by votes")
 
 
 def spec_path(gates, index, node) -> str:

@@ -70,11 +70,27 @@ def test_options_are_checked():
     assert offload.normalize_options(True)["policy"] == "lru"
     for bad, msg in [({"budgte": 1}, "unknown keys"), ({"policy": "mru"}, "policy"), ({"budget": 1.5}, "fraction"),
                      ({"budget": "lots"}, "cannot read"), ({"prefetch_depth": 0}, "prefetch_depth"),
-                     ({"prefetch": "yes"}, "prefetch"), ({"shallow_layers": -1}, "shallow_layers")]:
+                     ({"prefetch": "yes"}, "prefetch"), ({"shallow_layers": -1}, "shallow_layers"),
+                     ({"prefetch_extra": -1}, "prefetch_extra"), ({"prefetch_extra": 1.5}, "prefetch_extra")]:
         with pytest.raises(ConfigError, match=msg):
             make_config({"offload": bad})
     with pytest.raises(ConfigError, match="cannot be combined"):
         make_config({"offload": True, "expert_parallel": True})
+
+
+def test_prediction_width_follows_prefetch_extra():
+    from moe_compiler.codegen.offload_ops import predict, predicted_per_token
+    from moe_compiler.ir import ExpertSpec, MoESpec, RouterSpec
+
+    spec = MoESpec(RouterSpec(6, 2), ExpertSpec(8, 4))
+    logits = torch.randn(5, 6)
+    for extra, width in ((None, 3), (0, 2), (2, 4), (9, 6)):  # default 1; at most E
+        s = spec if extra is None else spec.replace(notes=(("prefetch_extra", extra),))
+        assert predicted_per_token(s) == width
+        per_token, ranked, votes = predict(logits, None, s)
+        assert per_token.shape == (5, width)
+        assert torch.equal(per_token, torch.topk(torch.softmax(logits, -1), width, -1).indices)
+        assert sum(votes.values()) == 5 * width and ranked == sorted(votes, key=lambda e: (-votes[e], e))
 
 
 def test_parse_bytes():

@@ -2,7 +2,8 @@
 
     p = moe_compiler.prefetch_experts(logits_hat, score_bias, store, layer, spec)
         # logits_hat [T, E]: a later layer's router applied to an earlier gate input (Fate).
-        # Scores as the router scores them, top-(k+1) per token, experts ranked by votes; issues
+        # Scores as the router scores them, top-(k+extra) per token (extra: the spec's
+        # "prefetch_extra" note, default 1), experts ranked by votes; issues
         # asynchronous loads of the ranked experts into the store; returns the per-token
         # predictions [T, k+1] int64 (the data dependency that orders it before the layer).
     y = moe_compiler.offloaded_experts(x, ids, w, p, store, layer, spec)        # [T, H]
@@ -26,14 +27,19 @@ _LIB.define("offloaded_experts(Tensor hidden, Tensor ids, Tensor weights, Tensor
 NAMES = ("w1", "w3", "w2", "b1", "b3", "b2")
 
 
+def predicted_per_token(spec) -> int:
+    """top-k plus the spec's ("prefetch_extra", n) note (hoist_prefetch; default 1), at most E."""
+    return min(spec.router.top_k + int(spec.note("prefetch_extra", 1)), spec.router.num_experts)
+
+
 def predict(logits: torch.Tensor, score_bias, spec) -> tuple[torch.Tensor, list, dict]:
-    """logits [T, E] -> (per-token top-(k+1) experts [T, k+1], experts ranked by votes, votes)."""
+    """logits [T, E] -> (per-token top-(k+extra) experts [T, k+extra], experts ranked by votes, votes)."""
     r = spec.router
     logits = logits.reshape(-1, r.num_experts).float()
     scores = torch.softmax(logits, -1) if r.score_func == "softmax" else torch.sigmoid(logits)
     if score_bias is not None:
         scores = scores + score_bias.reshape(-1).float()
-    k = min(r.top_k + 1, r.num_experts)
+    k = predicted_per_token(spec)
     per_token = torch.topk(torch.nan_to_num(scores, nan=-1.0), k, dim=-1).indices if logits.shape[0] else \
         torch.empty((0, k), dtype=torch.int64, device=logits.device)
     votes = torch.bincount(per_token.reshape(-1), minlength=r.num_experts).tolist()
@@ -54,7 +60,7 @@ def _prefetch(logits, score_bias, store, layer, spec):
 def _prefetch_fake(logits, score_bias, store, layer, spec):
     s = _spec(spec)
     t = logits.numel() // s.router.num_experts
-    return logits.new_empty((t, min(s.router.top_k + 1, s.router.num_experts)), dtype=torch.int64)
+    return logits.new_empty((t, predicted_per_token(s)), dtype=torch.int64)
 
 
 class _StoreWeights:
