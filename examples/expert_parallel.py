@@ -8,7 +8,8 @@ then route locally, exchange per-destination counts, send tokens to their expert
 all_to_all_single, run the local experts and send the results back. Each rank checks its logits
 against single-process eager, and the script prints the bytes each mode moved between ranks
 (hidden-state payload and routing metadata, summed over ranks), plus the expert weight bytes
-each rank needs under the placement (moe_compiler.explain reports the same).
+each rank needs under the placement (moe_compiler.explain reports the same). The "fssdp" mode
+(``{"movement": "weights"}``) moves the experts each rank's tokens use instead of the tokens.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import sys
 
 import torch
 
-MODES = (("all_to_all", {}), ("hierarchical", {"ranks_per_node": 2}))
+MODES = (("all_to_all", {}), ("hierarchical", {"ranks_per_node": 2}),
+         ("fssdp", {"movement": "weights"}))   # Hecate: the experts move to the tokens instead
 
 
 def build_model():
@@ -47,8 +49,9 @@ def rank_main(rank, world, tokens):
     out = {"expert_bytes": expert_bytes_per_rank(model, None, world)}
     for mode, extra in MODES:
         torch._dynamo.reset()
+        opts = extra if mode == "fssdp" else {"mode": mode, **extra}
         compiled = torch.compile(model, backend="moe", options={
-            "expert_parallel": {"mode": mode, **extra}, "inner_backend": "eager", "strict": True})
+            "expert_parallel": opts, "inner_backend": "eager", "strict": True})
         with torch.no_grad():
             compiled(ids)  # compile (collectives run too: every rank compiles the same graph)
             with record_traffic() as traffic:
@@ -77,8 +80,9 @@ def main(argv=None):
     for mode, _ in MODES:
         payload = sum(r[mode]["payload"] for r in res)
         meta = sum(r[mode]["meta"] for r in res)
-        print(f"{mode:<13} moved {payload:>8} B of hidden states + {meta:>6} B of routing metadata between ranks "
-              f"({res[0][mode]['steps']} data all-to-alls per rank, counts exchanges not counted)")
+        what = "expert weights (sparse all-gather)" if mode == "fssdp" else "hidden states"
+        print(f"{mode:<13} moved {payload:>8} B of {what} + {meta:>6} B of routing metadata between ranks "
+              f"({res[0][mode]['steps']} data collectives per rank, count/load exchanges not counted)")
 
 
 if __name__ == "__main__":
