@@ -101,7 +101,11 @@ class SparseCollectives:
             rows = _layer_rows(spec, i, placement, size)
             reports = [r for r in ctx.moe_layers if r.rewritten and r.path == spec.path and
                        getattr(r, "graph_id", "") in ("", ctx.graph_id)]
-            if _moves_weights(spec, opts["movement"]):
+            weights_ok = _chunkable(node)
+            if _moves_weights(spec, opts["movement"]) and weights_ok is not True:
+                log.warning("sparse_collectives: %s stays expert-parallel (tokens move): %s", spec.path or f"layer {i}",
+                            weights_ok)
+            if _moves_weights(spec, opts["movement"]) and weights_ok is True:
                 plan = _fssdp_plan(spec, i, rows, gname, size, opts)
                 self._emit_fssdp(graph, node, spec, plan)
                 for r in reports[:1]:
@@ -117,7 +121,9 @@ class SparseCollectives:
             plan = EPPlan(gname, layer_mode, rows, rpn if layer_mode == "hierarchical" else 0, opts["overlap_degree"])
             for r in reports[:1]:
                 r.strategy = (f"expert parallel over {size} ranks: tokens move to the experts (mode {layer_mode}; "
-                              + _why_movement(spec, opts["movement"]) + ")")
+                              + (f"FSSDP not possible: {weights_ok}" if weights_ok is not True
+                                 and _moves_weights(spec, opts["movement"]) else _why_movement(spec, opts["movement"]))
+                              + ")")
             new_spec = spec.replace(notes=spec.notes + ((NOTE, plan.to_json()),))
             with graph.inserting_before(node):
                 ep = graph.call_function(EP_MOE_OP, (*node.args[:-1], new_spec.to_json()))
@@ -177,6 +183,15 @@ def _moves_weights(spec: MoESpec, movement: str) -> bool:
     if movement == "auto":
         return str(spec.note("decision:movement", "")).startswith("weights")
     return movement == "weights"
+
+
+def _chunkable(node) -> "bool | str":
+    """True when the layer's expert weights can form FSSDP chunks (one dtype), else the reason."""
+    vals = [a.meta.get("val") for a in node.args[3:9] if isinstance(a, torch.fx.Node)]
+    dtypes = sorted({str(v.dtype) for v in vals if isinstance(v, torch.Tensor)})
+    if len(dtypes) > 1:
+        return f"FSSDP chunks need expert weights of one dtype, this layer's are {dtypes}"
+    return True
 
 
 def _why_movement(spec: MoESpec, movement: str) -> str:

@@ -403,3 +403,20 @@ def test_schedule_of_an_fssdp_layer():
                                          "sparse_reduce_scatter(backward)"]
     s = plan_fssdp_layer("l0", 2, [[0, 1], [2]], "sparse", False)
     assert "dispatch" in [c.name for c in s.steps] and s.mode == "fssdp/sparse"
+
+
+def test_mixed_dtype_experts_stay_expert_parallel():
+    from moe_compiler.passes.sparse_collectives import _chunkable
+
+    g = torch.fx.Graph()
+    args = []
+    for name, dt in (("x", torch.float32), ("l", torch.float32), ("w1", torch.bfloat16), ("w2", torch.bfloat16),
+                     ("b1", torch.float32)):
+        n = g.placeholder(name)
+        n.meta["val"] = torch.empty(2, 2, dtype=dt)
+        args.append(n)
+    x, l, w1, w2, b1 = args
+    node = g.call_function(torch.add, (x, l, None, w1, None, w2, None, None, None, "{}"))
+    assert _chunkable(node) is True
+    node.args = (x, l, None, w1, None, w2, b1, None, None, "{}")
+    assert "one dtype" in _chunkable(node)
