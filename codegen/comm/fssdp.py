@@ -113,25 +113,66 @@ def chunk_layout(weights: dict) -> list:
             if weights[n] is not None]
 
 
-def shard_chunks(weights: dict, owned: list, num_experts: int) -> torch.Tensor:
-    """The owned experts' parameters as chunks [E_own, C] (differentiable in the weights).
+def owned_weights(weights: dict, owned: list, num_experts: int) -> dict:
+    """Each present weight's owned rows [E_own, ...] (the weight itself when it is this rank's shard).
 
     Each weight is either all experts [E, ...] (owned rows are selected) or this rank's shard
     [E_own, ...] in ascending expert order (what ``shard_experts`` leaves)."""
-    present = [(n, weights[n]) for n in _WEIGHTS if weights[n] is not None]
-    dtypes = {w.dtype for _, w in present}
-    if len(dtypes) > 1:
+    present = {n: weights[n] for n in _WEIGHTS if weights[n] is not None}
+    if len({w.dtype for w in present.values()}) > 1:
         raise ValueError(f"fssdp: expert weights must share one dtype to form chunks, got "
-                         f"{ {n: str(w.dtype) for n, w in present} }")
-    parts = []
-    for n, w in present:
+                         f"{ {n: str(w.dtype) for n, w in present.items()} }")
+    out = {}
+    for n, w in present.items():
         if w.shape[0] == num_experts and len(owned) != num_experts:
             w = w.index_select(0, torch.tensor(owned, dtype=torch.int64, device=w.device))
         elif w.shape[0] != len(owned):
             raise ValueError(f"fssdp: expert weight {n} has {w.shape[0]} rows; expected {num_experts} (all experts) "
                              f"or {len(owned)} (this rank's owned experts {owned})")
-        parts.append(w.reshape(len(owned), math.prod(w.shape[1:])))
-    return torch.cat(parts, 1)
+        out[n] = w
+    return out
+
+
+def chunks_of(rows: dict) -> torch.Tensor:
+    """{name: [n, ...]} in chunk order -> [n, C] (a copy; differentiable in the rows)."""
+    return torch.cat([w.reshape(w.shape[0], math.prod(w.shape[1:])) for w in rows.values()], 1)
+
+
+def shard_chunks(weights: dict, owned: list, num_experts: int) -> torch.Tensor:
+    """The owned experts' parameters as chunks [E_own, C] (differentiable in the weights)."""
+    return chunks_of(owned_weights(weights, owned, num_experts))
+
+
+class ExpertRows:
+    """Per-expert weights that index like a stacked [n, ...] weight, without stacking them (no copy).
+
+    experts_forward reads ``w[e]``, ``shape``, ``dtype``, ``device`` and ``unbind(0)``."""
+
+    _version = 0  # a fresh object per call: the prepacking cache never packs it
+
+    def __init__(self, rows: list, row_shape, dtype, device):
+        self.rows = rows
+        self.shape = torch.Size((len(rows),) + tuple(row_shape))
+        self.dtype, self.device = dtype, device
+
+    def __getitem__(self, e):
+        return self.rows[e]
+
+    def unbind(self, dim: int = 0):
+        return tuple(self.rows)
+
+
+def local_expert_weights(owned_rows: dict, gathered: torch.Tensor, layout: list) -> list:
+    """The six operands over this rank's local experts (owned, then gathered) as ExpertRows (None where absent)."""
+    got = dict(zip(_WEIGHTS, unchunk(gathered, layout)))
+    out = []
+    for n in _WEIGHTS:
+        w = owned_rows.get(n)
+        if w is None:
+            out.append(None)
+            continue
+        out.append(ExpertRows(list(w.unbind(0)) + list(got[n].unbind(0)), w.shape[1:], w.dtype, w.device))
+    return out
 
 
 def unchunk(rows: torch.Tensor, layout: list) -> list:
@@ -311,7 +352,8 @@ def fssdp_forward(hidden, router_logits, score_bias, weights: dict, spec: MoESpe
     gate_w = gating_weights(router_logits.reshape(T, E), ids, spec)
     hop = _hop(plan)
     owned = plan.owned(hop.rank)
-    shard = shard_chunks(weights, owned, E)
+    owned_rows = owned_weights(weights, owned, E)
+    shard = chunks_of(owned_rows)
     if need is None:
         with torch.no_grad():
             need = materialisation(ids, plan, hop)
@@ -322,8 +364,7 @@ def fssdp_forward(hidden, router_logits, score_bias, weights: dict, spec: MoESpe
         gathered = _SavedGather.apply(shard, gathered, need, plan_json)
     layout = chunk_layout(weights)
     local = owned + gathered_experts(need, plan, hop.rank)
-    local_rows = torch.cat([shard, gathered], 0)
-    local_w = unchunk(local_rows, layout)
+    local_w = local_expert_weights(owned_rows, gathered, layout)
     local_index = torch.full((E,), -1, dtype=torch.int64, device=x.device)
     local_index[local] = torch.arange(len(local), dtype=torch.int64, device=x.device)
     flat = ids.reshape(-1)
@@ -341,7 +382,7 @@ def fssdp_forward(hidden, router_logits, score_bias, weights: dict, spec: MoESpe
         ys = executor.reverse_rows(yr, route, name="combine")
     out = (ys.view(T, k, H) * gate_w.float().unsqueeze(-1)).sum(1)
     if torch.is_grad_enabled():  # a rank whose tokens use no expert still joins the backward reduce-scatter
-        out = out + local_rows.narrow(0, 0, 0).sum()
+        out = out + gathered.narrow(0, 0, 0).sum()
     return out.to(hidden.dtype).reshape(hidden.shape), need, gathered
 
 
