@@ -215,15 +215,18 @@ def _setup_context(ctx, inputs, output):
     ctx.spec = inputs[-1]
 
 
+def operand_grads(operands: list, grads, differentiable, names=OPERANDS) -> tuple:
+    """An autograd formula's result: one entry per operand (named ``names``), taking the next of
+    ``grads`` for each present differentiable operand, None elsewhere; plus None for the spec."""
+    grads = iter(grads)
+    return (*[next(grads) if n in differentiable and t is not None else None for n, t in zip(names, operands)],
+            None)
+
+
 def _backward(ctx, grad_out):
     saved = iter(ctx.saved_tensors)
     operands = [next(saved) if p else None for p in ctx.present]
-    grads = iter(torch.ops.moe_compiler.moe_backward(grad_out, *operands, ctx.spec))
-    named = dict(zip(OPERANDS, operands))
-    out = []
-    for name in OPERANDS:
-        out.append(next(grads) if name in _DIFFERENTIABLE and named[name] is not None else None)
-    return (*out, None)
+    return operand_grads(operands, torch.ops.moe_compiler.moe_backward(grad_out, *operands, ctx.spec), _DIFFERENTIABLE)
 
 
 torch.library.register_autograd("moe_compiler::moe", _backward, setup_context=_setup_context)

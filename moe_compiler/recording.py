@@ -29,6 +29,18 @@ def observe(layer: str, ids: torch.Tensor, weights: torch.Tensor) -> None:
         rec.add(layer, ids, weights)
 
 
+def observe_logits(spec, router_logits: torch.Tensor, score_bias) -> None:
+    """For ops that route internally (expert-parallel, FSSDP): route the logits and report them, only
+    while a RoutingRecorder is active."""
+    if _active() is None:
+        return
+    from moe_compiler import reference
+
+    with torch.no_grad():
+        ids, w = reference.route(router_logits.reshape(-1, spec.num_experts), score_bias, spec.router)
+    observe(spec.path, ids, w)
+
+
 class RoutingRecorder:
     """Collects (layer -> list of [T, k] ids / weights) while active."""
 

@@ -34,6 +34,7 @@ from typing import ClassVar
 
 import torch
 
+from moe_compiler import _compat
 from moe_compiler.codegen.comm.ep import NOTE, EP_MOE_OP, EPPlan
 from moe_compiler.codegen.comm import fssdp
 from moe_compiler.codegen.comm.executor import group_name
@@ -101,18 +102,19 @@ class SparseCollectives:
             rows = _layer_rows(spec, i, placement, size)
             reports = [r for r in ctx.moe_layers if r.rewritten and r.path == spec.path and
                        getattr(r, "graph_id", "") in ("", ctx.graph_id)]
-            weights_ok = _chunkable(node)
-            if _moves_weights(spec, opts["movement"]) and weights_ok is not True:
+            why = _why_movement(spec, opts["movement"])
+            moves_weights = _moves_weights(spec, opts["movement"])
+            if moves_weights and _chunkable(node) is not True:
+                why, moves_weights = f"FSSDP not possible: {_chunkable(node)}", False
                 log.warning("sparse_collectives: %s stays expert-parallel (tokens move): %s", spec.path or f"layer {i}",
-                            weights_ok)
-            if _moves_weights(spec, opts["movement"]) and weights_ok is True:
+                            why)
+            if moves_weights:
                 plan = _fssdp_plan(spec, i, rows, gname, size, opts)
                 self._emit_fssdp(graph, node, spec, plan)
                 for r in reports[:1]:
                     r.strategy = (f"FSSDP over {size} ranks: experts move to the tokens (materialize {plan.materialize}"
                                   + (f", top {plan.replicate} by load" if plan.materialize == "sparse" else "")
-                                  + f", rematerialize {'on' if plan.rematerialize else 'off'}; "
-                                  + _why_movement(spec, opts["movement"]) + ")")
+                                  + f", rematerialize {'on' if plan.rematerialize else 'off'}; {why})")
                 schedule.layers.append(plan_fssdp_layer(plan.layer, size, [plan.owned(g) for g in range(size)],
                                                         plan.materialize, plan.rematerialize))
                 fssdp_done += 1
@@ -120,10 +122,7 @@ class SparseCollectives:
             layer_mode = mode if mode != "auto" else _mode_from_cost_model(spec, gname, size, rpn)
             plan = EPPlan(gname, layer_mode, rows, rpn if layer_mode == "hierarchical" else 0, opts["overlap_degree"])
             for r in reports[:1]:
-                r.strategy = (f"expert parallel over {size} ranks: tokens move to the experts (mode {layer_mode}; "
-                              + (f"FSSDP not possible: {weights_ok}" if weights_ok is not True
-                                 and _moves_weights(spec, opts["movement"]) else _why_movement(spec, opts["movement"]))
-                              + ")")
+                r.strategy = f"expert parallel over {size} ranks: tokens move to the experts (mode {layer_mode}; {why})"
             new_spec = spec.replace(notes=spec.notes + ((NOTE, plan.to_json()),))
             with graph.inserting_before(node):
                 ep = graph.call_function(EP_MOE_OP, (*node.args[:-1], new_spec.to_json()))
@@ -153,9 +152,7 @@ class SparseCollectives:
         with graph.inserting_before(node):
             op = graph.call_function(fssdp.FSSDP_MOE_OP, (*node.args[:-1], new_spec.to_json()))
             out = graph.call_function(operator.getitem, (op, 0))
-        from moe_compiler._compat import fake_mode_of
-
-        with fake_mode_of(graph.owning_module):
+        with _compat.fake_mode_of(graph.owning_module):
             op.meta["val"] = fssdp.FSSDP_MOE_OP(*[a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in op.args])
         for n in (op, out):
             n.meta["moe_compiler_pass"] = self.name

@@ -31,7 +31,7 @@ import torch
 from moe_compiler import recording, reference
 from moe_compiler.codegen.comm import executor
 from moe_compiler.codegen.ops import gating_weights
-from moe_compiler.ir import MoESpec, _spec, grads_by_recompute
+from moe_compiler.ir import MoESpec, _spec, grads_by_recompute, operand_grads
 
 NOTE = "expert_parallel"
 _DIFF = ("hidden", "router_logits", "w1", "w3", "w2", "b1", "b3", "b2")
@@ -194,10 +194,7 @@ _LIB.define("ep_moe_backward(Tensor grad_out, Tensor hidden, Tensor router_logit
 @torch.library.impl(_LIB, "ep_moe", "CompositeExplicitAutograd")
 def _ep_moe(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec):
     s = _spec(spec)
-    if recording._active() is not None:
-        with torch.no_grad():
-            ids, w = reference.route(router_logits.reshape(-1, s.num_experts), score_bias, s.router)
-        recording.observe(s.path, ids, w)
+    recording.observe_logits(s, router_logits, score_bias)
     with torch.no_grad():
         return ep_moe_forward(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, s)
 
@@ -232,9 +229,8 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_out):
     saved = iter(ctx.saved_tensors)
     operands = [next(saved) if p else None for p in ctx.present]
-    grads = iter(torch.ops.moe_compiler.ep_moe_backward(grad_out.contiguous(), *operands, ctx.spec))
-    named = dict(zip(_OPERANDS, operands))
-    return (*[next(grads) if n in _DIFF and named[n] is not None else None for n in _OPERANDS], None)
+    return operand_grads(operands, torch.ops.moe_compiler.ep_moe_backward(grad_out.contiguous(), *operands, ctx.spec),
+                         _DIFF, _OPERANDS)
 
 
 torch.library.register_autograd("moe_compiler::ep_moe", _backward, setup_context=_setup)

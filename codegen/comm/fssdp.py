@@ -36,13 +36,12 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_compiler import reference
+from moe_compiler import recording, reference
 from moe_compiler.codegen.comm import executor
 from moe_compiler.codegen.ops import gating_weights
-from moe_compiler.ir import MoESpec, _spec, grads_by_recompute
+from moe_compiler.ir import MoESpec, _spec, grads_by_recompute, operand_grads
 
 NOTE = "fssdp"
-MATERIALIZE = ("needed", "sparse")
 _WEIGHTS = ("w1", "w3", "w2", "b1", "b3", "b2")
 _DIFF = ("hidden", "router_logits") + _WEIGHTS
 _OPERANDS = ("hidden", "router_logits", "score_bias") + _WEIGHTS
@@ -249,8 +248,8 @@ def _sparse_all_gather_fake(shard, need, plan):
 
 @torch.library.register_fake("moe_compiler::sparse_reduce_scatter")
 def _sparse_reduce_scatter_fake(grad, need, plan):
-    return grad.new_empty((len(plan_of(plan).owned(executor.dist.get_rank(executor.resolve_group(plan_of(plan).group)))),
-                           grad.shape[1]))
+    p = plan_of(plan)
+    return grad.new_empty((len(p.owned(_hop(p).rank)), grad.shape[1]))
 
 
 def _save_need(ctx, inputs, output):
@@ -281,7 +280,7 @@ class _SavedGather(torch.autograd.Function):
     def forward(ctx, shard, gathered, need, plan_json):
         ctx.save_for_backward(need)
         ctx.plan = plan_json
-        return gathered.detach().clone() if gathered.requires_grad else gathered.view_as(gathered)
+        return gathered.view_as(gathered)  # kept from a no_grad forward: a leaf without grad
 
     @staticmethod
     def backward(ctx, grad):
@@ -304,6 +303,11 @@ class LoadWindow:
 _WINDOWS: dict = {}
 
 
+def windowed_loads() -> dict:
+    """{layer key: [E] float64 sliding-average global loads, or None before the first iteration}."""
+    return {key[1]: (torch.stack(list(w.loads)).mean(0).numpy() if w.loads else None) for key, w in _WINDOWS.items()}
+
+
 def load_window(plan: FSSDPPlan) -> LoadWindow:
     key = (plan.group, plan.layer, plan.load_window)
     w = _WINDOWS.get(key)
@@ -311,9 +315,6 @@ def load_window(plan: FSSDPPlan) -> LoadWindow:
         w = _WINDOWS[key] = LoadWindow(plan.load_window)
     return w
 
-
-def reset_load_windows() -> None:
-    _WINDOWS.clear()
 
 
 def materialisation(ids: torch.Tensor, plan: FSSDPPlan, hop: executor.Hop) -> torch.Tensor:
@@ -408,14 +409,9 @@ def _weights(w1, w3, w2, b1, b3, b2) -> dict:
 @torch.library.impl(_LIB, "fssdp_moe", "CompositeExplicitAutograd")
 def _fssdp_moe(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec):
     """-> (out like hidden, need [G, E] int64, handle [1] int64 of the kept gathered chunks or -1)."""
-    from moe_compiler import recording
-
     s = _spec(spec)
     plan = plan_of(s)
-    if recording._active() is not None:
-        with torch.no_grad():
-            ids, w = reference.route(router_logits.reshape(-1, s.num_experts), score_bias, s.router)
-        recording.observe(s.path, ids, w)
+    recording.observe_logits(s, router_logits, score_bias)
     with torch.no_grad():
         out, need, gathered = fssdp_forward(hidden, router_logits, score_bias, _weights(w1, w3, w2, b1, b3, b2), s,
                                             plan)
@@ -473,10 +469,8 @@ def _backward(ctx, grad_out, _grad_need, _grad_handle):
     *saved, need, handle = ctx.saved_tensors
     saved = iter(saved)
     operands = [next(saved) if p else None for p in ctx.present]
-    grads = iter(torch.ops.moe_compiler.fssdp_moe_backward(grad_out.contiguous(), *operands, need, handle,
-                                                           ctx.spec))
-    named = dict(zip(_OPERANDS, operands))
-    return (*[next(grads) if n in _DIFF and named[n] is not None else None for n in _OPERANDS], None)
+    grads = torch.ops.moe_compiler.fssdp_moe_backward(grad_out.contiguous(), *operands, need, handle, ctx.spec)
+    return operand_grads(operands, grads, _DIFF, _OPERANDS)
 
 
 torch.library.register_autograd("moe_compiler::fssdp_moe", _backward, setup_context=_setup)

@@ -31,6 +31,7 @@ MODES = ("all_to_all", "hierarchical")
 KEYS = ("group", "mode", "placement", "ranks_per_node", "overlap_degree", "movement", "materialize", "replicate",
         "rematerialize", "load_window")
 MOVEMENTS = ("tokens", "weights", "auto")
+MATERIALIZE = ("needed", "sparse")
 FSSDP_KEYS = ("materialize", "replicate", "rematerialize", "load_window")
 # parameter names of stacked expert weights [E, ...] (MoELayer and transformers 5 experts modules)
 EXPERT_PARAM_NAMES = ("gate_up_proj", "down_proj", "up_proj", "gate_proj", "gate_up_proj_bias", "down_proj_bias")
@@ -96,7 +97,7 @@ def _check_fssdp(out: dict, given: dict) -> None:
         if extra:
             raise ConfigError(f"option expert_parallel keys {extra} configure FSSDP; they need movement 'weights' "
                               "or 'auto' (movement is 'tokens')")
-    if out["materialize"] not in ("needed", "sparse"):
+    if out["materialize"] not in MATERIALIZE:
         raise ConfigError("option expert_parallel['materialize'] must be 'needed' (gather every expert the tokens use) "
                           f"or 'sparse' (Hecate's sparse materialisation), got {out['materialize']!r}")
     r = out["replicate"]

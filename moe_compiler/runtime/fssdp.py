@@ -49,8 +49,7 @@ def layer_loads() -> dict:
     """{layer path: [E] float64} the windowed global per-expert loads FSSDP layers observed."""
     from moe_compiler.codegen.comm import fssdp
 
-    return {key[1]: (torch.stack(list(w.loads)).mean(0).numpy() if w.loads else None)
-            for key, w in fssdp._WINDOWS.items()}
+    return fssdp.windowed_loads()
 
 
 def plan_owners(loads, num_ranks: int, ranks_per_node: int | None = None, top_t: int = 0, metadata=None):
