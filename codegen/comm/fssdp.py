@@ -309,7 +309,7 @@ def windowed_loads() -> dict:
 
 
 def load_window(plan: FSSDPPlan) -> LoadWindow:
-    key = (plan.group, plan.layer, plan.load_window)
+    key = (plan.group, plan.layer, plan.load_window, len(plan.owners))  # layers may share a path across models
     w = _WINDOWS.get(key)
     if w is None:
         w = _WINDOWS[key] = LoadWindow(plan.load_window)
