@@ -27,6 +27,7 @@ plan_placement, else contiguous (expert e on rank e * G // E). The per-layer col
 """
 from __future__ import annotations
 
+import json
 import logging
 import operator
 from dataclasses import dataclass
@@ -36,12 +37,14 @@ import torch
 
 from moe_compiler import _compat
 from moe_compiler.codegen.comm.ep import NOTE, EP_MOE_OP, EPPlan
-from moe_compiler.codegen.comm import fssdp
+from moe_compiler.codegen.comm import coherent, fssdp
+from moe_compiler.codegen.comm.row_program import row_layout
 from moe_compiler.codegen.comm.executor import group_name
-from moe_compiler.codegen.comm.schedule import Schedule, plan_fssdp_layer, plan_layer
+from moe_compiler.codegen.comm.schedule import Schedule, plan_coherent_layer, plan_fssdp_layer, plan_layer
 from moe_compiler.config import ConfigError
 from moe_compiler.ir import MOE_OP, MoESpec
 from moe_compiler.pipeline import DumpWriter, PassContext, PassResult
+from moe_compiler.passes.coherent_chains import find_chains
 from moe_compiler.runtime.expert_parallel import check_rows, contiguous_rows, load_placement, normalize_options
 
 log = logging.getLogger(__name__)
@@ -97,6 +100,11 @@ class SparseCollectives:
         graph = gm.graph
         done = fssdp_done = 0
         layers = [n for n in graph.nodes if n.op == "call_function" and n.target is MOE_OP]
+        not_coherent: dict = {}
+        chained = 0
+        if mode in ("coherent", "auto"):
+            chained, not_coherent = self._emit_chains(gm, ctx, layers, opts, placement, gname, size, schedule)
+            layers = [n for n in layers if n.graph is graph and n.target is MOE_OP and n in not_coherent]
         for i, node in enumerate(layers):
             spec = MoESpec.from_json(node.args[-1])
             rows = _layer_rows(spec, i, placement, size)
@@ -119,8 +127,11 @@ class SparseCollectives:
                                                         plan.materialize, plan.rematerialize))
                 fssdp_done += 1
                 continue
-            layer_mode = mode if mode != "auto" else _mode_from_cost_model(spec, gname, size, rpn)
+            layer_mode = {"auto": _mode_from_cost_model(spec, gname, size, rpn),
+                          "coherent": "all_to_all"}.get(mode, mode)
             plan = EPPlan(gname, layer_mode, rows, rpn if layer_mode == "hierarchical" else 0, opts["overlap_degree"])
+            if mode == "coherent":
+                why = f"coherent mode does not apply: {not_coherent.get(node, 'not in a chain')}"
             for r in reports[:1]:
                 r.strategy = f"expert parallel over {size} ranks: tokens move to the experts (mode {layer_mode}; {why})"
             new_spec = spec.replace(notes=spec.notes + ((NOTE, plan.to_json()),))
@@ -136,6 +147,7 @@ class SparseCollectives:
                                               (rpn if layer_mode == "hierarchical" else 0) or size, per_rank,
                                               opts["overlap_degree"]))
             done += 1
+        done += chained
         if done or fssdp_done:
             gm.recompile()
             from moe_compiler.backend import _dump_root
@@ -145,7 +157,90 @@ class SparseCollectives:
             log.info("sparse_collectives: %d MoE layer(s) expert-parallel (mode %s), %d FSSDP, over %d ranks",
                      done, mode, fssdp_done, size)
         return PassResult(gm, bool(done or fssdp_done), {"layers_expert_parallel": done, "layers_fssdp": fssdp_done,
+                                                         "layers_coherent": chained,
                                                          "group_size": size if done or fssdp_done else 0})
+
+    def _emit_chains(self, gm, ctx, layers, opts, placement, gname, size, schedule) -> tuple[int, dict]:
+        """Mode "coherent" (or "auto" where the cost model chose single_all_to_all): every chain of MoE
+        layers joined by per-token ops becomes one coherent_moe_chain op. Returns (layers chained,
+        {MoE node left out: why})."""
+        index = {n: i for i, n in enumerate(layers)}
+        specs = {n: MoESpec.from_json(n.args[-1]) for n in layers}
+        candidates, why = [], {}
+        for n in layers:
+            if _moves_weights(specs[n], opts["movement"]):
+                why[n] = "the layer moves weights (FSSDP)"
+            elif opts["mode"] == "auto" and specs[n].note("decision:ep_mode") != "single_all_to_all":
+                why[n] = f"the cost model chose {specs[n].note('decision:ep_mode')!r}"
+            else:
+                candidates.append(n)
+        if opts["overlap_degree"] > 1:
+            why.update({n: "overlap_degree > 1 is not planned for coherent chains" for n in candidates})
+            candidates = []
+        chains, reasons = find_chains(candidates, _param_test(gm, ctx.placeholder_paths))
+        why.update(reasons)
+        chained = 0
+        for chain in chains:
+            plans = [EPPlan(gname, "coherent", _layer_rows(specs[l.moe], index[l.moe], placement, size))
+                     for l in chain.layers]
+            names = chain.names
+            for layer, plan in zip(chain.layers, plans):
+                spec = specs[layer.moe]
+                for r in [r for r in ctx.moe_layers if r.rewritten and r.path == spec.path and
+                          getattr(r, "graph_id", "") in ("", ctx.graph_id)][:1]:
+                    r.strategy = (f"context-coherent expert parallel over {size} ranks, chain {names[0]} .. {names[-1]} "
+                                  f"({len(names)} layers): one dispatch all-to-all per layer, top-k partials to the "
+                                  f"token's anchor rank, tokens go home once after {names[-1]}")
+                per_rank = [[e for e, r in enumerate(plan.placement) if g in r] for g in range(size)]
+                schedule.layers.append(plan_coherent_layer(spec.path or layer.moe.name, size, per_rank,
+                                                           last=layer is chain.layers[-1]))
+            self._emit_chain(gm.graph, chain, plans, [specs[l.moe] for l in chain.layers])
+            chained += len(chain.layers)
+            log.info("sparse_collectives: coherent chain %s (%d layers)", " -> ".join(names), len(names))
+        for n, reason in why.items():
+            if opts["mode"] == "coherent":
+                log.info("sparse_collectives: %s: coherent mode does not apply (%s); two all-to-alls",
+                         specs[n].path or n.name, reason)
+        return chained, why
+
+    def _emit_chain(self, graph, chain, plans, specs) -> None:
+        operands: list = []
+
+        def take(nodes) -> tuple:  # operand indices; None stays None (the op's list holds tensors only)
+            idx = []
+            for n in nodes:
+                idx.append(None if n is None else len(operands))
+                if n is not None:
+                    operands.append(n)
+            return tuple(idx)
+
+        programs = []
+        for layer, plan, spec in zip(chain.layers, plans, specs):
+            new_spec = spec.replace(notes=spec.notes + ((NOTE, plan.to_json()),))
+            programs.append(coherent.ChainLayerProgram(
+                new_spec, layer.hidden.module, layer.logits.module, layer.post.module, take(layer.hidden.free),
+                take(layer.logits.free), take(layer.post.free), take(list(layer.moe.args[2:9])),
+                layer.moe.meta["val"].dtype))
+        state_dims, _ = row_layout(chain.start, chain.token_dims)
+        out_dims, out_feat = row_layout(chain.end, chain.token_dims)
+        program = coherent.ChainProgram(programs, state_dims, tuple(out_feat), chain.end.meta["val"].dtype,
+                                        out_flat=out_dims == 1 and state_dims > 1)
+        spec_text = json.dumps({"key": coherent.register_chain(program), "layers": chain.names})
+        with graph.inserting_before(chain.end):
+            op = graph.call_function(coherent.COHERENT_CHAIN_OP, (chain.start, operands, spec_text))
+        with _compat.fake_mode_of(graph.owning_module):
+            op.meta["val"] = coherent.COHERENT_CHAIN_OP(
+                chain.start.meta["val"], [o.meta["val"] for o in operands],
+                spec_text)
+        op.meta["moe_compiler_pass"] = self.name
+        chain.end.replace_all_uses_with(op)
+        inside = {chain.end} | {layer.moe for layer in chain.layers}
+        for layer in chain.layers:
+            inside |= layer.hidden.nodes | layer.logits.nodes | layer.post.nodes
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for n in sorted(inside, key=order.__getitem__, reverse=True):
+            if not n.users:
+                graph.erase_node(n)
 
     def _emit_fssdp(self, graph, node, spec: MoESpec, plan: "fssdp.FSSDPPlan") -> None:
         new_spec = spec.replace(notes=spec.notes + ((fssdp.NOTE, plan.to_json()),))
@@ -162,6 +257,26 @@ class SparseCollectives:
         graph.erase_node(node)
 
 
+def _param_test(gm, placeholder_paths):
+    """node -> True when its value comes from parameters/buffers/constants only (never from activations)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    params = {n for n, p in zip(placeholders, placeholder_paths) if p is not None}
+    memo: dict = {}
+
+    def is_param(n) -> bool:
+        if n.op == "placeholder":
+            return n in params
+        if n.op == "get_attr":
+            return True
+        if n.op != "call_function":
+            return False
+        if n not in memo:
+            memo[n] = all(is_param(a) for a in n.all_input_nodes)
+        return memo[n]
+
+    return is_param
+
+
 def _mode_from_cost_model(spec: MoESpec, group_name: str, size: int, ranks_per_node: int) -> str:
     """mode "auto": the cost_decisions pass's ep_mode choice, where this group can run it."""
     choice = spec.note("decision:ep_mode")
@@ -170,7 +285,7 @@ def _mode_from_cost_model(spec: MoESpec, group_name: str, size: int, ranks_per_n
         return "hierarchical"
     if choice not in (None, "two_all_to_all"):
         log.info("sparse_collectives: %s: cost model chose %r; running all_to_all (%s)", spec.path or "layer", choice,
-                 "single all-to-all (coherent) is not emitted by the compiler yet" if choice == "single_all_to_all"
+                 "this layer is in no coherent chain" if choice == "single_all_to_all"
                  else "hierarchical needs the world group and a ranks_per_node that divides it")
     return "all_to_all"
 

@@ -1,56 +1,97 @@
-"""Context-coherent expert parallelism (ExFlow) for a stack of residual MoE blocks, on the executor.
+"""Context-coherent expert parallelism (ExFlow): one dispatch all-to-all per MoE layer.
 
-Executor-level only: the sparse_collectives pass does not emit it (its option accepts
-"all_to_all" and "hierarchical"); benchmarks and callers with their own routing use it directly.
+A token does not go home between MoE layers; it lives on the rank of one of its experts (its
+"anchor") and the per-token work between layers (residual add, norm, router) runs there. Per
+layer, on the rank where token t resides:
 
-The stack is  state_{l+1} = state_l + sum_j w[t, l, j] * expert_{l, e[t, l, j]}(state_l)  (top-k),
-with routing given per token (e.g. a recorded trace) by ``route(layer, meta_rows) -> (ids, weights)``.
-A token does not go home between layers; it lives on the rank of one of its experts (its "anchor":
-the rank holding most of its k experts, preferring the rank it is on; see anchor_slot):
-
-    per layer, on the rank where token t resides:
-      dispatch   all_to_all: one state row to each distinct rank holding      <= k rows; none for experts
-                 some of its k experts (ids/weights of those experts ride along)   on this rank
-      experts    p_r = sum of w_j * expert_j(state) over the experts on rank r (slot order)
-      combine    all_to_all: p_r of every rank r != anchor to the anchor       <= k - 1 rows (none for top-1)
-      anchor     state' = state + sum_r p_r; the token now resides on the anchor
+    route      ids [n, k], weights [n, k] from the token's state (its router, locally)
+    dispatch   all_to_all: one state row to each distinct rank holding some   <= k rows; none for experts
+               of its k experts (ids/weights of those experts ride along)          on this rank
+    experts    p_r = sum of w_j * expert_j(state) over the experts on rank r (slot order, fp32)
+    combine    all_to_all: p_r of every rank r != anchor to the anchor         <= k - 1 rows (none for top-1)
+    anchor     state' = post(state, sum_r p_r); the token now resides on the anchor
     after the last layer: one all_to_all home (the context made coherent for the rest of the model)
 
 Two-all-to-all EP sends k rows out and k rows back home per layer; with an affinity-aware
 placement (consecutive layers' experts of a token on one rank) most coherent dispatch rows stay
-local. Shapes: x [T, H] this rank's tokens -> [T, H] in the same order.
+local. The anchor is the destination rank that holds most of the token's predicted next-layer
+experts (``predict``: Fate's trick, the next router applied to this layer's state; the choice
+moves bytes, never results), then most of its current experts, then its current rank.
+
+Two users of ``coherent_forward``:
+  * ``coherent_stack_forward``: a residual stack with routing given per token (bench/ep.py, tests);
+  * the ``moe_compiler::coherent_moe_chain`` op, which the sparse_collectives pass emits for a chain
+    of MoE layers joined by per-token ops (row programs, row_program.py), mode "coherent".
+Shapes: x [T, *feat] this rank's tokens -> [T, *feat_out] in the same order.
 """
 from __future__ import annotations
 
+import itertools
+import json
+from dataclasses import dataclass
+from typing import Callable, Optional
+
 import torch
 
+from moe_compiler import recording, reference
 from moe_compiler.codegen.comm import executor
-from moe_compiler.codegen.comm.ep import slot_destinations
+from moe_compiler.codegen.comm.ep import EPPlan, _local_weight, _run_experts, plan_of, slot_destinations
+from moe_compiler.codegen.ops import gating_weights
+from moe_compiler.ir import MoESpec, _spec, grads_by_recompute
 
 
-def anchor_slot(dest: torch.Tensor, rank: int) -> torch.Tensor:
-    """dest [n, k] ranks of each token's expert copies -> the slot [n] whose rank becomes the token's anchor:
-    the rank holding most of its k experts (fewest partial outputs to move), then this rank (the
-    residence), then the lower slot."""
+@dataclass
+class CoherentLayer:
+    """One MoE layer of a coherent chain, as callables on the rows a rank holds."""
+
+    plan: EPPlan
+    name: str
+    # (state [n, *feat], meta [n, 2] (home rank, home index)) -> ids [n, k] int64, weights [n, k]
+    route: Callable
+    # (state rows [c, *feat], ids [c, k] (-1: expert not on this rank), weights [c, k] fp32) -> fp32 [c, *out]
+    experts: Callable
+    # (state [n, *feat], moe output fp32 [n, *out]) -> next state [n, *feat']
+    post: Callable
+    # (state, meta) -> predicted expert ids of the NEXT layer [n, k'] (anchor hint), or None
+    predict: Optional[Callable] = None
+
+
+def anchor_slot(dest: torch.Tensor, rank: int, prefer: torch.Tensor | None = None) -> torch.Tensor:
+    """dest [n, k] ranks of each token's expert copies -> the slot [n] whose rank becomes the token's anchor.
+
+    The number of combine rows does not depend on the choice; the next layer's dispatch does. Order:
+    the rank holding most predicted next-layer experts (prefer [n, G] counts), then most of this
+    layer's k experts, then this rank (the residence), then the lower slot."""
     n, k = dest.shape
     same = (dest[:, :, None] == dest[:, None, :]).sum(-1)
     score = same * 4 + (dest == rank).long() * 2 + (torch.arange(k) == 0).long()[None, :]
+    if prefer is not None:
+        score = score + prefer.gather(1, dest).long() * 4 * (k + 1)
     return score.argmax(1)
 
 
-def coherent_stack_forward(x, route, experts, plans, group=None) -> torch.Tensor:
-    """x [T, H] -> [T, H]. route(layer, meta [n, 2] int64 (home rank, home index)) -> ids [n, k], w [n, k];
-    experts(layer, rows [m, H], expert ids [m]) -> [m, H] (this rank's experts); plans: EPPlan per layer."""
+def _rank_votes(ids: torch.Tensor, plan: EPPlan, rank: int, size: int) -> torch.Tensor:
+    """Predicted ids [n, k'] -> [n, G] how many of them each rank holds."""
+    n = ids.shape[0]
+    dest = slot_destinations(ids.reshape(-1), plan, rank).view(n, -1)
+    return torch.zeros(n, size, dtype=torch.int64).scatter_add_(1, dest, torch.ones_like(dest))
+
+
+def coherent_forward(x: torch.Tensor, layers: list, group=None) -> torch.Tensor:
+    """x [T, *feat] (this rank's tokens) -> [T, *feat_out], through the layers' coherent dispatch."""
     hop = executor.world_hop(group if group is not None else executor.resolve_group("world"))
-    T, H = x.shape
-    state = x.float()
+    T = x.shape[0]
+    state = x
     meta = torch.stack([torch.full((T,), hop.rank, dtype=torch.int64), torch.arange(T, dtype=torch.int64)], 1)
-    for layer, plan in enumerate(plans):
-        ids, w = route(layer, meta)
+    for i, layer in enumerate(layers):
+        ids, w = layer.route(state, meta)
         n, k = ids.shape
-        dest = slot_destinations(ids.reshape(-1), plan, hop.rank).view(n, k)
-        jstar = anchor_slot(dest, hop.rank)
-        anchor = dest.gather(1, jstar[:, None])[:, 0]
+        dest = slot_destinations(ids.reshape(-1), layer.plan, hop.rank).view(n, k)
+        prefer = None
+        if layer.predict is not None and i + 1 < len(layers):
+            with torch.no_grad():
+                prefer = _rank_votes(layer.predict(state, meta), layers[i + 1].plan, hop.rank, hop.size)
+        anchor = dest.gather(1, anchor_slot(dest, hop.rank, prefer)[:, None])[:, 0]
         # one row per (token, destination rank): the first slot of each rank carries the token's
         # experts on that rank ([k] ids, -1 elsewhere) and their weights (0 elsewhere)
         same = dest[:, :, None] == dest[:, None, :]                       # [n, k, k]
@@ -61,27 +102,209 @@ def coherent_stack_forward(x, route, experts, plans, group=None) -> torch.Tensor
         ew = torch.where(on_rank, w[tok].float(), torch.zeros_like(w[tok].float()))
         is_anchor = (dest[tok, j] == anchor[tok]).long()[:, None]
         cmeta = torch.cat([eid, anchor[tok, None], is_anchor, meta[tok]], 1)   # [c, k + 4]
-        (xs, m, ws), _ = executor.route_rows([state[tok], cmeta, ew], dest[tok, j], hop, layer=f"layer{layer}",
+        (xs, m, ws), _ = executor.route_rows([state[tok], cmeta, ew], dest[tok, j], hop, layer=layer.name,
                                              name="dispatch")
-        # this rank's experts of each received row, weighted and summed in slot order
-        part = torch.zeros_like(xs)
-        for jj in range(k):
-            has = m[:, jj] >= 0
-            if has.any():
-                part[has] = part[has] + experts(layer, xs[has], m[has, jj]).float() * ws[has, jj:jj + 1]
+        part = layer.experts(xs, m[:, :k], ws)
         first = m[:, k + 1] == 1
         # the anchor row stays here with its state; the other ranks' partial sums go to the anchor
-        (yp, mp), _ = executor.route_rows([part[~first], m[~first]], m[~first, k], hop, layer=f"layer{layer}",
+        (yp, mp), _ = executor.route_rows([part[~first], m[~first]], m[~first, k], hop, layer=layer.name,
                                           name="combine")
         acc = part[first]
         meta = m[first][:, k + 2:k + 4]
-        if yp.shape[0]:
-            key = meta[:, 0] * (1 << 32) + meta[:, 1]
-            order = torch.argsort(key)
-            pos = order[torch.searchsorted(key[order], mp[:, k + 2] * (1 << 32) + mp[:, k + 3])]
-            acc = acc.index_add(0, pos, yp)
-        state = xs[first] + acc
+        key = meta[:, 0] * (1 << 32) + meta[:, 1]
+        order = torch.argsort(key)
+        pos = order[torch.searchsorted(key[order], mp[:, k + 2] * (1 << 32) + mp[:, k + 3])]
+        acc = acc.index_add(0, pos, yp)
+        state = layer.post(xs[first], acc)
     (home_rows, home_meta), _ = executor.route_rows([state, meta], meta[:, 0], hop, layer="home", name="home")
-    out = torch.empty((T, H), dtype=torch.float32)
-    out[home_meta[:, 1]] = home_rows
-    return out.to(x.dtype)
+    out = home_rows.new_zeros((T,) + tuple(home_rows.shape[1:]))
+    return out.index_copy(0, home_meta[:, 1], home_rows)
+
+
+def weighted_partials(rows: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, run) -> torch.Tensor:
+    """rows [c, H], ids [c, k] (-1: not here), weights [c, k] -> fp32 [c, H_out]: sum_j w_j * run(rows_j, ids_j).
+
+    run(rows [p, H], expert ids [p]) -> [p, H_out] unweighted; called once (also with p = 0, which
+    keeps every rank's autograd graph the same)."""
+    r, j = (ids >= 0).nonzero(as_tuple=True)
+    y = run(rows.index_select(0, r), ids[r, j]).float() * weights[r, j, None]
+    return y.new_zeros((rows.shape[0],) + tuple(y.shape[1:])).index_add(0, r, y)
+
+
+def coherent_stack_forward(x, route, experts, plans, group=None, predict=None) -> torch.Tensor:
+    """state_{l+1} = state_l + sum_j w_j * expert_j(state_l) with routing given per token.
+
+    x [T, H] -> [T, H]. route(layer, meta [n, 2] int64 (home rank, home index)) -> ids [n, k], w [n, k];
+    experts(layer, rows [m, H], expert ids [m]) -> [m, H] (this rank's experts); plans: EPPlan per layer;
+    predict(layer, meta) -> predicted ids of layer + 1 (anchor hint) or None."""
+    layers = []
+    for l, plan in enumerate(plans):
+        layers.append(CoherentLayer(
+            plan, f"layer{l}", route=lambda s, m, l=l: route(l, m),
+            experts=lambda rows, ids, w, l=l: weighted_partials(rows, ids, w, lambda r, e: experts(l, r, e)),
+            post=lambda s, acc: s + acc,
+            predict=None if predict is None else (lambda s, m, l=l: predict(l, m))))
+    return coherent_forward(x.float(), layers, group).to(x.dtype)
+
+
+# ------------------------------------------------------------------ the compiled chain
+NOTE = "coherent_chain"
+
+
+@dataclass
+class ChainLayerProgram:
+    """One layer of a compiled chain: row programs and where its operands sit in the op's list."""
+
+    spec: MoESpec                 # carries the ("expert_parallel", plan) note
+    hidden: Callable              # (state rows, *free) -> (moe input rows [n, H],)
+    logits: Callable              # (state rows, *free) -> (router logits [n, E],)
+    post: Callable                # (state rows, moe output rows, *free) -> (next state rows,)
+    hidden_free: tuple            # operand indices
+    logits_free: tuple
+    post_free: tuple
+    weights: tuple                # operand indices of (score_bias, w1, w3, w2, b1, b3, b2)
+    out_dtype: torch.dtype        # the MoE op's output dtype
+
+
+@dataclass
+class ChainProgram:
+    layers: list
+    state_token_dims: int         # leading token dims of the state input (1: already [T, *feat])
+    out_feat: tuple               # feature shape of the chain's output
+    out_dtype: torch.dtype
+    out_flat: bool = False        # the output is [T, *out_feat] while the state has several token dims
+
+    def out_shape(self, state_shape) -> tuple:
+        tokens = tuple(state_shape[:self.state_token_dims])
+        if self.out_flat:
+            n = 1
+            for d in tokens:
+                n = n * d
+            tokens = (n,)
+        return tokens + tuple(self.out_feat)
+
+
+_CHAINS: dict = {}
+_KEYS = itertools.count()
+
+
+def register_chain(program: ChainProgram) -> str:
+    """Keep a chain's programs for the op; returns the key its spec names."""
+    key = f"chain{next(_KEYS)}"
+    _CHAINS[key] = program
+    return key
+
+
+def _program(spec: str) -> ChainProgram:
+    key = json.loads(spec)["key"]
+    if key not in _CHAINS:
+        raise RuntimeError(f"coherent_moe_chain: no chain {key!r} in this process (the op is only valid in the "
+                           "process that compiled it)")
+    return _CHAINS[key]
+
+
+def _chain_layers(program: ChainProgram, operands: list, rank: int) -> list:
+    layers = []
+    for i, lp in enumerate(program.layers):
+        spec, plan = lp.spec, plan_of(lp.spec)
+        bias, *w = [None if j is None else operands[j] for j in lp.weights]
+        local = plan.local_experts(rank)
+        local_w = [_local_weight(t, local, spec.num_experts, n) for t, n in zip(w, ("w1", "w3", "w2", "b1", "b3", "b2"))]
+        local_index = torch.full((spec.num_experts,), -1, dtype=torch.int64)
+        local_index[local] = torch.arange(len(local), dtype=torch.int64)
+
+        def free(idx):
+            return [operands[j] for j in idx]
+
+        def route(state, meta, lp=lp, bias=bias, spec=spec):
+            logits = lp.logits(state, *free(lp.logits_free))[0]
+            recording.observe_logits(spec, logits, bias)
+            with torch.no_grad():
+                ids, _ = reference.route(logits, bias, spec.router)
+            return ids, gating_weights(logits, ids, spec)
+
+        def experts(rows, ids, w, lp=lp, spec=spec, local_w=local_w, local_index=local_index):
+            h = lp.hidden(rows, *free(lp.hidden_free))[0]
+            return weighted_partials(h, ids, w, lambda r, e: _run_experts(r, e, local_w, local_index, spec))
+
+        def post(state, acc, lp=lp):
+            return lp.post(state, acc.to(lp.out_dtype), *free(lp.post_free))[0]
+
+        predict = None
+        if i + 1 < len(program.layers):
+            nxt = program.layers[i + 1]
+
+            def predict(state, meta, nxt=nxt):
+                logits = nxt.logits(state, *free(nxt.logits_free))[0]
+                nbias = None if nxt.weights[0] is None else operands[nxt.weights[0]]
+                return reference.route(logits, nbias, nxt.spec.router)[0]
+
+        layers.append(CoherentLayer(plan, spec.path or f"layer{i}", route, experts, post, predict))
+    return layers
+
+
+def chain_forward(state: torch.Tensor, operands: list, spec: str) -> torch.Tensor:
+    """The op's semantics on this rank's tokens: state [*tokens, *feat] -> [*tokens, *out_feat]."""
+    program = _program(spec)
+    plan = plan_of(program.layers[0].spec)
+    group = executor.resolve_group(plan.group)
+    x = state.reshape((-1,) + tuple(state.shape[program.state_token_dims:]))
+    out = coherent_forward(x, _chain_layers(program, operands, executor.dist.get_rank(group)), group)
+    return out.to(program.out_dtype).reshape(program.out_shape(state.shape))
+
+
+_LIB = torch.library.Library("moe_compiler", "FRAGMENT")
+_LIB.define("coherent_moe_chain(Tensor state, Tensor[] operands, str spec) -> Tensor")
+_LIB.define("coherent_moe_chain_backward(Tensor grad_out, Tensor state, Tensor[] operands, str spec) -> Tensor[]")
+
+
+def _differentiable(state, operands) -> list:
+    """Names of the inputs gradients are taken for: the state and every floating operand."""
+    return ["state"] + [f"op{i}" for i, t in enumerate(operands) if t.is_floating_point()]
+
+
+@torch.library.impl(_LIB, "coherent_moe_chain", "CompositeExplicitAutograd")
+def _chain(state, operands, spec):
+    with torch.no_grad():
+        return chain_forward(state, list(operands), spec)
+
+
+@torch.library.register_fake("moe_compiler::coherent_moe_chain")
+def _chain_fake(state, operands, spec):
+    program = _program(spec)
+    return state.new_empty(program.out_shape(state.shape), dtype=program.out_dtype)
+
+
+@torch.library.impl(_LIB, "coherent_moe_chain_backward", "CompositeExplicitAutograd")
+def _chain_backward(grad_out, state, operands, spec):
+    named = {"state": state, **{f"op{i}": t for i, t in enumerate(operands)}}
+
+    def forward(**kw):
+        return chain_forward(kw["state"], [kw[f"op{i}"] for i in range(len(operands))], spec)
+
+    return grads_by_recompute(forward, named, _differentiable(state, operands), grad_out, collective=True)
+
+
+@torch.library.register_fake("moe_compiler::coherent_moe_chain_backward")
+def _chain_backward_fake(grad_out, state, operands, spec):
+    named = {"state": state, **{f"op{i}": t for i, t in enumerate(operands)}}
+    return [torch.empty_like(named[n]) for n in _differentiable(state, operands)]
+
+
+def _setup(ctx, inputs, output):
+    state, operands, spec = inputs
+    ctx.save_for_backward(state, *operands)
+    ctx.spec = spec
+
+
+def _backward(ctx, grad_out):
+    state, *operands = ctx.saved_tensors
+    grads = iter(torch.ops.moe_compiler.coherent_moe_chain_backward(grad_out.contiguous(), state, operands, ctx.spec))
+    g_state = next(grads)
+    g_ops = [next(grads) if t.is_floating_point() else None for t in operands]
+    return g_state, g_ops, None
+
+
+torch.library.register_autograd("moe_compiler::coherent_moe_chain", _backward, setup_context=_setup)
+
+COHERENT_CHAIN_OP = torch.ops.moe_compiler.coherent_moe_chain.default

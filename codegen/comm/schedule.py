@@ -24,6 +24,16 @@ FSSDP layers (mode "fssdp", codegen/comm/fssdp.py) move expert chunks instead of
           was not gathered, to its owner, as above)
     backward: sparse_all_gather again when rematerializing, then
     n     all_to_all       world          reverse of step 1      gradient chunks -> owners ("sparse_reduce_scatter")
+
+Coherent chains (mode "coherent", codegen/comm/coherent.py), per layer of the chain:
+
+    0     exchange_counts  world          fixed [G] int64        dispatch_counts
+    1     all_to_all       world          counts of step 0       state rows [C_send, *feat] ("dispatch")
+    2     all_to_all       world          counts of step 0       [C_send, k + 4] int64 ("dispatch_meta")
+    3     all_to_all       world          counts of step 0       [C_send, k] fp32 expert weights ("dispatch")
+    4-6   combine_counts, combine [P_send, H] fp32 partials to the anchor, combine_meta
+    last layer only: home_counts, home [T, *feat] (rows back to their rank), home_meta
+C_send = one row per (token, distinct rank of its experts), P_send = rows whose anchor is elsewhere.
 """
 from __future__ import annotations
 
@@ -32,6 +42,7 @@ import json
 from dataclasses import dataclass, field
 
 MODES = ("all_to_all", "hierarchical")
+COHERENT_MODE = "coherent"
 FSSDP_MODE = "fssdp"
 
 
@@ -125,3 +136,22 @@ def plan_fssdp_layer(layer: str, group_size: int, owned_per_rank, materialize: s
                           "[M_recv, C] gradient chunks to their owners (summed there)"))
     return LayerSchedule(layer, FSSDP_MODE + ("/sparse" if materialize == "sparse" else ""), group_size, 0,
                          tuple(tuple(e) for e in owned_per_rank), 1, tuple(steps))
+
+
+def plan_coherent_layer(layer: str, group_size: int, experts_per_rank, last: bool) -> LayerSchedule:
+    """The steps of one layer of a coherent chain (see the module docstring); `last` adds the way home."""
+    steps = [CommStep("exchange_counts", "dispatch_counts", "world", "fixed", "[G] int64"),
+             CommStep("all_to_all", "dispatch", "world", "counts:dispatch_counts",
+                      "[C_send, *feat] state dtype (one row per token and distinct expert rank)"),
+             CommStep("all_to_all", "dispatch_meta", "world", "counts:dispatch_counts",
+                      "[C_send, k + 4] int64 (expert ids, anchor, is_anchor, home rank, home index)"),
+             CommStep("all_to_all", "dispatch", "world", "counts:dispatch_counts", "[C_send, k] fp32 weights"),
+             CommStep("exchange_counts", "combine_counts", "world", "fixed", "[G] int64"),
+             CommStep("all_to_all", "combine", "world", "counts:combine_counts", "[P_send, H] fp32 partial sums"),
+             CommStep("all_to_all", "combine_meta", "world", "counts:combine_counts", "[P_send, k + 4] int64")]
+    if last:
+        steps += [CommStep("exchange_counts", "home_counts", "world", "fixed", "[G] int64"),
+                  CommStep("all_to_all", "home", "world", "counts:home_counts", "[T, *feat] rows back to their rank"),
+                  CommStep("all_to_all", "home_meta", "world", "counts:home_counts", "[T, 2] int64")]
+    return LayerSchedule(layer, COHERENT_MODE, group_size, 0, tuple(tuple(e) for e in experts_per_rank), 1,
+                         tuple(steps))

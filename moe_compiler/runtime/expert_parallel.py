@@ -3,7 +3,10 @@
     options={"expert_parallel": True}                          # group = world, mode "all_to_all",
                                                                # contiguous placement
     options={"expert_parallel": {"group": pg,                  # a ProcessGroup, its name, or None (world)
-                                 "mode": "all_to_all",         # or "hierarchical" (intra- then inter-node)
+                                 "mode": "all_to_all",         # or "hierarchical" (intra- then inter-node),
+                                                               # "coherent" (ExFlow: one dispatch all-to-all
+                                                               # per layer along chains of MoE layers joined
+                                                               # by per-token ops), "auto" (cost model)
                                  "ranks_per_node": 2,          # hierarchical only: ranks of one node
                                  "placement": "plan.json",     # or a Placement object; default contiguous
                                  "overlap_degree": 1,          # token chunks per layer (Tutel)
@@ -27,7 +30,7 @@ import os
 
 import torch
 
-MODES = ("all_to_all", "hierarchical")
+MODES = ("all_to_all", "hierarchical", "coherent")
 KEYS = ("group", "mode", "placement", "ranks_per_node", "overlap_degree", "movement", "materialize", "replicate",
         "rematerialize", "load_window")
 MOVEMENTS = ("tokens", "weights", "auto")
