@@ -61,8 +61,21 @@ def model_dims() -> tuple[int, int]:
     return 64, 64
 
 
+def transition_counts(expert_ids: np.ndarray, num_experts: int) -> list:
+    """[tokens, L, k] ids -> per layer l < L-1 an [E, E] int64 table: how often expert a at layer l is followed
+    by expert b at layer l+1 (ExpertFlow's routing-path statistics, from tokens the bench does not run)."""
+    L = expert_ids.shape[1]
+    out = []
+    for l in range(L - 1):
+        a, b = expert_ids[:, l, :], expert_ids[:, l + 1, :]
+        t = np.zeros((num_experts, num_experts), dtype=np.int64)
+        np.add.at(t, (np.repeat(a, b.shape[1], axis=1).ravel(), np.tile(b, (1, a.shape[1])).ravel()), 1)
+        out.append(t)
+    return out
+
+
 # ------------------------------------------------------------------ runs inside each rank
-def worker(rank, world, ids, w, num_experts, hidden, ffn, placements, repeats):
+def worker(rank, world, ids, w, num_experts, hidden, ffn, placements, repeats, successors):
     import torch.distributed as dist
 
     from moe_compiler import reference
@@ -80,6 +93,7 @@ def worker(rank, world, ids, w, num_experts, hidden, ffn, placements, repeats):
     w2 = [torch.randn(num_experts, hidden, ffn, generator=g) * 0.5 * ffn ** -0.5 for _ in range(L)]
     x_all = torch.randn(T_all, hidden, generator=g)
     ids_t, w_t = torch.from_numpy(ids), torch.from_numpy(w)
+    successors = [torch.from_numpy(s) for s in successors]
     spec = MoESpec(RouterSpec(num_experts, k), ExpertSpec(hidden, ffn))
     x = x_all[mine]
 
@@ -138,10 +152,17 @@ def worker(rank, world, ids, w, num_experts, hidden, ffn, placements, repeats):
                 s = s + back.view(world, T, hidden).sum(0)
             return s
 
-        def coherent():
+        def coherent(hint=None):
             def route(l, meta):
                 gidx = meta[:, 0] * T + meta[:, 1]
                 return ids_t[gidx, l], w_t[gidx, l]
+
+            def predict(l, meta):  # the next layer's likely experts, from the token's experts at layer l
+                gidx = meta[:, 0] * T + meta[:, 1]
+                if hint == "oracle":
+                    return ids_t[gidx, l + 1]
+                votes = successors[l][ids_t[gidx, l]].sum(1)          # [n, E] transition counts
+                return votes.topk(k, dim=1).indices
 
             def experts(l, rows, e):
                 if rows.shape[0] == 0:
@@ -149,9 +170,11 @@ def worker(rank, world, ids, w, num_experts, hidden, ffn, placements, repeats):
                 ones = torch.ones((rows.shape[0], 1))
                 return reference.experts_forward(rows, lidx[l][e].unsqueeze(1), ones, *lw[l], spec.experts)
 
-            return coherent_stack_forward(x, route, experts, plans)
+            return coherent_stack_forward(x, route, experts, plans, predict=None if hint is None else predict)
 
-        runs = {"allgather": allgather, "a2a": lambda: a2a(plans), "hier": lambda: a2a(hplans), "coherent": coherent}
+        runs = {"allgather": allgather, "a2a": lambda: a2a(plans), "hier": lambda: a2a(hplans),
+                "coherent_nohint": coherent, "coherent": lambda: coherent("path"),
+                "coherent_oracle": lambda: coherent("oracle")}
         for style, fn in runs.items():
             if style == "allgather" and any(len(r) > 1 for rows in rows_per_layer for r in rows):
                 continue
@@ -204,7 +227,8 @@ def main(argv=None) -> dict:
     placements = {"contiguous": [contiguous_rows(E, a.ranks)] * L, "planned": list(planned.placement.layers)}
     t0 = time.perf_counter()
     res = run_ranks("ep:worker", a.ranks, dict(ids=ids, w=w, num_experts=E, hidden=hidden, ffn=ffn,
-                                               placements=placements, repeats=repeats),
+                                               placements=placements, repeats=repeats,
+                                               successors=transition_counts(plan_trace.expert_ids, E)),
                     timeout=600, pg_timeout=120, python_path=(os.path.dirname(os.path.abspath(__file__)),))
     run_s = time.perf_counter() - t0
     print(f"routing: {src}, {ids.shape[0]} tokens x {L} layers, {E} experts, top-{ids.shape[2]}; "

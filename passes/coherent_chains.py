@@ -16,10 +16,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.fx
 
 from moe_compiler.codegen.comm import row_program
 from moe_compiler.codegen.comm.row_program import NotRowWise, RowProgram
+
+_aten = torch.ops.aten
+# metadata checks functionalization leaves on values; they read a chain's values but need no copy of them
+CHECKS = {_aten._assert_tensor_metadata.default, _aten._assert_scalar.default}
 
 # a state candidate is searched among this many nodes around a MoE op (keeps the search linear)
 _WINDOW = 64
@@ -46,8 +51,9 @@ class Chain:
 
 
 def layer_path(moe: torch.fx.Node) -> str:
-    spec = moe.meta.get("moe_spec")
-    return getattr(spec, "path", None) or moe.name
+    from moe_compiler.ir import MoESpec
+
+    return MoESpec.from_json(moe.args[-1]).path or moe.name
 
 
 def find_chains(moes: list, is_param) -> tuple[list, dict]:
@@ -182,7 +188,7 @@ def _escapes(layers, states, end, start) -> bool:
         inside |= layer.hidden.nodes | layer.logits.nodes | layer.post.nodes | {layer.moe}
     moes, memo = {layer.moe for layer in layers}, {}
     after = {n for n in inside if _depends_on(n, moes, start, memo)}
-    return any(u not in inside for n in after if n is not end for u in n.users)
+    return any(u not in inside and u.target not in CHECKS for n in after if n is not end for u in n.users)
 
 
 def _depends_on(n, targets, stop, _memo=None) -> bool:

@@ -44,7 +44,7 @@ from moe_compiler.codegen.comm.schedule import Schedule, plan_coherent_layer, pl
 from moe_compiler.config import ConfigError
 from moe_compiler.ir import MOE_OP, MoESpec
 from moe_compiler.pipeline import DumpWriter, PassContext, PassResult
-from moe_compiler.passes.coherent_chains import find_chains
+from moe_compiler.passes.coherent_chains import CHECKS, find_chains
 from moe_compiler.runtime.expert_parallel import check_rows, contiguous_rows, load_placement, normalize_options
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,8 @@ class SparseCollectives:
                 per_rank = [[e for e, r in enumerate(plan.placement) if g in r] for g in range(size)]
                 schedule.layers.append(plan_coherent_layer(spec.path or layer.moe.name, size, per_rank,
                                                            last=layer is chain.layers[-1]))
-            self._emit_chain(gm.graph, chain, plans, [specs[l.moe] for l in chain.layers])
+            key = self._emit_chain(gm.graph, chain, plans, [specs[l.moe] for l in chain.layers])
+            self._dump_chain(ctx, key, chain)
             chained += len(chain.layers)
             log.info("sparse_collectives: coherent chain %s (%d layers)", " -> ".join(names), len(names))
         for n, reason in why.items():
@@ -225,7 +226,8 @@ class SparseCollectives:
         out_dims, out_feat = row_layout(chain.end, chain.token_dims)
         program = coherent.ChainProgram(programs, state_dims, tuple(out_feat), chain.end.meta["val"].dtype,
                                         out_flat=out_dims == 1 and state_dims > 1)
-        spec_text = json.dumps({"key": coherent.register_chain(program), "layers": chain.names})
+        key = coherent.register_chain(program)
+        spec_text = json.dumps({"key": key, "layers": chain.names})
         with graph.inserting_before(chain.end):
             op = graph.call_function(coherent.COHERENT_CHAIN_OP, (chain.start, operands, spec_text))
         with _compat.fake_mode_of(graph.owning_module):
@@ -237,10 +239,27 @@ class SparseCollectives:
         inside = {chain.end} | {layer.moe for layer in chain.layers}
         for layer in chain.layers:
             inside |= layer.hidden.nodes | layer.logits.nodes | layer.post.nodes
+        for n in list(inside):   # metadata checks of values the chain now computes inside the op
+            for u in list(n.users):
+                if u.target in CHECKS and not u.users:
+                    graph.erase_node(u)
         order = {n: i for i, n in enumerate(graph.nodes)}
         for n in sorted(inside, key=order.__getitem__, reverse=True):
             if not n.users:
                 graph.erase_node(n)
+        return key
+
+    def _dump_chain(self, ctx, key: str, chain) -> None:
+        """coherent_<key>.py beside the pass dumps: the row programs each rank runs between the collectives."""
+        from moe_compiler.backend import _dump_root
+
+        text = [f"# coherent chain {key}: {' -> '.join(chain.names)}; state = {chain.start.name}, output = "
+                f"{chain.end.name}\n# rows [n, *feat]; free operands = parameters (in the op's operand list)\n"]
+        for layer, name in zip(chain.layers, chain.names):
+            for what, prog in (("hidden", layer.hidden), ("router_logits", layer.logits), ("post", layer.post)):
+                text.append(f"# ---- {name}: {what} (free: {[n.name for n in prog.free]})")
+                text.append(prog.module.code.strip() + "\n")
+        DumpWriter(_dump_root(ctx.config), ctx.graph_id).write(f"coherent_{key}.py", "\n".join(text))
 
     def _emit_fssdp(self, graph, node, spec: MoESpec, plan: "fssdp.FSSDPPlan") -> None:
         new_spec = spec.replace(notes=spec.notes + ((fssdp.NOTE, plan.to_json()),))

@@ -102,3 +102,42 @@ class ResidualMoEStack(nn.Module):
         for layer in self.layers:
             x = x + layer(F.layer_norm(x, x.shape[-1:]))
         return x
+
+
+class ChainedMoEStack(nn.Module):
+    """Residual MoE blocks joined by per-token ops only (coherent-mode tests):
+    x = x + moe(norm(x)) [+ shared(norm(x))] [+ pos_mix(x) between blocks].
+
+    norm: "layer_norm" (no affine) | "rms" (learned weight, HF-style fp32 upcast) | "none".
+    mix_tokens=True adds a cumulative sum over the sequence after the first block (tokens interact:
+    coherent mode must not chain across it)."""
+
+    def __init__(self, layers=2, hidden=16, ffn=12, experts=6, top_k=2, norm="layer_norm", shared=False,
+                 mix_tokens=False):
+        super().__init__()
+        from moe_compiler import MoELayer
+
+        self.norm = norm
+        self.layers = nn.ModuleList([MoELayer(hidden, ffn, experts, top_k) for _ in range(layers)])
+        self.norm_w = nn.ParameterList([nn.Parameter(1 + 0.1 * torch.randn(hidden)) for _ in range(layers)])
+        self.shared = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(layers)]) if shared else None
+        self.mix_tokens = mix_tokens
+
+    def _norm(self, x, i):
+        if self.norm == "layer_norm":
+            return F.layer_norm(x, x.shape[-1:])
+        if self.norm == "rms":
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+            return self.norm_w[i] * h.to(x.dtype)
+        return x
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            h = self._norm(x, i)
+            x = x + layer(h)
+            if self.shared is not None:
+                x = x + self.shared[i](h)
+            if self.mix_tokens and i == 0:
+                x = x + 0.1 * x.cumsum(1)
+        return x

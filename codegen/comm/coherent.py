@@ -72,8 +72,8 @@ def anchor_slot(dest: torch.Tensor, rank: int, prefer: torch.Tensor | None = Non
 
 def _rank_votes(ids: torch.Tensor, plan: EPPlan, rank: int, size: int) -> torch.Tensor:
     """Predicted ids [n, k'] -> [n, G] how many of them each rank holds."""
-    n = ids.shape[0]
-    dest = slot_destinations(ids.reshape(-1), plan, rank).view(n, -1)
+    n, k = ids.shape
+    dest = slot_destinations(ids.reshape(-1), plan, rank).view(n, k)
     return torch.zeros(n, size, dtype=torch.int64).scatter_add_(1, dest, torch.ones_like(dest))
 
 
