@@ -6,6 +6,9 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import moe_compiler
 from moe_compiler.codegen.comm.ep import EPPlan, slot_destinations
@@ -16,7 +19,8 @@ from moe_compiler.runtime.expert_parallel import contiguous_rows, expert_bytes_p
 
 
 @pytest.mark.parametrize("value, match", [
-    ({"mode": "coherent"}, r"expert_parallel\['mode'\] must be one of \['all_to_all', 'hierarchical', 'auto'\]"),
+    ({"mode": "single"}, r"expert_parallel\['mode'\] must be one of \['all_to_all', 'hierarchical', 'coherent', "
+                         r"'auto'\]"),
     ({"modes": "all_to_all"}, r"unknown keys \['modes'\]; accepted keys are"),
     ({"mode": "hierarchical"}, r"ranks_per_node'\] must be a positive int"),
     ({"ranks_per_node": 2}, r"only accepted with mode 'hierarchical'"),
@@ -108,3 +112,83 @@ def test_auto_mode_follows_the_cost_model_decision():
     assert _mode_from_cost_model(with_choice("two_all_to_all"), "world", 4, 2) == "all_to_all"
     assert _mode_from_cost_model(with_choice("single_all_to_all"), "world", 4, 2) == "all_to_all"
     assert _mode_from_cost_model(base, "world", 4, 2) == "all_to_all"  # cost_decisions did not run
+
+
+# ------------------------------------------------------------------ row programs (coherent mode)
+def _traced(fn, *args):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return make_fx(fn, tracing_mode="fake")(*args)
+
+
+def _program_of(gm, token_dims, activations=("x_1",)):
+    from moe_compiler.codegen.comm.row_program import extract
+
+    nodes = list(gm.graph.nodes)
+    x = next(n for n in nodes if n.op == "placeholder")
+    out = next(n for n in nodes if n.op == "output").args[0][0]
+    return extract([out], [x], token_dims, lambda n: n.op in ("placeholder", "get_attr") and n.name not in activations
+                   or (n.op == "call_function" and all(a.name not in activations for a in n.all_input_nodes))), x, out
+
+
+_ROW_OPS = {
+    "layer_norm": lambda x, w: F.layer_norm(x, x.shape[-1:]),
+    "rms": lambda x, w: w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype),
+    "linear": lambda x, w: F.linear(x, w[None, :].expand(x.shape[-1], -1) * 0.1),
+    "gelu": lambda x, w: F.gelu(x),
+    "softmax": lambda x, w: torch.softmax(x, dim=-1),
+    "unflatten": lambda x, w: x.reshape(*x.shape[:-1], 2, x.shape[-1] // 2).transpose(-1, -2).reshape(x.shape),
+    "cat_split": lambda x, w: torch.cat([x, x * 2], dim=-1)[..., : x.shape[-1]] + x.sum(-1, keepdim=True),
+    "bias": lambda x, w: x + w,
+}
+
+
+@settings(max_examples=25, deadline=None)
+@given(ops=st.lists(st.sampled_from(sorted(_ROW_OPS)), min_size=1, max_size=5),
+       token_dims=st.sampled_from([(6,), (2, 3), (3, 1, 2)]), seed=st.integers(0, 1000))
+def test_row_program_runs_on_any_row_subset(ops, token_dims, seed):
+    """Generates: chains of per-token ops (norms, linear, activations, views/transposes of feature dims,
+    cat/slice, broadcast parameters) over inputs with 1-3 token dims; the extracted row program on a
+    random subset of the rows, in random order, equals the graph's output on those rows."""
+    H = 8
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(*token_dims, H, generator=g), torch.randn(H, generator=g)
+
+    def fn(x, w):
+        for op in ops:
+            x = _ROW_OPS[op](x, w)
+        return (x,)
+
+    gm = _traced(fn, x, w)
+    prog, _, _ = _program_of(gm, token_dims)
+    rows = x.reshape(-1, H)
+    pick = torch.randperm(rows.shape[0], generator=g)[: max(1, rows.shape[0] - 2)]
+    values = {}
+
+    class Record(torch.fx.Interpreter):
+        def run_node(self, n):
+            values[n] = super().run_node(n)
+            return values[n]
+
+    Record(gm).run(x, w)
+    free = [values[n] for n in prog.free]
+    got = prog([rows[pick]], free)[0]
+    want = fn(x, w)[0].reshape(-1, H)[pick]
+    torch.testing.assert_close(got, want)
+    empty = prog([rows[:0]], free)[0]
+    assert empty.shape == (0, H)
+
+
+@pytest.mark.parametrize("fn, what", [
+    (lambda x, w: torch.softmax(x @ x.transpose(-1, -2), -1) @ x, "transpose|bmm"),  # attention
+    (lambda x, w: x.cumsum(1), "cumsum"),                                          # running sum over the sequence
+    (lambda x, w: x - x.mean(1, keepdim=True), "mean"),              # reduction over tokens
+    (lambda x, w: x + w, "per-token data"),                                       # w is an activation here
+])
+def test_row_program_refuses_token_mixing_with_the_op_named(fn, what):
+    from moe_compiler.codegen.comm.row_program import NotRowWise
+
+    x, w = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    gm = _traced(lambda x, w: (fn(x, w),), x, w)
+    with pytest.raises(NotRowWise, match=what):
+        _program_of(gm, (2, 3), activations=("x_1", "w_1"))
