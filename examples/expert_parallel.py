@@ -10,6 +10,9 @@ against single-process eager, and the script prints the bytes each mode moved be
 (hidden-state payload and routing metadata, summed over ranks), plus the expert weight bytes
 each rank needs under the placement (moe_compiler.explain reports the same). The "fssdp" mode
 (``{"movement": "weights"}``) moves the experts each rank's tokens use instead of the tokens.
+Mode "coherent" keeps tokens on their experts' ranks between MoE layers joined by per-token ops
+only; Mixtral has attention between its MoE layers, so the script prints why it falls back to two
+all-to-alls there (tests/test_ep_distributed.py runs it where it applies).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import sys
 import torch
 
 MODES = (("all_to_all", {}), ("hierarchical", {"ranks_per_node": 2}),
+         ("coherent", {}),                     # ExFlow: applies only where MoE layers are joined by per-token ops
          ("fssdp", {"movement": "weights"}))   # Hecate: the experts move to the tokens instead
 
 
@@ -40,6 +44,7 @@ def build_model():
 
 def rank_main(rank, world, tokens):
     from moe_compiler.codegen.comm.executor import record_traffic
+    from moe_compiler.explain import collect_records
     from moe_compiler.runtime.expert_parallel import expert_bytes_per_rank
 
     model = build_model()
@@ -53,13 +58,15 @@ def rank_main(rank, world, tokens):
         compiled = torch.compile(model, backend="moe", options={
             "expert_parallel": opts, "inner_backend": "eager", "strict": True})
         with torch.no_grad():
-            compiled(ids)  # compile (collectives run too: every rank compiles the same graph)
+            with collect_records() as records:
+                compiled(ids)  # compile (collectives run too: every rank compiles the same graph)
             with record_traffic() as traffic:
                 logits = compiled(ids).logits
         torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
         payload = sum(t["bytes_remote"] for t in traffic if not t["step"].endswith("_meta"))
         meta = sum(t["bytes_remote"] for t in traffic if t["step"].endswith("_meta"))
-        out[mode] = dict(payload=payload, meta=meta, steps=len(traffic))
+        out[mode] = dict(payload=payload, meta=meta, steps=len(traffic),
+                         strategy=[layer.strategy for rec in records for layer in rec.moe_layers][:1])
     return out
 
 
@@ -83,6 +90,8 @@ def main(argv=None):
         what = "expert weights (sparse all-gather)" if mode == "fssdp" else "hidden states"
         print(f"{mode:<13} moved {payload:>8} B of {what} + {meta:>6} B of routing metadata between ranks "
               f"({res[0][mode]['steps']} data collectives per rank, count/load exchanges not counted)")
+        if mode == "coherent":
+            print(f"{'':<13} layer 0: {res[0][mode]['strategy'][0] if res[0][mode]['strategy'] else '?'}")
 
 
 if __name__ == "__main__":

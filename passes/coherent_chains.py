@@ -131,7 +131,7 @@ def _longest_chain(moes, i, order, is_param):
     """The longest valid chain starting at moes[i], or (None, reason)."""
     first = moes[i]
     token_dims = _token_dims(first)
-    last_err = None
+    last_err = link_err = None  # why no state feeds the layer / why the nearest state joins no next layer
     for start in _ancestors_before(first, order):
         try:
             hp, lp = _pre(first, start, token_dims, is_param)
@@ -154,7 +154,7 @@ def _longest_chain(moes, i, order, is_param):
             links.append((nstate, post))
             state, hp, lp = nstate, nhp, nlp
         if len(layers) < 2:
-            last_err = reason or last_err
+            link_err = reason or link_err  # the furthest state that feeds the layer explains best
             continue
         # the longest prefix whose values stay inside the chain, ending at a valid S_n
         for n in range(len(layers), 1, -1):
@@ -163,7 +163,7 @@ def _longest_chain(moes, i, order, is_param):
                 return chain, reason
         return None, (f"values computed inside {layer_path(first)}..{layer_path(layers[-1][0])} are read outside "
                       "the chain (e.g. router logits by an aux loss, or per-layer hidden states)")
-    return None, str(last_err) if last_err else "no per-token state feeds the layer"
+    return None, link_err or (str(last_err) if last_err else "no per-token state feeds the layer")
 
 
 def _close(start, layers, links, token_dims, order, is_param):
