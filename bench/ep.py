@@ -14,13 +14,22 @@ placement:
   a2a         two all-to-alls per layer (moe_compiler's expert_parallel "all_to_all" executor)
   hier        the same, hierarchical: intra-node then inter-node (2 ranks per node)
   coherent    one dispatch all-to-all per layer (+ the top-k partial combine to the token's anchor),
-              tokens return home once at the end (codegen/comm/coherent.py)
+              tokens return home once at the end (codegen/comm/coherent.py); the anchor is the expert
+              rank holding most of the token's predicted next-layer experts, predicted from its
+              experts at this layer with transition counts of the trace's other tokens (ExpertFlow-
+              style path statistics). coherent_nohint: no prediction; coherent_oracle: the true next
+              layer's experts (a bound, not a method)
+Placements: contiguous, planned (ILP, one copy per expert) and replicated (the ILP with one extra
+copy per rank and layer: more expert memory, printed as copies per expert).
 
 Bytes are hidden-state payload bytes sent to OTHER ranks, summed over ranks, per layer; routing
 metadata (ids, counts) is reported apart. Every style's output is compared with single-process
 eager on each rank's tokens. The LAST line is one JSON object:
   bytes_coherent_over_a2a     coherent / two-all-to-all payload bytes, planned placement (target <= 0.55)
   bytes_a2a_over_allgather    two-all-to-all / allgather payload bytes, contiguous placement
+  bytes_coherent_replicated_over_a2a_replicated, bytes_coherent_replicated_over_a2a
+                              coherent on the replicated placement / two all-to-alls on it, and / two
+                              all-to-alls on the planned one-copy placement; expert_copies_replicated
   outputs_equal               every style == single-process eager on every rank (rtol = atol = 1e-5)
 ``--quick`` (under a minute on 2 cores): 1024 tokens, 4 ranks.
 """
@@ -224,7 +233,11 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     planned = plan(plan_trace, Topology(a.ranks, 2), method="ilp", time_limit=10 if a.quick else 60, progress=False)
     plan_s = time.perf_counter() - t0
-    placements = {"contiguous": [contiguous_rows(E, a.ranks)] * L, "planned": list(planned.placement.layers)}
+    replicated = plan(plan_trace, Topology(a.ranks, 2), method="ilp", replica_slots=1,
+                      time_limit=10 if a.quick else 60, progress=False)
+    placements = {"contiguous": [contiguous_rows(E, a.ranks)] * L, "planned": list(planned.placement.layers),
+                  "replicated": list(replicated.placement.layers)}
+    copies = sum(len(r) for rows in replicated.placement.layers for r in rows) / (E * L)
     t0 = time.perf_counter()
     res = run_ranks("ep:worker", a.ranks, dict(ids=ids, w=w, num_experts=E, hidden=hidden, ffn=ffn,
                                                placements=placements, repeats=repeats,
@@ -233,6 +246,7 @@ def main(argv=None) -> dict:
     run_s = time.perf_counter() - t0
     print(f"routing: {src}, {ids.shape[0]} tokens x {L} layers, {E} experts, top-{ids.shape[2]}; "
           f"{a.ranks} gloo ranks (2 per node), hidden {hidden}, ffn {ffn}, fp32")
+    print(f"replicated: the ILP with one extra copy per rank and layer ({copies:.2f} copies per expert)")
     print(f"planned placement: ILP over {plan_trace.expert_ids.shape[0]} other tokens in {plan_s:.1f}s; "
           f"ranks run {run_s:.1f}s")
     print(f"{'placement':<11} {'style':<10} {'KiB/layer':>10} {'meta KiB/l':>10} {'ms/layer':>9}  equal")
@@ -255,6 +269,13 @@ def main(argv=None) -> dict:
                                                     / agg[("contiguous", "a2a")]["payload"], 4),
         "bytes_planned_over_contiguous_a2a": round(agg[("planned", "a2a")]["payload"]
                                                    / agg[("contiguous", "a2a")]["payload"], 4),
+        # one extra expert copy per rank and layer (expert memory x copies): coherent sends to the
+        # local/most-shared copy, two all-to-alls spread a replicated expert's slots over its copies
+        "bytes_coherent_replicated_over_a2a_replicated": round(agg[("replicated", "coherent")]["payload"]
+                                                               / agg[("replicated", "a2a")]["payload"], 4),
+        "bytes_coherent_replicated_over_a2a": round(agg[("replicated", "coherent")]["payload"]
+                                                    / agg[("planned", "a2a")]["payload"], 4),
+        "expert_copies_replicated": round(copies, 3),
         "outputs_equal": all(v["equal"] for v in agg.values()),
         "routing": src,
     }

@@ -192,3 +192,24 @@ def test_row_program_refuses_token_mixing_with_the_op_named(fn, what):
     gm = _traced(lambda x, w: (fn(x, w),), x, w)
     with pytest.raises(NotRowWise, match=what):
         _program_of(gm, (2, 3), activations=("x_1", "w_1"))
+
+
+def test_coherent_destinations_prefer_the_local_then_the_shared_copy():
+    from moe_compiler.codegen.comm.coherent import anchor_slot, coherent_destinations
+
+    # expert 0 on ranks 0 and 2, expert 1 on rank 2, expert 2 on rank 1, expert 3 on ranks 1 and 3
+    plan = EPPlan("world", "coherent", ((0, 2), (2,), (1,), (1, 3)))
+    ids = torch.tensor([[0, 2], [0, 1], [3, 2], [3, 1], [1, 2]])
+    on0 = coherent_destinations(ids, plan, rank=0)
+    # tie -> local copy; the copy beside expert 1 (one rank instead of two); beside expert 2
+    assert on0[[0, 1, 2, 4]].tolist() == [[0, 1], [2, 2], [1, 1], [2, 1]]
+    assert int(on0[3, 0]) in (1, 3) and int(on0[3, 1]) == 2
+    on3 = coherent_destinations(ids, plan, rank=3)
+    assert on3[2].tolist() == [1, 1] and on3[3].tolist() == [3, 2]    # rank 3's own copy of expert 3
+    # one copy per expert: the plain placement
+    flat = EPPlan("world", "coherent", ((0,), (1,), (1,), (0,)))
+    assert coherent_destinations(ids, flat, rank=1).tolist() == slot_destinations(ids.reshape(-1), flat, 1).view(5, 2).tolist()
+    # the anchor follows the predicted next-layer experts' ranks when given
+    dest = torch.tensor([[0, 2], [0, 2]])
+    prefer = torch.tensor([[0, 0, 2, 0], [0, 0, 0, 0]])
+    assert anchor_slot(dest, rank=0, prefer=prefer).tolist() == [1, 0]

@@ -70,11 +70,39 @@ def anchor_slot(dest: torch.Tensor, rank: int, prefer: torch.Tensor | None = Non
     return score.argmax(1)
 
 
-def _rank_votes(ids: torch.Tensor, plan: EPPlan, rank: int, size: int) -> torch.Tensor:
-    """Predicted ids [n, k'] -> [n, G] how many of them each rank holds."""
+def coherent_destinations(ids: torch.Tensor, plan: EPPlan, rank: int) -> torch.Tensor:
+    """ids [n, k] on this rank -> the rank [n, k] each slot is sent to. A replicated expert's copy is
+    chosen for locality: the copy on a rank holding most of the token's experts, then this rank's
+    copy, then the round-robin spread of slot_destinations; one-copy experts go to their rank."""
     n, k = ids.shape
-    dest = slot_destinations(ids.reshape(-1), plan, rank).view(n, k)
-    return torch.zeros(n, size, dtype=torch.int64).scatter_add_(1, dest, torch.ones_like(dest))
+    spread = slot_destinations(ids.reshape(-1), plan, rank).view(n, k)
+    if max(len(r) for r in plan.placement) == 1 or ids.numel() == 0:
+        return spread
+    E, G = len(plan.placement), max(max(r) for r in plan.placement) + 1
+    width = max(len(r) for r in plan.placement)
+    holds = torch.zeros(E, G, dtype=torch.int64)
+    table = torch.full((E, width), -1, dtype=torch.int64)
+    for e, ranks in enumerate(plan.placement):
+        holds[e, list(ranks)] = 1
+        table[e, :len(ranks)] = torch.tensor(ranks)
+    cand = table[ids]                                                   # [n, k, W] (-1: no copy)
+    valid = cand >= 0
+    c = cand.clamp(min=0)
+    others = holds[ids].sum(1)                                          # [n, G] experts each rank holds
+    # fewest distinct ranks first (a copy beside the token's other experts saves a dispatch row and a
+    # combine row), then this rank's copy, then the round-robin spread
+    score = others.gather(1, c.view(n, -1)).view(n, k, width) * 4 + (c == rank).long() * 2 \
+        + (c == spread[:, :, None]).long()
+    score = torch.where(valid, score, torch.full_like(score, -1))
+    return c.gather(2, score.argmax(2, keepdim=True))[:, :, 0]
+
+
+def _rank_votes(ids: torch.Tensor, plan: EPPlan, size: int) -> torch.Tensor:
+    """Predicted ids [n, k'] -> [n, G] how many of them each rank holds a copy of."""
+    holds = torch.zeros(len(plan.placement), size, dtype=torch.int64)
+    for e, ranks in enumerate(plan.placement):
+        holds[e, list(ranks)] = 1
+    return holds[ids].sum(1)
 
 
 def coherent_forward(x: torch.Tensor, layers: list, group=None) -> torch.Tensor:
@@ -86,11 +114,11 @@ def coherent_forward(x: torch.Tensor, layers: list, group=None) -> torch.Tensor:
     for i, layer in enumerate(layers):
         ids, w = layer.route(state, meta)
         n, k = ids.shape
-        dest = slot_destinations(ids.reshape(-1), layer.plan, hop.rank).view(n, k)
+        dest = coherent_destinations(ids, layer.plan, hop.rank)
         prefer = None
         if layer.predict is not None and i + 1 < len(layers):
             with torch.no_grad():
-                prefer = _rank_votes(layer.predict(state, meta), layers[i + 1].plan, hop.rank, hop.size)
+                prefer = _rank_votes(layer.predict(state, meta), layers[i + 1].plan, hop.size)
         anchor = dest.gather(1, anchor_slot(dest, hop.rank, prefer)[:, None])[:, 0]
         # one row per (token, destination rank): the first slot of each rank carries the token's
         # experts on that rank ([k] ids, -1 elsewhere) and their weights (0 elsewhere)
