@@ -13,6 +13,8 @@ weights). Variants, all on identical teacher-forced tokens from held-out text:
     pred+<policy>     offload with hoist_prefetch (Fate) and policy lru / arc / shallow / predicted,
                       top-(k+1) experts predicted per token
     pred2+shallow     the same with top-(k+2) per token (option prefetch_extra=2)
+    res+<policy>      prefetch_source "residual": each layer predicted from the residual stream entering
+                      its block, through its own norm and router (loads overlap the block's attention)
 
 Each repetition runs every variant in turn (interleaved): a prompt of --prompt tokens per sequence
 (prefill), then --decode single-token steps with a KV cache. Expert reads go to disk: the store drops
@@ -57,7 +59,8 @@ def heldout_tokens(batch: int, length: int) -> torch.Tensor:
 
 
 class Variant:
-    def __init__(self, name: str, budget, policy: str | None, prefetch: bool, root: str, extra: int = 1):
+    def __init__(self, name: str, budget, policy: str | None, prefetch: bool, root: str, extra: int = 1,
+                 source: str = "gate"):
         self.name, self.budget, self.policy, self.prefetch, self.extra = name, budget, policy, prefetch, extra
         self.model = ReferenceLM.load(MODEL_DIR)
         options = {"inner_backend": "eager"}
@@ -66,7 +69,7 @@ class Variant:
             folder = os.path.join(root, name.replace("+", "_"))
             shutil.rmtree(folder, ignore_errors=True)
             options["offload"] = {"budget": budget, "policy": policy, "dir": folder, "prefetch": prefetch,
-                                  "prefetch_extra": extra}
+                                  "prefetch_extra": extra, "prefetch_source": source}
             self.store_id, self.store = offload.store_for(offload.normalize_options(options["offload"]))
         self.fn = torch.compile(self.model, backend="moe", options=options, dynamic=False)
         self.prefill_s, self.decode_s, self.outputs = [], [], None
@@ -137,6 +140,8 @@ def main(argv=None):
         variants += [Variant(f"pred+{p}@{pct}", b, p, True, root) for p in policies]
         # a wider prediction (top-(k+2) per token): more recall for more wasted loads
         variants.append(Variant(f"pred2+shallow@{pct}", b, "shallow", True, root, extra=2))
+        # predicted from the residual stream entering each block (prefetch_source "residual")
+        variants += [Variant(f"res+{p}@{pct}", b, p, True, root, source="residual") for p in ("lru", "shallow")]
     print(f"reference model, batch {args.batch}, prompt {args.prompt}, {decode} decode steps, {reps} reps "
           f"(+1 warm-up), {len(variants)} variants", flush=True)
 
@@ -191,7 +196,7 @@ def main(argv=None):
           f"while {len(variants)} compiled copies ran (the model is far below RSS noise: the store's peak bytes "
           "above are the memory figure)")
     by = {r["variant"]: r for r in rows}
-    at50 = [r for r in rows if r["variant"].startswith("pred") and r["variant"].endswith("@50")]
+    at50 = [r for r in rows if r["variant"].startswith(("pred", "res+")) and r["variant"].endswith("@50")]
     best = max(at50, key=lambda r: r["decode"]["hit_rate"] or 0) if at50 else None
     headline = {
         "hit_rate_at_50pct": best["decode"]["hit_rate"] if best else None,  # decode; prefill in the table

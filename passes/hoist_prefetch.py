@@ -76,6 +76,50 @@ def _gate(node, param_nodes):
     return "its router does not read its expert input through parameters only"
 
 
+def _residual_source(gate_input, param_nodes, limit: int = 64):
+    """prefetch_source "residual": the residual stream entering the layer's block.
+
+    The gate input is norm(x_mid) with x_mid = x_in + f(x_in) (attention); returns (x_in, the norm
+    nodes from x_mid to the gate input, x_mid) or a reason string. x_mid is the nearest add of two
+    activations the gate input follows from through parameters only; x_in is its operand the other
+    operand is computed from."""
+    seen, frontier = [], [gate_input]
+    while frontier and len(seen) < limit:
+        n = frontier.pop(0)
+        if not isinstance(n, torch.fx.Node) or n in seen:
+            continue
+        seen.append(n)
+        frontier.extend(n.all_input_nodes)
+    for a in seen[1:]:
+        if a.op != "call_function" or a.target is not _aten.add.Tensor or len(a.args) < 2:
+            continue
+        lhs, rhs = a.args[:2]
+        if not (isinstance(lhs, torch.fx.Node) and isinstance(rhs, torch.fx.Node)) or \
+                lhs in param_nodes or rhs in param_nodes:
+            continue
+        norm = _router_slice([gate_input], a, param_nodes)
+        if norm is None:
+            continue
+        if _is_ancestor(lhs, rhs):
+            return lhs, norm, a
+        if _is_ancestor(rhs, lhs):
+            return rhs, norm, a
+    return "no residual add (x + f(x)) found before its norm"
+
+
+def _is_ancestor(a, b, limit: int = 256) -> bool:
+    seen, stack = set(), [b]
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        if n is a:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
+
+
 def _embedding(graph, hidden_size):
     for n in graph.nodes:
         if n.op == "call_function" and n.target is _aten.embedding.default:
@@ -124,6 +168,11 @@ class HoistPrefetch:
         gm.recompile()
         return PassResult(gm, counters["layers_predicted"] > 0, counters)
 
+    @staticmethod
+    def _activations(gm, ctx) -> list:
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        return [n for n, p in zip(placeholders, ctx.placeholder_paths + [None] * len(placeholders)) if not p]
+
     def _hoist(self, gm, ctx, node, m, spec, gates, options, fake_mode, counters) -> str:
         graph = gm.graph
         target = gates[m]
@@ -133,7 +182,15 @@ class HoistPrefetch:
         gate_input, nodes, logits, bias = target
         depth = _depth(spec, options["prefetch_depth"])
         src_index = m - depth
-        if src_index >= 0 and not isinstance(gates[src_index], str):
+        residual = _residual_source(gate_input, set(ph for ph in graph.nodes if ph.op == "placeholder")
+                                    - set(self._activations(gm, ctx))) \
+            if options["prefetch_source"] == "residual" else None
+        if isinstance(residual, tuple):
+            source, norm_nodes, x_mid = residual
+            origin, depth = f"the residual stream {source.name} entering the layer's block", 0
+            nodes = set(nodes) | set(norm_nodes)
+            gate_input = x_mid
+        elif src_index >= 0 and not isinstance(gates[src_index], str):
             source, origin = gates[src_index][0], f"layer {spec_path(gates, src_index, node)} gate input"
         elif src_index >= 0:
             counters["not_predicted"] += 1
@@ -193,9 +250,12 @@ class HoistPrefetch:
         node.args = node.args[:3] + (pred,) + node.args[4:]
         counters["layers_predicted"] += 1
         counters["hoisted_nodes"] += len(nodes) + 1 + (reshape is not None)
-        if src_index < 0:
+        if origin == "the embedding output":
             counters["from_embedding"] += 1
-        return (f"predicted from {origin} ({depth} layer(s) ahead): router copied ({len(nodes)} node(s)), "
+        ahead = f"{depth} layer(s) ahead" if depth else "during the block's attention"
+        if isinstance(residual, str):
+            origin += f"; prefetch_source 'residual' not used: {residual}"
+        return (f"predicted from {origin} ({ahead}): router copied ({len(nodes)} node(s)), "
                 f"top-{min(spec.top_k + extra, spec.num_experts)} per token, experts ranked by votes")
 
 

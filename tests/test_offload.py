@@ -71,7 +71,8 @@ def test_options_are_checked():
     for bad, msg in [({"budgte": 1}, "unknown keys"), ({"policy": "mru"}, "policy"), ({"budget": 1.5}, "fraction"),
                      ({"budget": "lots"}, "cannot read"), ({"prefetch_depth": 0}, "prefetch_depth"),
                      ({"prefetch": "yes"}, "prefetch"), ({"shallow_layers": -1}, "shallow_layers"),
-                     ({"prefetch_extra": -1}, "prefetch_extra"), ({"prefetch_extra": 1.5}, "prefetch_extra")]:
+                     ({"prefetch_extra": -1}, "prefetch_extra"), ({"prefetch_extra": 1.5}, "prefetch_extra"),
+                     ({"prefetch_source": "router"}, r"prefetch_source'\] must be one of \['gate', 'residual'\]")]:
         with pytest.raises(ConfigError, match=msg):
             make_config({"offload": bad})
     with pytest.raises(ConfigError, match="cannot be combined"):
@@ -255,6 +256,23 @@ def test_hoisted_prefetch_in_dumps_and_recompile(tmp_path):
     assert s["prediction_recall"] is not None and 0 <= s["prediction_recall"] <= 1
     assert len(store.layers) == MODEL["layers"]  # the recompile reused the layers
     assert all(p.untyped_storage().nbytes() == 0 for m in model.moes for p in (m.gate_up_proj, m.down_proj))
+
+
+def test_residual_prefetch_source(tmp_path):
+    """prefetch_source "residual": each layer is predicted through its own norm and router from the residual
+    stream before its last residual branch; outputs stay bit-equal and the dump says where it came from."""
+    ids = [torch.randint(0, 50, (2, 5)), torch.randint(0, 50, (2, 5))]
+    ref = _resident(MODEL, ids)
+    torch._dynamo.reset()
+    model, outs, store = _offloaded(MODEL, ids, tmp_path, dump=str(tmp_path / "dumps"), budget=0.5,
+                                    prefetch_source="residual")
+    for a, b in zip(outs, ref):
+        assert torch.equal(a, b)
+    text = open(sorted(glob.glob(str(tmp_path / "dumps" / "*" / "*_hoist_prefetch.after.py")))[0]).read()
+    assert text.count("prefetch_experts.default(") == MODEL["layers"]
+    # layer 0's block has no residual branch before it: the embedding output (Fate's first-layer rule)
+    assert text.count("predicted from the residual stream") == MODEL["layers"] - 1, text
+    assert store.stats()["prediction_recall"] is not None
 
 
 def test_a_missing_expert_file_fails_the_call(tmp_path):

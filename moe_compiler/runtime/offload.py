@@ -7,6 +7,9 @@
         "host_budget": 0,          # optional host tier (bytes or fraction), LRU
         "prefetch": True,          # hoist_prefetch: predict each layer's experts from an earlier gate input
         "prefetch_depth": 1,       # layers ahead to predict from, or "auto" (the cost model's decision)
+        "prefetch_source": "gate", # "gate": an earlier layer's gate input (Fate); "residual": the residual
+                                   # stream entering the layer's block, through the layer's own norm and
+                                   # router (more accurate, loads overlap only the block's attention)
         "prefetch_extra": 1,       # experts predicted per token beyond top-k (more recall, more wasted loads)
         "shallow_layers": 1,       # policy "shallow": leading layers that keep all their experts
         "release_parameters": True,  # free the module's expert weights once they are on disk
@@ -32,8 +35,9 @@ import torch
 from moe_compiler.runtime.cache_policy import POLICIES
 from moe_compiler.runtime.expert_store import ExpertStore, parse_bytes
 
-KEYS = ("budget", "policy", "dir", "host_budget", "prefetch", "prefetch_depth", "prefetch_extra", "shallow_layers",
-        "release_parameters", "drop_page_cache")
+KEYS = ("budget", "policy", "dir", "host_budget", "prefetch", "prefetch_depth", "prefetch_extra", "prefetch_source",
+        "shallow_layers", "release_parameters", "drop_page_cache")
+PREFETCH_SOURCES = ("gate", "residual")
 
 _STORES: dict = {}          # store id -> ExpertStore
 _RELEASED: dict = {}        # id(tensor) -> (weakref, store id, layer index, weight name)
@@ -60,7 +64,7 @@ def normalize_options(value):
     out = {"budget": value.get("budget", 0.5), "policy": value.get("policy", "lru"), "dir": value.get("dir"),
            "host_budget": value.get("host_budget", 0), "prefetch": value.get("prefetch", True),
            "prefetch_depth": value.get("prefetch_depth", 1), "shallow_layers": value.get("shallow_layers", 1),
-           "prefetch_extra": value.get("prefetch_extra", 1),
+           "prefetch_extra": value.get("prefetch_extra", 1), "prefetch_source": value.get("prefetch_source", "gate"),
            "release_parameters": value.get("release_parameters", True),
            "drop_page_cache": value.get("drop_page_cache", True)}
     for key in ("budget", "host_budget"):
@@ -79,6 +83,9 @@ def normalize_options(value):
     extra = out["prefetch_extra"]
     if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
         raise ConfigError(f"option offload['prefetch_extra'] must be an int >= 0, got {extra!r}")
+    if out["prefetch_source"] not in PREFETCH_SOURCES:
+        raise ConfigError(f"option offload['prefetch_source'] must be one of {list(PREFETCH_SOURCES)}, "
+                          f"got {out['prefetch_source']!r}")
     sl = out["shallow_layers"]
     if isinstance(sl, bool) or not isinstance(sl, int) or sl < 0:
         raise ConfigError(f"option offload['shallow_layers'] must be an int >= 0, got {sl!r}")
