@@ -390,16 +390,18 @@ def coherent_compiled_worker(rank, world, cases, dump_dir):
         torch._dynamo.reset()
         counters.clear()
         torch.manual_seed(case["seed"])
+        dtype = getattr(torch, case.get("dtype", "float32"))
         model = ChainedMoEStack(case["layers"], case["H"], 6, case["E"], case["k"], case["norm"], case["shared"],
-                                case.get("mix", False))
+                                case.get("mix", False)).to(dtype)
         ref = copy.deepcopy(model)
         gen = torch.Generator().manual_seed(case["seed"] + 1)
-        xs = [torch.randn(b, 3, case["H"], generator=gen) for b in case["batch"]]
+        xs = [torch.randn(b, 3, case["H"], generator=gen).to(dtype) for b in case["batch"]]
         opts = {"mode": "coherent"}
         if case["placement"] != "contiguous":
             opts["placement"] = _chain_placement(case, world, gen)
         cm = torch.compile(model, backend="moe", options={"expert_parallel": opts, "inner_backend": case["inner"],
-                                                            "strict": True, "dump_dir": dump_dir})
+                                                            "strict": True, "dump_dir": dump_dir},
+                           dynamic=case.get("dynamic", None))
         xa = xs[rank].clone().requires_grad_()
         with record_traffic() as traffic, collect_records() as records:
             y = cm(xa)
@@ -459,16 +461,21 @@ def test_compiled_coherent_two_ranks_equals_single_process(cases, tmp_path_facto
 def test_compiled_coherent_four_ranks_and_where_it_does_not_apply(tmp_path):
     """4 ranks: a 3-layer chain with RMSNorm + shared expert equals eager; a model that mixes tokens (cumsum
     over the sequence) after its first layer is not chained there: those layers run two all-to-alls and
-    explain() says why."""
+    explain() says why; a bf16 stack compiled with dynamic shapes (a rank with no tokens) still chains."""
     cases = [dict(layers=3, E=7, k=2, H=16, batch=[2, 0, 1, 3], norm="rms", shared=True, placement="random",
                   inner="inductor", seed=3),
              dict(layers=3, E=5, k=2, H=8, batch=[1, 2, 1, 1], norm="layer_norm", shared=False, mix=True,
-                  placement="contiguous", inner="eager", seed=4)]
+                  placement="contiguous", inner="eager", seed=4),
+             dict(layers=2, E=6, k=2, H=16, batch=[3, 1, 0, 2], norm="rms", shared=False, placement="replicated",
+                  inner="inductor", seed=5, dynamic=True, dtype="bfloat16")]
     results = run_ranks("test_ep_distributed:coherent_compiled_worker", 4, {"cases": cases,
                                                                              "dump_dir": str(tmp_path)},
                         timeout=300, pg_timeout=120, python_path=(HERE,))
-    for rank, (chained, mixed) in enumerate(results):
+    for rank, (chained, mixed, dynamic_bf16) in enumerate(results):
         assert chained["chained"] == 3 and chained["steps"] == _expected_coherent_steps(3), (rank, chained)
+        # dynamic batch (symbolic token dims) still chains; bf16 within a few bf16 ulps of eager
+        assert dynamic_bf16["chained"] == 2, (rank, dynamic_bf16)
+        assert max(dynamic_bf16[k] for k in ("y", "gx", "gparams")) < 3e-2, (rank, dynamic_bf16)
         assert mixed["chained"] == 2, (rank, mixed)   # layers 1 and 2; layer 0 -> 1 crosses the cumsum
         assert "coherent mode does not apply" in mixed["strategies"][0] and "cumsum" in mixed["strategies"][0], \
             mixed["strategies"]

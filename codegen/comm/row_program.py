@@ -120,7 +120,10 @@ def extract(outputs: list, inputs: list, token_dims: tuple, is_param) -> RowProg
         if n.op != "call_function":
             raise NotRowWise(f"{n.name} ({n.op}) is not an op")
         region.add(n)
-        stack.extend(_nodes_in((n.args, n.kwargs)))
+        # a view's sizes are rewritten to [-1, *feat]: its size arguments (symbolic sizes under dynamic
+        # shapes) are not program inputs
+        stack.extend(_nodes_in(n.args[0] if n.target in _VIEWS or n.target is aten.expand.default
+                               else (n.args, n.kwargs)))
     order = {n: i for i, n in enumerate(outputs[0].graph.nodes)}
     free.sort(key=order.__getitem__)
     g = torch.fx.Graph()
