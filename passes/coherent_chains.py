@@ -113,7 +113,7 @@ def _descendants(moe, order, limit=None) -> list:
 
 def _link(state, moe, nxt, token_dims, order, is_param):
     """The state S after moe from which nxt's inputs follow -> (S, post, hidden', logits'); raises NotRowWise."""
-    if not row_program._same(_token_dims(nxt), token_dims):
+    if not row_program.same_sizes(_token_dims(nxt), token_dims):
         raise NotRowWise(f"{layer_path(nxt)} has token dims {list(_token_dims(nxt))}, {layer_path(moe)} "
                          f"{list(token_dims)}")
     last = None

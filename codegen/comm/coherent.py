@@ -37,7 +37,7 @@ from moe_compiler import recording, reference
 from moe_compiler.codegen.comm import executor
 from moe_compiler.codegen.comm.ep import EPPlan, _local_weight, _run_experts, plan_of, slot_destinations
 from moe_compiler.codegen.ops import gating_weights
-from moe_compiler.ir import MoESpec, _spec, grads_by_recompute
+from moe_compiler.ir import MoESpec, grads_by_recompute
 
 
 @dataclass
@@ -176,8 +176,6 @@ def coherent_stack_forward(x, route, experts, plans, group=None, predict=None) -
 
 
 # ------------------------------------------------------------------ the compiled chain
-NOTE = "coherent_chain"
-
 
 @dataclass
 class ChainLayerProgram:

@@ -69,15 +69,15 @@ def row_layout(node: torch.fx.Node, token_dims: tuple):
         raise NotRowWise(f"{node.name} ({_name(node)}) has no tensor value")
     shape = tuple(val.shape)
     L = len(token_dims)
-    if L > 1 and _same(shape[:L], token_dims):
+    if L > 1 and same_sizes(shape[:L], token_dims):
         return L, shape[L:]
-    if shape and _same(shape[:1], (math.prod(token_dims),)):
+    if shape and same_sizes(shape[:1], (math.prod(token_dims),)):
         return 1, shape[1:]
     raise NotRowWise(f"{node.name} ({_name(node)}) has shape {list(shape)}, not laid out by the tokens "
                      f"{list(token_dims)}")
 
 
-def _same(a: tuple, b: tuple) -> bool:
+def same_sizes(a: tuple, b: tuple) -> bool:
     """Equal sizes; symbolic sizes compare by expression (no guard is added)."""
     return len(a) == len(b) and all(str(x) == str(y) for x, y in zip(a, b))
 
