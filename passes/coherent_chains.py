@@ -134,6 +134,7 @@ def _longest_chain(moes, i, order, is_param):
     last_err = link_err = None  # why no state feeds the layer / why the nearest state joins no next layer
     for start in _ancestors_before(first, order):
         try:
+            row_program.row_layout(start, token_dims)
             hp, lp = _pre(first, start, token_dims, is_param)
         except NotRowWise as e:
             last_err = e
@@ -170,10 +171,14 @@ def _close(start, layers, links, token_dims, order, is_param):
     """A chain over these layers ending at the first S_n after the last MoE op that keeps every value
     computed after the first MoE op inside the chain; None when there is none."""
     last_moe, state = layers[-1][0], (links[-1][0] if links else start)
+    start_dims = row_program.row_layout(start, token_dims)[0]
     for end in [last_moe] + _descendants(last_moe, order):
         try:
             post = row_program.extract([end], [state, last_moe], token_dims, is_param)
+            end_dims = row_program.row_layout(end, token_dims)[0]
         except NotRowWise:
+            continue
+        if end_dims not in (start_dims, 1):   # the op can flatten the token dims, not restore them
             continue
         chain_layers = [ChainLayer(m, hp, lp, p) for (m, hp, lp), (_, p) in zip(layers, links + [(end, post)])]
         if not _escapes(chain_layers, [s for s, _ in links], end, start):

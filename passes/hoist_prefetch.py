@@ -76,6 +76,11 @@ def _gate(node, param_nodes):
     return "its router does not read its expert input through parameters only"
 
 
+_HEAVY = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.convolution.default,
+          _aten._scaled_dot_product_flash_attention_for_cpu.default, _aten._scaled_dot_product_efficient_attention.default,
+          _aten._scaled_dot_product_flash_attention.default}
+
+
 def _residual_source(gate_input, param_nodes, limit: int = 64):
     """prefetch_source "residual": the residual stream entering the layer's block.
 
@@ -90,7 +95,7 @@ def _residual_source(gate_input, param_nodes, limit: int = 64):
             continue
         seen.append(n)
         frontier.extend(n.all_input_nodes)
-    for a in seen[1:]:
+    for a in seen:   # (the gate input itself may be the add: a router without a norm)
         if a.op != "call_function" or a.target is not _aten.add.Tensor or len(a.args) < 2:
             continue
         lhs, rhs = a.args[:2]
@@ -98,7 +103,7 @@ def _residual_source(gate_input, param_nodes, limit: int = 64):
                 lhs in param_nodes or rhs in param_nodes:
             continue
         norm = _router_slice([gate_input], a, param_nodes)
-        if norm is None:
+        if norm is None or any(n.target in _HEAVY for n in norm):   # a norm, not a block (attention)
             continue
         if _is_ancestor(lhs, rhs):
             return lhs, norm, a

@@ -104,8 +104,11 @@ class SparseCollectives:
         chained = 0
         if mode in ("coherent", "auto"):
             chained, not_coherent = self._emit_chains(gm, ctx, layers, opts, placement, gname, size, schedule)
-            layers = [n for n in layers if n.graph is graph and n.target is MOE_OP and n in not_coherent]
-        for i, node in enumerate(layers):
+        index_of = {n: i for i, n in enumerate(layers)}   # a layer's index in the graph (placement rows)
+        if mode in ("coherent", "auto"):
+            layers = [n for n in layers if n in not_coherent]
+        for node in layers:
+            i = index_of[node]
             spec = MoESpec.from_json(node.args[-1])
             rows = _layer_rows(spec, i, placement, size)
             reports = [r for r in ctx.moe_layers if r.rewritten and r.path == spec.path and
@@ -179,8 +182,9 @@ class SparseCollectives:
             candidates = []
         chains, reasons = find_chains(candidates, _param_test(gm, ctx.placeholder_paths))
         why.update(reasons)
-        chained = 0
+        chained, emitted = 0, {}   # emitted: a chain's end node -> the op that replaced it
         for chain in chains:
+            chain.start = emitted.get(chain.start, chain.start)   # a chain may start where the last one ended
             plans = [EPPlan(gname, "coherent", _layer_rows(specs[l.moe], index[l.moe], placement, size))
                      for l in chain.layers]
             names = chain.names
@@ -194,7 +198,8 @@ class SparseCollectives:
                 per_rank = [[e for e, r in enumerate(plan.placement) if g in r] for g in range(size)]
                 schedule.layers.append(plan_coherent_layer(spec.path or layer.moe.name, size, per_rank,
                                                            last=layer is chain.layers[-1]))
-            key = self._emit_chain(gm.graph, chain, plans, [specs[l.moe] for l in chain.layers])
+            end = chain.end
+            key, emitted[end] = self._emit_chain(gm.graph, chain, plans, [specs[l.moe] for l in chain.layers])
             self._dump_chain(ctx, key, chain)
             chained += len(chain.layers)
             log.info("sparse_collectives: coherent chain %s (%d layers)", " -> ".join(names), len(names))
@@ -247,7 +252,7 @@ class SparseCollectives:
         for n in sorted(inside, key=order.__getitem__, reverse=True):
             if not n.users:
                 graph.erase_node(n)
-        return key
+        return key, op
 
     def _dump_chain(self, ctx, key: str, chain) -> None:
         """coherent_<key>.py beside the pass dumps: the row programs each rank runs between the collectives."""

@@ -392,7 +392,7 @@ def coherent_compiled_worker(rank, world, cases, dump_dir):
         torch.manual_seed(case["seed"])
         dtype = getattr(torch, case.get("dtype", "float32"))
         model = ChainedMoEStack(case["layers"], case["H"], 6, case["E"], case["k"], case["norm"], case["shared"],
-                                case.get("mix", False)).to(dtype)
+                                case.get("mix", False), case.get("tap")).to(dtype)
         ref = copy.deepcopy(model)
         gen = torch.Generator().manual_seed(case["seed"] + 1)
         xs = [torch.randn(b, 3, case["H"], generator=gen).to(dtype) for b in case["batch"]]
@@ -461,17 +461,23 @@ def test_compiled_coherent_two_ranks_equals_single_process(cases, tmp_path_facto
 def test_compiled_coherent_four_ranks_and_where_it_does_not_apply(tmp_path):
     """4 ranks: a 3-layer chain with RMSNorm + shared expert equals eager; a model that mixes tokens (cumsum
     over the sequence) after its first layer is not chained there: those layers run two all-to-alls and
-    explain() says why; a bf16 stack compiled with dynamic shapes (a rank with no tokens) still chains."""
+    explain() says why; a bf16 stack compiled with dynamic shapes (a rank with no tokens) still chains; a
+    state read outside the chain splits it in two, the second starting at the first's output."""
     cases = [dict(layers=3, E=7, k=2, H=16, batch=[2, 0, 1, 3], norm="rms", shared=True, placement="random",
                   inner="inductor", seed=3),
              dict(layers=3, E=5, k=2, H=8, batch=[1, 2, 1, 1], norm="layer_norm", shared=False, mix=True,
                   placement="contiguous", inner="eager", seed=4),
              dict(layers=2, E=6, k=2, H=16, batch=[3, 1, 0, 2], norm="rms", shared=False, placement="replicated",
-                  inner="inductor", seed=5, dynamic=True, dtype="bfloat16")]
+                  inner="inductor", seed=5, dynamic=True, dtype="bfloat16"),
+             dict(layers=4, E=4, k=2, H=8, batch=[1, 1, 2, 1], norm="layer_norm", shared=False, placement="random",
+                  inner="eager", seed=6, tap=1)]
     results = run_ranks("test_ep_distributed:coherent_compiled_worker", 4, {"cases": cases,
                                                                              "dump_dir": str(tmp_path)},
                         timeout=300, pg_timeout=120, python_path=(HERE,))
-    for rank, (chained, mixed, dynamic_bf16) in enumerate(results):
+    for rank, (chained, mixed, dynamic_bf16, tapped) in enumerate(results):
+        # the state after layer 1 is read outside: two chains, the second starting where the first ends
+        assert tapped["chained"] == 4 and tapped["steps"].count("home") == 2, (rank, tapped)
+        assert tapped["y"] < 1e-5 and tapped["gx"] < 1e-5 and tapped["gparams"] < 1e-5, (rank, tapped)
         assert chained["chained"] == 3 and chained["steps"] == _expected_coherent_steps(3), (rank, chained)
         # dynamic batch (symbolic token dims) still chains; bf16 within a few bf16 ulps of eager
         assert dynamic_bf16["chained"] == 2, (rank, dynamic_bf16)

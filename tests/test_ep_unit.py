@@ -140,6 +140,9 @@ _ROW_OPS = {
     "unflatten": lambda x, w: x.reshape(*x.shape[:-1], 2, x.shape[-1] // 2).transpose(-1, -2).reshape(x.shape),
     "cat_split": lambda x, w: torch.cat([x, x * 2], dim=-1)[..., : x.shape[-1]] + x.sum(-1, keepdim=True),
     "bias": lambda x, w: x + w,
+    # transpose two feature dims by positive index (both must be renumbered)
+    "transpose_pos": lambda x, w: x.reshape(*x.shape[:-1], 2, 2, x.shape[-1] // 4)
+    .transpose(x.dim() - 1, x.dim() + 1).reshape(x.shape),
 }
 
 
@@ -184,6 +187,8 @@ def test_row_program_runs_on_any_row_subset(ops, token_dims, seed):
     (lambda x, w: x.cumsum(1), "cumsum"),                                          # running sum over the sequence
     (lambda x, w: x - x.mean(1, keepdim=True), "mean"),              # reduction over tokens
     (lambda x, w: x + w, "per-token data"),                                       # w is an activation here
+    (lambda x, w: torch.softmax(x, -2), "dim -2, a token dim"),                   # negative index of a token dim
+    (lambda x, w: F.layer_norm(x, x.shape[-2:]), "normalizes over a token dim"),
 ])
 def test_row_program_refuses_token_mixing_with_the_op_named(fn, what):
     from moe_compiler.codegen.comm.row_program import NotRowWise

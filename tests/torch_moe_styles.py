@@ -110,10 +110,10 @@ class ChainedMoEStack(nn.Module):
 
     norm: "layer_norm" (no affine) | "rms" (learned weight, HF-style fp32 upcast) | "none".
     mix_tokens=True adds a cumulative sum over the sequence after the first block (tokens interact:
-    coherent mode must not chain across it)."""
+    coherent mode must not chain across it); tap=i reads the state after block i outside the chain."""
 
     def __init__(self, layers=2, hidden=16, ffn=12, experts=6, top_k=2, norm="layer_norm", shared=False,
-                 mix_tokens=False):
+                 mix_tokens=False, tap=None):
         super().__init__()
         from moe_compiler import MoELayer
 
@@ -122,6 +122,7 @@ class ChainedMoEStack(nn.Module):
         self.norm_w = nn.ParameterList([nn.Parameter(1 + 0.1 * torch.randn(hidden)) for _ in range(layers)])
         self.shared = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(layers)]) if shared else None
         self.mix_tokens = mix_tokens
+        self.tap = tap   # also add 0.5 * (the state after layer `tap`) to the output: read outside a chain
 
     def _norm(self, x, i):
         if self.norm == "layer_norm":
@@ -140,4 +141,6 @@ class ChainedMoEStack(nn.Module):
                 x = x + self.shared[i](h)
             if self.mix_tokens and i == 0:
                 x = x + 0.1 * x.cumsum(1)
-        return x
+            if i == self.tap:
+                kept = x
+        return x if self.tap is None else x + 0.5 * kept

@@ -46,7 +46,8 @@ class CoherentLayer:
 
     plan: EPPlan
     name: str
-    # (state [n, *feat], meta [n, 2] (home rank, home index)) -> ids [n, k] int64, weights [n, k]
+    # (state [n, *feat], meta [n, 2] (home rank, home index), ids [n, k] or None) -> ids [n, k] int64,
+    # weights [n, k] (given ids: the weights of those experts)
     route: Callable
     # (state rows [c, *feat], ids [c, k] (-1: expert not on this rank), weights [c, k] fp32) -> fp32 [c, *out]
     experts: Callable
@@ -64,7 +65,7 @@ def anchor_slot(dest: torch.Tensor, rank: int, prefer: torch.Tensor | None = Non
     layer's k experts, then this rank (the residence), then the lower slot."""
     n, k = dest.shape
     same = (dest[:, :, None] == dest[:, None, :]).sum(-1)
-    score = same * 4 + (dest == rank).long() * 2 + (torch.arange(k) == 0).long()[None, :]
+    score = same * 4 + (dest == rank).long() * 2 + (torch.arange(k, device=dest.device) == 0).long()[None, :]
     if prefer is not None:
         score = score + prefer.gather(1, dest).long() * 4 * (k + 1)
     return score.argmax(1)
@@ -85,6 +86,7 @@ def coherent_destinations(ids: torch.Tensor, plan: EPPlan, rank: int) -> torch.T
     for e, ranks in enumerate(plan.placement):
         holds[e, list(ranks)] = 1
         table[e, :len(ranks)] = torch.tensor(ranks)
+    holds, table = holds.to(ids.device), table.to(ids.device)
     cand = table[ids]                                                   # [n, k, W] (-1: no copy)
     valid = cand >= 0
     c = cand.clamp(min=0)
@@ -102,24 +104,35 @@ def _rank_votes(ids: torch.Tensor, plan: EPPlan, size: int) -> torch.Tensor:
     holds = torch.zeros(len(plan.placement), size, dtype=torch.int64)
     for e, ranks in enumerate(plan.placement):
         holds[e, list(ranks)] = 1
-    return holds[ids].sum(1)
+    return holds.to(ids.device)[ids].sum(1)
 
 
-def coherent_forward(x: torch.Tensor, layers: list, group=None) -> torch.Tensor:
-    """x [T, *feat] (this rank's tokens) -> [T, *feat_out], through the layers' coherent dispatch."""
+def coherent_forward(x: torch.Tensor, layers: list, group=None, *, record: list | None = None,
+                     replay: list | None = None) -> torch.Tensor:
+    """x [T, *feat] (this rank's tokens) -> [T, *feat_out], through the layers' coherent dispatch.
+
+    record: a list that receives each layer's (ids, anchor) of the rows routed here; replay: such a list,
+    whose routing and anchors are used instead of recomputing them (a backward recompute must follow the
+    forward's routing exactly: top-k ties can flip under the autograd path's different rounding)."""
     hop = executor.world_hop(group if group is not None else executor.resolve_group("world"))
     T = x.shape[0]
     state = x
-    meta = torch.stack([torch.full((T,), hop.rank, dtype=torch.int64), torch.arange(T, dtype=torch.int64)], 1)
+    meta = torch.stack([torch.full((T,), hop.rank, dtype=torch.int64, device=x.device),
+                        torch.arange(T, dtype=torch.int64, device=x.device)], 1)
     for i, layer in enumerate(layers):
-        ids, w = layer.route(state, meta)
+        ids, w = layer.route(state, meta, None if replay is None else replay[i][0])
         n, k = ids.shape
         dest = coherent_destinations(ids, layer.plan, hop.rank)
-        prefer = None
-        if layer.predict is not None and i + 1 < len(layers):
-            with torch.no_grad():
-                prefer = _rank_votes(layer.predict(state, meta), layers[i + 1].plan, hop.size)
-        anchor = dest.gather(1, anchor_slot(dest, hop.rank, prefer)[:, None])[:, 0]
+        if replay is not None:
+            anchor = replay[i][1]
+        else:
+            prefer = None
+            if layer.predict is not None and i + 1 < len(layers):
+                with torch.no_grad():
+                    prefer = _rank_votes(layer.predict(state, meta), layers[i + 1].plan, hop.size)
+            anchor = dest.gather(1, anchor_slot(dest, hop.rank, prefer)[:, None])[:, 0]
+        if record is not None:
+            record.append((ids, anchor))
         # one row per (token, destination rank): the first slot of each rank carries the token's
         # experts on that rank ([k] ids, -1 elsewhere) and their weights (0 elsewhere)
         same = dest[:, :, None] == dest[:, None, :]                       # [n, k, k]
@@ -168,7 +181,7 @@ def coherent_stack_forward(x, route, experts, plans, group=None, predict=None) -
     layers = []
     for l, plan in enumerate(plans):
         layers.append(CoherentLayer(
-            plan, f"layer{l}", route=lambda s, m, l=l: route(l, m),
+            plan, f"layer{l}", route=lambda s, m, ids, l=l: route(l, m),
             experts=lambda rows, ids, w, l=l: weighted_partials(rows, ids, w, lambda r, e: experts(l, r, e)),
             post=lambda s, acc: s + acc,
             predict=None if predict is None else (lambda s, m, l=l: predict(l, m))))
@@ -229,24 +242,25 @@ def _program(spec: str) -> ChainProgram:
     return _CHAINS[key]
 
 
-def _chain_layers(program: ChainProgram, operands: list, rank: int) -> list:
+def _chain_layers(program: ChainProgram, operands: list, rank: int, device) -> list:
     layers = []
     for i, lp in enumerate(program.layers):
         spec, plan = lp.spec, plan_of(lp.spec)
         bias, *w = [None if j is None else operands[j] for j in lp.weights]
         local = plan.local_experts(rank)
         local_w = [_local_weight(t, local, spec.num_experts, n) for t, n in zip(w, ("w1", "w3", "w2", "b1", "b3", "b2"))]
-        local_index = torch.full((spec.num_experts,), -1, dtype=torch.int64)
-        local_index[local] = torch.arange(len(local), dtype=torch.int64)
+        local_index = torch.full((spec.num_experts,), -1, dtype=torch.int64, device=device)
+        local_index[local] = torch.arange(len(local), dtype=torch.int64, device=device)
 
         def free(idx):
             return [operands[j] for j in idx]
 
-        def route(state, meta, lp=lp, bias=bias, spec=spec):
+        def route(state, meta, ids, lp=lp, bias=bias, spec=spec):
             logits = lp.logits(state, *free(lp.logits_free))[0]
-            recording.observe_logits(spec, logits, bias)
-            with torch.no_grad():
-                ids, _ = reference.route(logits, bias, spec.router)
+            if ids is None:
+                recording.observe_logits(spec, logits, bias)
+                with torch.no_grad():
+                    ids, _ = reference.route(logits, bias, spec.router)
             return ids, gating_weights(logits, ids, spec)
 
         def experts(rows, ids, w, lp=lp, spec=spec, local_w=local_w, local_index=local_index):
@@ -269,13 +283,15 @@ def _chain_layers(program: ChainProgram, operands: list, rank: int) -> list:
     return layers
 
 
-def chain_forward(state: torch.Tensor, operands: list, spec: str) -> torch.Tensor:
-    """The op's semantics on this rank's tokens: state [*tokens, *feat] -> [*tokens, *out_feat]."""
+def chain_forward(state: torch.Tensor, operands: list, spec: str, **route_log) -> torch.Tensor:
+    """The op's semantics on this rank's tokens: state [*tokens, *feat] -> [*tokens, *out_feat].
+    route_log: coherent_forward's record= / replay=."""
     program = _program(spec)
     plan = plan_of(program.layers[0].spec)
     group = executor.resolve_group(plan.group)
     x = state.reshape((-1,) + tuple(state.shape[program.state_token_dims:]))
-    out = coherent_forward(x, _chain_layers(program, operands, executor.dist.get_rank(group)), group)
+    layers = _chain_layers(program, operands, executor.dist.get_rank(group), state.device)
+    out = coherent_forward(x, layers, group, **route_log)
     return out.to(program.out_dtype).reshape(program.out_shape(state.shape))
 
 
@@ -304,9 +320,12 @@ def _chain_fake(state, operands, spec):
 @torch.library.impl(_LIB, "coherent_moe_chain_backward", "CompositeExplicitAutograd")
 def _chain_backward(grad_out, state, operands, spec):
     named = {"state": state, **{f"op{i}": t for i, t in enumerate(operands)}}
+    routing: list = []
+    with torch.no_grad():   # the forward again, as it ran (same kernels): its routing and anchors
+        chain_forward(state, list(operands), spec, record=routing)
 
     def forward(**kw):
-        return chain_forward(kw["state"], [kw[f"op{i}"] for i in range(len(operands))], spec)
+        return chain_forward(kw["state"], [kw[f"op{i}"] for i in range(len(operands))], spec, replay=routing)
 
     return grads_by_recompute(forward, named, _differentiable(state, operands), grad_out, collective=True)
 

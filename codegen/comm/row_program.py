@@ -165,16 +165,29 @@ def _row_args(n: torch.fx.Node, token_dims: tuple, dep):
         others = [a for i, a in enumerate(args) if i != rows_i and isinstance(a, torch.fx.Node)]
         if not dep(args[rows_i]) or any(dep(a) for a in others):
             raise NotRowWise(f"{n.name} ({_name(n)}) multiplies token rows with token rows")
+        bias = args[0].meta.get("val") if t is aten.addmm.default and isinstance(args[0], torch.fx.Node) else None
+        if bias is not None and bias.dim() > 1 and int(bias.shape[0]) != 1:
+            raise NotRowWise(f"{n.name} (addmm) adds {args[0].name} of shape {list(bias.shape)}, not one row")
         return args, kwargs
     if t is aten.native_layer_norm.default:
+        L_in, feat_in = row_layout(src, token_dims)
+        if len(args[1]) > len(feat_in):
+            raise NotRowWise(f"{n.name} (layer_norm over {list(args[1])}) normalizes over a token dim")
         return args, kwargs
     if t in _DIM_ARG:
         L_in, _ = row_layout(src, token_dims)
+        ndim = src.meta["val"].dim() + (t is aten.unsqueeze.default)
+        free_tensors = [a for a in _nodes_in(args) if not dep(a) and isinstance(a.meta.get("val"), torch.Tensor)]
+        if free_tensors:
+            raise NotRowWise(f"{n.name} ({_name(n)}) combines token rows with {free_tensors[0].name}, which is not "
+                             "laid out by the tokens")
         i, default = _DIM_ARG[t]
         if i < len(args):
-            args[i] = _renumber(args[i], L_in, n)
+            args[i] = _renumber(args[i], L_in, ndim, n)
+            if t is aten.transpose.int:
+                args[2] = _renumber(args[2], L_in, ndim, n)
         elif "dim" in kwargs:
-            kwargs["dim"] = _renumber(kwargs["dim"], L_in, n)
+            kwargs["dim"] = _renumber(kwargs["dim"], L_in, ndim, n)
         elif default is None or (isinstance(default, int) and default >= 0):
             raise NotRowWise(f"{n.name} ({_name(n)}) works along its default dim(s), which include a token dim")
         return args, kwargs
@@ -197,15 +210,16 @@ def _row_args(n: torch.fx.Node, token_dims: tuple, dep):
     raise NotRowWise(f"{n.name} ({_name(n)}) is not a per-token op: tokens may interact there")
 
 
-def _renumber(dims, L_in: int, n):
-    """Dim argument(s) of a value with L_in leading token dims -> the same dims with one row dim."""
+def _renumber(dims, L_in: int, ndim: int, n):
+    """Dim argument(s) of a value with L_in leading token dims (ndim dims in all) -> the same dims with
+    one row dim; a dim that names a token dim (counting from either end) is refused."""
     def one(d):
+        if d is None:
+            raise NotRowWise(f"{n.name} ({_name(n)}) works along every dim, the token dims included")
         d = int(d)
-        if d < 0:
-            return d
-        if d < L_in:
+        if (d + ndim if d < 0 else d) < L_in:
             raise NotRowWise(f"{n.name} ({_name(n)}) works along dim {d}, a token dim")
-        return d - L_in + 1
+        return d if d < 0 else d - L_in + 1
 
     if isinstance(dims, (list, tuple)):
         if len(dims) == 0:
