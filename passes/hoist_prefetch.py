@@ -165,7 +165,7 @@ class HoistPrefetch:
         counters = {"layers_predicted": 0, "from_embedding": 0, "not_predicted": 0, "hoisted_nodes": 0}
         for m, node in enumerate(layers):
             spec = MoESpec.from_json(node.args[-1])
-            note = self._hoist(gm, ctx, node, m, spec, gates, options, fake_mode, counters)
+            note = self._hoist(gm, node, m, spec, gates, params, options, fake_mode, counters)
             spec = spec.replace(notes=spec.notes + (("prefetch", note),))
             node.args = node.args[:-1] + (spec.to_json(),)
             node.meta["moe_spec"] = spec
@@ -173,12 +173,7 @@ class HoistPrefetch:
         gm.recompile()
         return PassResult(gm, counters["layers_predicted"] > 0, counters)
 
-    @staticmethod
-    def _activations(gm, ctx) -> list:
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        return [n for n, p in zip(placeholders, ctx.placeholder_paths + [None] * len(placeholders)) if not p]
-
-    def _hoist(self, gm, ctx, node, m, spec, gates, options, fake_mode, counters) -> str:
+    def _hoist(self, gm, node, m, spec, gates, params, options, fake_mode, counters) -> str:
         graph = gm.graph
         target = gates[m]
         if isinstance(target, str):
@@ -187,9 +182,7 @@ class HoistPrefetch:
         gate_input, nodes, logits, bias = target
         depth = _depth(spec, options["prefetch_depth"])
         src_index = m - depth
-        residual = _residual_source(gate_input, set(ph for ph in graph.nodes if ph.op == "placeholder")
-                                    - set(self._activations(gm, ctx))) \
-            if options["prefetch_source"] == "residual" else None
+        residual = _residual_source(gate_input, params) if options["prefetch_source"] == "residual" else None
         if isinstance(residual, tuple):
             source, norm_nodes, x_mid = residual
             origin, depth = f"the residual stream {source.name} entering the layer's block", 0

@@ -111,8 +111,7 @@ class SparseCollectives:
             i = index_of[node]
             spec = MoESpec.from_json(node.args[-1])
             rows = _layer_rows(spec, i, placement, size)
-            reports = [r for r in ctx.moe_layers if r.rewritten and r.path == spec.path and
-                       getattr(r, "graph_id", "") in ("", ctx.graph_id)]
+            reports = _reports(ctx, spec)
             why = _why_movement(spec, opts["movement"])
             moves_weights = _moves_weights(spec, opts["movement"])
             if moves_weights and _chunkable(node) is not True:
@@ -190,16 +189,14 @@ class SparseCollectives:
             names = chain.names
             for layer, plan in zip(chain.layers, plans):
                 spec = specs[layer.moe]
-                for r in [r for r in ctx.moe_layers if r.rewritten and r.path == spec.path and
-                          getattr(r, "graph_id", "") in ("", ctx.graph_id)][:1]:
+                for r in _reports(ctx, spec)[:1]:
                     r.strategy = (f"context-coherent expert parallel over {size} ranks, chain {names[0]} .. {names[-1]} "
                                   f"({len(names)} layers): one dispatch all-to-all per layer, top-k partials to the "
                                   f"token's anchor rank, tokens go home once after {names[-1]}")
                 per_rank = [[e for e, r in enumerate(plan.placement) if g in r] for g in range(size)]
                 schedule.layers.append(plan_coherent_layer(spec.path or layer.moe.name, size, per_rank,
                                                            last=layer is chain.layers[-1]))
-            end = chain.end
-            key, emitted[end] = self._emit_chain(gm.graph, chain, plans, [specs[l.moe] for l in chain.layers])
+            key, emitted[chain.end] = self._emit_chain(gm.graph, chain, plans, [specs[l.moe] for l in chain.layers])
             self._dump_chain(ctx, key, chain)
             chained += len(chain.layers)
             log.info("sparse_collectives: coherent chain %s (%d layers)", " -> ".join(names), len(names))
@@ -209,7 +206,8 @@ class SparseCollectives:
                          specs[n].path or n.name, reason)
         return chained, why
 
-    def _emit_chain(self, graph, chain, plans, specs) -> None:
+    def _emit_chain(self, graph, chain, plans, specs) -> tuple:
+        """Replace the chain by one coherent_moe_chain op; returns (its program key, the op node)."""
         operands: list = []
 
         def take(nodes) -> tuple:  # operand indices; None stays None (the op's list holds tensors only)
@@ -279,6 +277,12 @@ class SparseCollectives:
         out.meta["val"] = node.meta["val"]
         node.replace_all_uses_with(out)
         graph.erase_node(node)
+
+
+def _reports(ctx, spec: MoESpec) -> list:
+    """explain()'s reports of this layer in this graph."""
+    return [r for r in ctx.moe_layers if r.rewritten and r.path == spec.path and
+            getattr(r, "graph_id", "") in ("", ctx.graph_id)]
 
 
 def _param_test(gm, placeholder_paths):

@@ -79,14 +79,10 @@ def coherent_destinations(ids: torch.Tensor, plan: EPPlan, rank: int) -> torch.T
     spread = slot_destinations(ids.reshape(-1), plan, rank).view(n, k)
     if max(len(r) for r in plan.placement) == 1 or ids.numel() == 0:
         return spread
-    E, G = len(plan.placement), max(max(r) for r in plan.placement) + 1
     width = max(len(r) for r in plan.placement)
-    holds = torch.zeros(E, G, dtype=torch.int64)
-    table = torch.full((E, width), -1, dtype=torch.int64)
-    for e, ranks in enumerate(plan.placement):
-        holds[e, list(ranks)] = 1
-        table[e, :len(ranks)] = torch.tensor(ranks)
-    holds, table = holds.to(ids.device), table.to(ids.device)
+    holds = _holds(plan, max(max(r) for r in plan.placement) + 1, ids.device)
+    table = torch.tensor([list(r) + [-1] * (width - len(r)) for r in plan.placement], dtype=torch.int64,
+                         device=ids.device)
     cand = table[ids]                                                   # [n, k, W] (-1: no copy)
     valid = cand >= 0
     c = cand.clamp(min=0)
@@ -99,12 +95,17 @@ def coherent_destinations(ids: torch.Tensor, plan: EPPlan, rank: int) -> torch.T
     return c.gather(2, score.argmax(2, keepdim=True))[:, :, 0]
 
 
-def _rank_votes(ids: torch.Tensor, plan: EPPlan, size: int) -> torch.Tensor:
-    """Predicted ids [n, k'] -> [n, G] how many of them each rank holds a copy of."""
+def _holds(plan: EPPlan, size: int, device) -> torch.Tensor:
+    """[E, G] int64: 1 where rank g holds a copy of expert e."""
     holds = torch.zeros(len(plan.placement), size, dtype=torch.int64)
     for e, ranks in enumerate(plan.placement):
         holds[e, list(ranks)] = 1
-    return holds.to(ids.device)[ids].sum(1)
+    return holds.to(device)
+
+
+def _rank_votes(ids: torch.Tensor, plan: EPPlan, size: int) -> torch.Tensor:
+    """Predicted ids [n, k'] -> [n, G] how many of them each rank holds a copy of."""
+    return _holds(plan, size, ids.device)[ids].sum(1)
 
 
 def coherent_forward(x: torch.Tensor, layers: list, group=None, *, record: list | None = None,
@@ -243,6 +244,9 @@ def _program(spec: str) -> ChainProgram:
 
 
 def _chain_layers(program: ChainProgram, operands: list, rank: int, device) -> list:
+    def free(idx):
+        return [operands[j] for j in idx]
+
     layers = []
     for i, lp in enumerate(program.layers):
         spec, plan = lp.spec, plan_of(lp.spec)
@@ -251,9 +255,6 @@ def _chain_layers(program: ChainProgram, operands: list, rank: int, device) -> l
         local_w = [_local_weight(t, local, spec.num_experts, n) for t, n in zip(w, ("w1", "w3", "w2", "b1", "b3", "b2"))]
         local_index = torch.full((spec.num_experts,), -1, dtype=torch.int64, device=device)
         local_index[local] = torch.arange(len(local), dtype=torch.int64, device=device)
-
-        def free(idx):
-            return [operands[j] for j in idx]
 
         def route(state, meta, ids, lp=lp, bias=bias, spec=spec):
             logits = lp.logits(state, *free(lp.logits_free))[0]

@@ -56,7 +56,6 @@ class RowProgram:
     module: torch.fx.GraphModule   # forward(*rows, *free) -> tuple of outputs, each [n, *feat]
     free: list                     # graph nodes fed as the free operands, in order
     nodes: set                     # the graph nodes the program recomputes (inputs excluded)
-    out_feat: list                 # per output: its feature shape
 
     def __call__(self, rows: list, free: list):
         return self.module(*rows, *free)
@@ -137,10 +136,9 @@ def extract(outputs: list, inputs: list, token_dims: tuple, is_param) -> RowProg
         env[n] = g.call_function(n.target, tuple(torch.fx.node.map_arg(tuple(args), env.__getitem__)),
                                  dict(torch.fx.node.map_arg(kwargs, env.__getitem__)))
     g.output(tuple(env[o] for o in outputs))
-    feats = []
-    for o in outputs:
-        feats.append(row_layout(o, token_dims)[1])
-    return RowProgram(torch.fx.GraphModule(torch.nn.Module(), g), free, region, feats)
+    for o in outputs:   # (an output that is an input is checked here too)
+        row_layout(o, token_dims)
+    return RowProgram(torch.fx.GraphModule(torch.nn.Module(), g), free, region)
 
 
 def _row_args(n: torch.fx.Node, token_dims: tuple, dep):
