@@ -20,9 +20,10 @@ Each repetition runs every variant in turn (interleaved): a prompt of --prompt t
 (prefill), then --decode single-token steps with a KV cache. Expert reads go to disk: the store drops
 each file's page-cache pages after reading it (posix_fadvise DONTNEED). Reported per variant: median
 tokens/s for prefill and decode, hit rate (used experts resident or already in flight when the layer
-needed them), prediction recall (used experts inside the predicted set), token recall (a token's
-routed experts inside its own top-(k+1) prediction), MiB loaded, stall time and the store's peak bytes
-against its budget; outputs are compared with the resident model's bit for bit (torch.equal).
+needed them), ready rate (of those, already loaded: the layer did not wait), prediction recall (used
+experts inside the predicted set), token recall (a token's routed experts inside its own top-(k+1)
+prediction), MiB loaded, stall time and the store's peak bytes against its budget; outputs are
+compared with the resident model's bit for bit (torch.equal).
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ class Variant:
                                   "prefetch_extra": extra, "prefetch_source": source}
             self.store_id, self.store = offload.store_for(offload.normalize_options(options["offload"]))
         self.fn = torch.compile(self.model, backend="moe", options=options, dynamic=False)
-        self.prefill_s, self.decode_s, self.outputs = [], [], None
+        self.prefill_s, self.decode_s, self.decode_cpu_s, self.outputs = [], [], [], None
         self.phase = {"prefill": {}, "decode": {}}  # summed store counters per phase
 
     def _count(self, phase: str, before: dict | None):
@@ -81,8 +82,8 @@ class Variant:
         now = self.store.stats()
         if before is not None:
             acc = self.phase[phase]
-            for k in ("hits", "misses", "predicted", "predicted_of", "token_hits", "token_total", "bytes_loaded",
-                      "stall_s", "prefetched", "prefetch_used"):
+            for k in ("hits", "ready", "misses", "predicted", "predicted_of", "token_hits", "token_total",
+                      "bytes_loaded", "stall_s", "prefetched", "prefetch_used"):
                 acc[k] = acc.get(k, 0) + now[k] - before[k]
         return now
 
@@ -94,12 +95,14 @@ class Variant:
             t0 = time.perf_counter()
             logits, cache = self.fn(tokens[:, :prompt], cache=[])
             t1 = time.perf_counter()
+            c1 = time.thread_time()
             s1 = self._count("prefill", s0)
             outs.append(logits)
             for t in range(prompt, tokens.shape[1]):
                 logits, cache = self.fn(tokens[:, t:t + 1], cache=cache)
                 outs.append(logits)
             t2 = time.perf_counter()
+            self.last_decode_cpu = time.thread_time() - c1
             self._count("decode", s1)
         return torch.cat(outs, 1), t1 - t0, t2 - t1
 
@@ -107,7 +110,8 @@ class Variant:
         a = self.phase[phase]
         used = a.get("hits", 0) + a.get("misses", 0)
         ratio = (lambda n, d: a.get(n, 0) / a[d] if a.get(d) else None)
-        return {"hit_rate": a["hits"] / used if used else None, "prediction_recall": ratio("predicted", "predicted_of"),
+        return {"hit_rate": a["hits"] / used if used else None, "ready_rate": a["ready"] / used if used else None,
+                "prediction_recall": ratio("predicted", "predicted_of"),
                 "token_recall": ratio("token_hits", "token_total"), "bytes_loaded": a.get("bytes_loaded", 0),
                 "stall_s": a.get("stall_s", 0.0), "prefetched": a.get("prefetched", 0),
                 "prefetch_used": a.get("prefetch_used", 0)}
@@ -153,6 +157,7 @@ def main(argv=None):
                 continue
             v.prefill_s.append(pre)
             v.decode_s.append(dec)
+            v.decode_cpu_s.append(v.last_decode_cpu)
             # the resident model packs its expert weights (oneDNN) from its second call on, so its
             # outputs are compared from the first measured repetition
             if rep == 1:
@@ -166,13 +171,16 @@ def main(argv=None):
         row = {"variant": v.name,
                "prefill_tok_s": args.batch * args.prompt / statistics.median(v.prefill_s),
                "decode_tok_s": args.batch * decode / statistics.median(v.decode_s),
+               # CPU time of the model's own thread per decode step (loader thread and OpenMP workers excluded)
+               "decode_cpu_ms": 1e3 * statistics.median(v.decode_cpu_s) / decode,
                "equal_to_resident": v.outputs is not None and resident.outputs is not None
                and torch.equal(v.outputs, resident.outputs)}
         if st:
             for phase in ("prefill", "decode"):
                 m = v.measured(phase)
-                row[phase] = dict(hit_rate=m["hit_rate"], prediction_recall=m["prediction_recall"],
-                                  token_recall=m["token_recall"], mib_loaded=m["bytes_loaded"] / 2 ** 20 / reps,
+                row[phase] = dict(hit_rate=m["hit_rate"], ready_rate=m["ready_rate"],
+                                  prediction_recall=m["prediction_recall"], token_recall=m["token_recall"],
+                                  mib_loaded=m["bytes_loaded"] / 2 ** 20 / reps,
                                   stall_ms=1e3 * m["stall_s"] / reps,
                                   prefetch_useful=m["prefetch_used"] / m["prefetched"] if m["prefetched"] else None)
             row.update(peak_mib=st["peak_bytes"] / 2 ** 20, budget_mib=st["budget_bytes"] / 2 ** 20,
@@ -180,16 +188,19 @@ def main(argv=None):
         rows.append(row)
     f = (lambda x, fmt: "-" if x is None else format(x, fmt))
     for phase in ("prefill", "decode"):
-        print(f"\n{phase}: {'variant':16s} {'tok/s':>8s} {'hit':>6s} {'recall':>6s} {'tokrec':>6s} {'useful':>6s} "
-              f"{'MiB/rep':>8s} {'stall ms':>8s} {'peak/budget MiB':>16s} equal")
+        print(f"\n{phase}: {'variant':16s} {'tok/s':>8s} {'hit':>6s} {'ready':>6s} {'recall':>6s} {'tokrec':>6s} "
+              f"{'useful':>6s} {'MiB/rep':>8s} {'stall ms':>8s} {'peak/budget MiB':>16s} equal")
         for r in rows:
             p = r.get(phase, {})
             print(f"{'':9s}{r['variant']:16s} {r[phase + '_tok_s']:8.1f} {f(p.get('hit_rate'), '6.3f'):>6s} "
-                  f"{f(p.get('prediction_recall'), '6.3f'):>6s} {f(p.get('token_recall'), '6.3f'):>6s} "
+                  f"{f(p.get('ready_rate'), '6.3f'):>6s} {f(p.get('prediction_recall'), '6.3f'):>6s} "
+                  f"{f(p.get('token_recall'), '6.3f'):>6s} "
                   f"{f(p.get('prefetch_useful'), '6.3f'):>6s} {f(p.get('mib_loaded'), '8.2f'):>8s} "
                   f"{f(p.get('stall_ms'), '8.1f'):>8s} "
                   f"{(f(r.get('peak_mib'), '.2f') + '/' + f(r.get('budget_mib'), '.2f')) if 'peak_mib' in r else '-':>16s} "
                   f"{r['equal_to_resident']}")
+    print("\nmodel thread CPU per decode step (ms; the loader thread and OpenMP workers excluded): "
+          + ", ".join(f"{r['variant']} {r['decode_cpu_ms']:.2f}" for r in rows))
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     total_mib = variants[-1].store.total_expert_bytes / 2 ** 20 if variants[-1].store else 0
     print(f"expert bytes of the model: {total_mib:.2f} MiB; process peak RSS grew {(rss1 - rss0) / 1024:.0f} MiB "
@@ -200,6 +211,7 @@ def main(argv=None):
     best = max(at50, key=lambda r: r["decode"]["hit_rate"] or 0) if at50 else None
     headline = {
         "hit_rate_at_50pct": best["decode"]["hit_rate"] if best else None,  # decode; prefill in the table
+        "ready_rate_at_50pct": best["decode"]["ready_rate"] if best else None,
         "best_policy_at_50pct": best["variant"] if best else None,
         "decode_speedup_vs_on_demand": (best["decode_tok_s"] / by["on_demand@50"]["decode_tok_s"]
                                         if best and "on_demand@50" in by else None),

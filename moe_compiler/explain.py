@@ -88,7 +88,8 @@ class ExplainReport:
     # with options expert_parallel: bytes of expert weights each rank of the EP group holds ([] otherwise)
     expert_bytes_per_rank: list = field(default_factory=list)
     # with option offload: the expert store's counters after the example run (ExpertStore.stats():
-    # hit_rate, prediction_recall, token_recall, bytes_loaded, stall_s, peak_bytes, per layer)
+    # hit_rate (resident or in flight), ready_rate (already loaded), prediction_recall, token_recall,
+    # bytes_loaded, stall_s, peak_bytes, per layer)
     offload: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
@@ -111,12 +112,14 @@ class ExplainReport:
             o = self.offload
             pct = (lambda v: "n/a" if v is None else f"{100 * v:.1f}%")
             lines.append(f"offload ({o['policy']}, budget {o['budget_bytes'] / 2**20:.2f} of "
-                         f"{o['expert_bytes_total'] / 2**20:.2f} MiB): hit rate {pct(o['hit_rate'])}, "
-                         f"prediction recall {pct(o['prediction_recall'])}, token recall {pct(o['token_recall'])}, "
+                         f"{o['expert_bytes_total'] / 2**20:.2f} MiB): hit rate {pct(o['hit_rate'])} "
+                         f"(already loaded {pct(o['ready_rate'])}), prediction recall {pct(o['prediction_recall'])}, "
+                         f"token recall {pct(o['token_recall'])}, "
                          f"{o['bytes_loaded'] / 2**20:.2f} MiB loaded, stall {1e3 * o['stall_s']:.2f} ms, "
                          f"peak {o['peak_bytes'] / 2**20:.2f} MiB")
             for layer in o["layers"]:
-                lines.append(f"  {layer['name']}: hit rate {pct(layer['hit_rate'])}, "
+                lines.append(f"  {layer['name']}: hit rate {pct(layer['hit_rate'])} "
+                             f"(loaded {pct(layer['ready_rate'])}), "
                              f"recall {pct(layer['prediction_recall'])}, {layer['bytes_loaded'] / 2**10:.0f} KiB loaded, "
                              f"stall {1e3 * layer['stall_s']:.2f} ms")
         if self.expert_bytes_per_rank:

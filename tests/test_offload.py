@@ -182,6 +182,48 @@ def test_store_budget_pins_and_values(tmp_path_factory, num_layers, experts, bud
     assert s["hits"] + s["misses"] == sum(len({e % experts for e in u}) for u, _ in steps) * num_layers
 
 
+@given(tokens=st.integers(0, 80), k=st.integers(1, 4), extra=st.integers(0, 2), seed=st.integers(0, 99))
+@settings(max_examples=20)
+def test_token_recall_counts_small_and_large_steps_alike(tokens, k, extra, seed):
+    from moe_compiler.runtime.expert_store import _routed_in_prediction
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 8, (tokens, k), generator=g)
+    pred = torch.randint(0, 8, (tokens, k + extra), generator=g)
+    want = int((ids.unsqueeze(-1) == pred.unsqueeze(1)).any(-1).sum())
+    assert _routed_in_prediction(ids, pred) == want
+
+
+@given(policy=st.sampled_from(["shallow", "predicted"]), events=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3)),
+                                                                       min_size=1, max_size=30),
+       incoming=st.tuples(st.integers(0, 2), st.integers(0, 3)))
+@settings(max_examples=30)
+def test_quota_victims_order(policy, events, incoming):
+    """Quota policies: every resident key once; layers by bytes over quota, most first; inside a
+    layer, least predicted demand first (predicted) or least recently used first (shallow)."""
+    p = make_policy(policy)
+    p.setup([10, 20, 10], [4, 4, 4], 60)
+    resident = []
+    for key in events:
+        p.on_access(key) if key in resident else (p.on_insert(key), resident.append(key))
+        if policy == "predicted":
+            p.on_prediction(key[0], {key[1]: 1})
+    order = p.victims(resident, incoming)
+    assert sorted(order) == sorted(resident)
+    quotas = p.quotas()
+    held = {l: sum(k[0] == l for k in resident) for l in range(3)}
+    over = [(held[k[0]] + (k[0] == incoming[0])) * p.expert_bytes[k[0]] - quotas[k[0]] for k in order]
+    assert over == sorted(over, reverse=True)
+    recency = [k for k in p._lru._order]
+    for layer in range(3):
+        mine = [k for k in order if k[0] == layer]
+        if policy == "shallow":
+            assert mine == sorted(mine, key=recency.index)
+        else:
+            demand = [p.demand.get(k, 0.0) for k in mine]
+            assert demand == sorted(demand)
+
+
 def test_store_reports_a_failing_read(tmp_path):
     store = _store(tmp_path, [_layer()], budget=1.0, policy="lru")
     os.remove(store.files.path(store.layers[0].folder, 2))
@@ -291,7 +333,8 @@ def test_explain_reports_offload_metrics(tmp_path):
                                   offload={"dir": str(tmp_path / "e"), "budget": 0.5})
     o = report.offload
     assert o["policy"] == "lru" and len(o["layers"]) == MODEL["layers"] and o["hits"] + o["misses"] > 0
-    assert "offload (lru" in str(report) and "hit rate" in str(report)
+    assert "offload (lru" in str(report) and "hit rate" in str(report) and "already loaded" in str(report)
+    assert 0 <= o["ready"] <= o["hits"] and sum(layer["ready"] for layer in o["layers"]) == o["ready"]
     assert model.moes[0].gate_up_proj.untyped_storage().nbytes() > 0  # explain does not free weights
 
 

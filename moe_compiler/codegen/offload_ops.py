@@ -36,11 +36,13 @@ def predict(logits: torch.Tensor, score_bias, spec) -> tuple[torch.Tensor, list,
     """logits [T, E] -> (per-token top-(k+extra) experts [T, k+extra], experts ranked by votes, votes)."""
     r = spec.router
     logits = logits.reshape(-1, r.num_experts).float()
-    scores = torch.softmax(logits, -1) if r.score_func == "softmax" else torch.sigmoid(logits)
-    if score_bias is not None:
+    if score_bias is None:  # softmax and sigmoid keep each row's order: rank the logits themselves
+        scores = logits
+    else:
+        scores = torch.softmax(logits, -1) if r.score_func == "softmax" else torch.sigmoid(logits)
         scores = scores + score_bias.reshape(-1).float()
     k = predicted_per_token(spec)
-    per_token = torch.topk(torch.nan_to_num(scores, nan=-1.0), k, dim=-1).indices if logits.shape[0] else \
+    per_token = torch.topk(torch.nan_to_num(scores, nan=-float("inf")), k, dim=-1).indices if logits.shape[0] else \
         torch.empty((0, k), dtype=torch.int64, device=logits.device)
     votes = torch.bincount(per_token.reshape(-1), minlength=r.num_experts).tolist()
     ranked = sorted((e for e in range(r.num_experts) if votes[e]), key=lambda e: (-votes[e], e))

@@ -66,8 +66,10 @@ class LRU(CachePolicy):
         self._order.pop(key, None)
 
     def victims(self, resident, incoming):
-        rank = {k: i for i, k in enumerate(self._order)}
-        return sorted(resident, key=lambda k: rank.get(k, -1))
+        # keys the policy never saw go first, then least recently used first: O(len(order))
+        res = set(resident)
+        unknown = [k for k in resident if k not in self._order]
+        return unknown + [k for k in self._order if k in res]
 
 
 class ARC(CachePolicy):
@@ -150,26 +152,23 @@ class _Quota(CachePolicy):
         self._lru.on_evict(key)
 
     def inner_order(self, keys: list) -> list:
-        return self._lru.victims(keys, None)
+        """keys of one layer, first to evict first; ``keys`` arrive in LRU order."""
+        return keys
 
     def victims(self, resident, incoming):
         quotas = self.quotas()
-        used = [0] * len(quotas)
-        for layer, _ in resident:
-            if layer < len(used):
-                used[layer] += self.expert_bytes[layer]
         own = incoming[0] if incoming is not None else -1
-
-        def pressure(layer):  # bytes over quota (the incoming layer counts its new entry)
-            extra = self.expert_bytes[layer] if layer == own else 0
-            return used[layer] + extra - quotas[layer] if layer < len(quotas) else float("inf")
-
         by_layer: dict = {}
-        for k in resident:
+        for k in self._lru.victims(resident, None):  # one LRU pass; each layer's keys stay in LRU order
             by_layer.setdefault(k[0], []).append(k)
-        over = sorted((l for l in by_layer if pressure(l) > 0), key=lambda l: -pressure(l))
-        under = sorted((l for l in by_layer if pressure(l) <= 0), key=lambda l: pressure(l), reverse=True)
-        return [k for l in over + under for k in self.inner_order(by_layer[l])]
+        pressure = {}  # bytes over quota (the incoming layer counts its new entry); most over quota goes first
+        for layer, keys in by_layer.items():
+            if layer >= len(quotas):
+                pressure[layer] = float("inf")
+            else:
+                nbytes = self.expert_bytes[layer]
+                pressure[layer] = (len(keys) + (layer == own)) * nbytes - quotas[layer]
+        return [k for layer in sorted(by_layer, key=lambda l: -pressure[l]) for k in self.inner_order(by_layer[layer])]
 
 
 class ShallowFavoring(_Quota):
@@ -181,7 +180,14 @@ class ShallowFavoring(_Quota):
         super().__init__()
         self.shallow_layers = int(shallow_layers)
 
+    def setup(self, expert_bytes, num_experts, budget):
+        super().setup(expert_bytes, num_experts, budget)
+        self._quotas = self._shares()
+
     def quotas(self):
+        return self._quotas
+
+    def _shares(self):
         n = len(self.num_experts)
         full = [b * e for b, e in zip(self.expert_bytes, self.num_experts)]
         shallow = min(self.shallow_layers, n)
@@ -239,8 +245,8 @@ class PredictedDemand(_Quota):
         return [f + spare * d / total for f, d in zip(floor, per_layer)]
 
     def inner_order(self, keys):
-        recency = {k: i for i, k in enumerate(self._lru.victims(keys, None))}
-        return sorted(keys, key=lambda k: (self.demand.get(k, 0.0), recency[k]))
+        # keys arrive in LRU order; sorted() is stable, so recency breaks demand ties
+        return sorted(keys, key=lambda k: self.demand.get(k, 0.0))
 
 
 def make_policy(name: str, **kwargs) -> CachePolicy:

@@ -44,6 +44,7 @@ class LayerStats:
     name: str
     steps: int = 0
     hits: int = 0              # used experts that were resident or already being prefetched
+    ready: int = 0             # of the hits, experts already loaded when the layer began (no wait)
     misses: int = 0            # used experts loaded on demand
     prefetched: int = 0        # loads issued by the predictor
     prefetch_used: int = 0     # of those, experts the layer then used
@@ -56,8 +57,9 @@ class LayerStats:
 
     def as_dict(self) -> dict:
         used = self.hits + self.misses
-        return {"name": self.name, "steps": self.steps, "hits": self.hits, "misses": self.misses,
+        return {"name": self.name, "steps": self.steps, "hits": self.hits, "ready": self.ready, "misses": self.misses,
                 "hit_rate": self.hits / used if used else None,
+                "ready_rate": self.ready / used if used else None,
                 "prediction_recall": self.predicted / self.predicted_steps_used if self.predicted_steps_used else None,
                 "token_recall": self.token_hits / self.token_total if self.token_total else None,
                 "prefetched": self.prefetched, "prefetch_used": self.prefetch_used,
@@ -92,8 +94,16 @@ class _Entry:
     tensors: dict = None
     error: BaseException = None
     pins: int = 0
+    done: bool = False        # ready.is_set(), as a plain field read under the store's lock (hot loops)
     started: bool = False
     by_prefetch: bool = False
+
+
+def _routed_in_prediction(ids: torch.Tensor, per_token: torch.Tensor) -> int:
+    """(token, expert) routings in ids [T, k] that the token's own prediction per_token [T, p] holds."""
+    if ids.numel() <= 64:  # decode-sized steps: a few Python comparisons beat four tensor ops
+        return sum(e in pred for row, pred in zip(ids.tolist(), per_token.tolist()) for e in row)
+    return int((ids.unsqueeze(-1) == per_token.unsqueeze(1)).any(-1).sum())
 
 
 def parse_bytes(value) -> int | float:
@@ -234,6 +244,7 @@ class ExpertStore:
             entry.tensors, entry.error = tensors, error
             if error is None:
                 self.layers[key[0]].stats.bytes_loaded += entry.nbytes
+            entry.done = True
             entry.ready.set()
             self._lock.notify_all()
 
@@ -291,14 +302,14 @@ class ExpertStore:
             if self._used + nbytes <= self.budget:
                 return True
             evictable = [k for k, en in self._entries.items()
-                         if en.pins == 0 and en.ready.is_set() and k not in protect and k != key]
+                         if en.done and not en.pins and k not in protect and k != key]
             for victim in self.policy.victims(evictable, key):
                 self._evict(victim)
                 if self._used + nbytes <= self.budget:
                     return True
             if not wait:
                 return False
-            if not any(not en.ready.is_set() or en.pins for en in self._entries.values()):
+            if not any(not en.done or en.pins for en in self._entries.values()):
                 raise RuntimeError(f"offload budget {self.budget} bytes cannot hold expert {key} ({nbytes} bytes)")
             self._lock.wait(timeout=1.0)
 
@@ -358,7 +369,7 @@ class ExpertStore:
                 st.predicted_steps_used += len(experts)
                 st.predicted += len(predicted.intersection(experts))
                 if per_token is not None and ids is not None and per_token.shape[0] == ids.shape[0]:
-                    st.token_hits += int((ids.unsqueeze(-1) == per_token.unsqueeze(1)).any(-1).sum())
+                    st.token_hits += _routed_in_prediction(ids, per_token)
                     st.token_total += ids.numel()
             ready, flying, missing = [], [], []
             for e in experts:
@@ -372,7 +383,8 @@ class ExpertStore:
                     st.prefetch_used += 1
                     entry.by_prefetch = False
                 self.policy.on_access((layer, e))
-                (ready if entry.ready.is_set() else flying).append(e)
+                (ready if entry.done else flying).append(e)
+                st.ready += entry.done
             self.policy.on_use(layer, experts)
             self._last_used[layer] = experts
             protect = {(layer, e) for e in experts}
@@ -428,17 +440,20 @@ class ExpertStore:
         with self._lock:
             layers = [layer.stats.as_dict() for layer in self.layers]
         hits = sum(l["hits"] for l in layers)
+        ready = sum(l["ready"] for l in layers)
         misses = sum(l["misses"] for l in layers)
         pred = sum(layer.stats.predicted for layer in self.layers)
         pred_n = sum(layer.stats.predicted_steps_used for layer in self.layers)
         tok = sum(layer.stats.token_hits for layer in self.layers)
         tok_n = sum(layer.stats.token_total for layer in self.layers)
         return {"policy": self.policy.name, "budget_bytes": self.budget, "host_budget_bytes": self.host_budget,
-                "hits": hits, "misses": misses, "predicted": pred, "predicted_of": pred_n, "token_hits": tok,
+                "hits": hits, "ready": ready, "misses": misses, "predicted": pred, "predicted_of": pred_n,
+                "token_hits": tok,
                 "token_total": tok_n, "prefetched": sum(l["prefetched"] for l in layers),
                 "prefetch_used": sum(l["prefetch_used"] for l in layers),
                 "expert_bytes_total": self.total_expert_bytes, "peak_bytes": self.peak_bytes,
                 "hit_rate": hits / (hits + misses) if hits + misses else None,
+                "ready_rate": ready / (hits + misses) if hits + misses else None,
                 "prediction_recall": pred / pred_n if pred_n else None,
                 "token_recall": tok / tok_n if tok_n else None,
                 "bytes_loaded": sum(l["bytes_loaded"] for l in layers),
