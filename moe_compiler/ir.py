@@ -163,7 +163,16 @@ _LIB.define(
 @torch.library.impl(_LIB, "moe", "CompositeExplicitAutograd")
 def _moe_impl(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec):
     from moe_compiler import reference
+    from moe_compiler.runtime import offload
 
+    for w in (w1, w3, w2):
+        if w is not None and offload.is_released(w):
+            raise RuntimeError(
+                f"MoE layer {_spec(spec).path or '?'}: its expert weights were released to an offload store "
+                "(option offload, release_parameters=True), so it runs only inside the compiled graph, and it "
+                "was called eagerly. The usual cause is torch._dynamo running the model uncompiled after "
+                "too many recompilations: raise torch._dynamo.config.recompile_limit, compile with dynamic=True, "
+                "or keep the weights with offload={'release_parameters': False}")
     return reference.moe_forward(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, _spec(spec))
 
 

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moe_compiler
+from moe_compiler.codegen.torch_experts import PackedWeights
 from moe_compiler.config import ConfigError, make_config
 from moe_compiler.modules import MoELayer
 from moe_compiler.runtime import offload
@@ -327,6 +328,38 @@ def test_a_missing_expert_file_fails_the_call(tmp_path):
         model.compiled(torch.randint(0, 50, (2, 5)))  # no recompile: the op's loads fail, loudly
 
 
+def test_released_layer_called_eagerly_says_why(tmp_path):
+    ids = torch.randint(0, 50, (2, 5))
+    model, _, store = _offloaded(MODEL, [ids], tmp_path, budget=0.5, prefetch=False)
+    # what torch._dynamo does past its recompile limit: run the module uncompiled
+    with pytest.raises(RuntimeError, match="released to an offload store.*recompile_limit"), torch.no_grad():
+        model(ids)
+
+
+def test_store_clear_frees_the_fast_tier(tmp_path):
+    ids = torch.randint(0, 50, (2, 5))
+    model, _, store = _offloaded(MODEL, [ids], tmp_path, budget=0.5, prefetch=False)
+    store.drain()
+    cached = store.cached_bytes()
+    assert cached > 0 and store.clear() == cached
+    assert store.cached_bytes() == 0 and store.resident() == []
+    with torch.no_grad():
+        model.compiled(ids)  # loads again from disk
+    assert store.cached_bytes() > 0
+
+
+def test_store_close_stops_the_loader_and_a_later_load_restarts_it(tmp_path):
+    ids = torch.randint(0, 50, (2, 5))
+    model, outs, store = _offloaded(MODEL, [ids], tmp_path, budget=0.5)
+    store.close()
+    assert not store._thread.is_alive()
+    store.clear()
+    with torch.no_grad():
+        assert torch.equal(model.compiled(ids), outs[0])
+    store.drain()
+    assert store.cached_bytes() > 0
+
+
 def test_explain_reports_offload_metrics(tmp_path):
     model = Stack(**MODEL)
     report = moe_compiler.explain(model, torch.randint(0, 50, (2, 8)), inner_backend="eager",
@@ -372,3 +405,23 @@ def test_offloaded_op_edge_cases(tmp_path, dtype, tokens):
     torch.testing.assert_close(y, want, rtol=0, atol=0) if dtype == torch.float32 else \
         torch.testing.assert_close(y, want)
     assert y.shape == (tokens, 8) and y.dtype == dtype
+
+
+@pytest.mark.skipif(not PackedWeights.available(torch.ones(1)), reason="no oneDNN in this torch build")
+def test_prepacked_layer_keeps_only_the_packed_copy(tmp_path):
+    from moe_compiler.codegen.offload_ops import OFFLOADED_EXPERTS_OP
+    from moe_compiler.codegen.ops import GROUPED_EXPERTS_OP
+
+    torch.manual_seed(0)
+    layer = MoELayer(16, 24, 4, 2)
+    spec = layer.spec.to_json()
+    store_id, store = offload.store_for(offload.normalize_options({"dir": str(tmp_path / "e"), "budget": 1.0}))
+    store.add_layer("l", {"w1": layer.gate_up_proj.detach(), "w2": layer.down_proj.detach()}, transposed=False,
+                    prepack=("w1", "w2"))
+    x, ids, w = torch.randn(7, 16), torch.randint(0, 4, (7, 2)), torch.rand(7, 2)
+    y = OFFLOADED_EXPERTS_OP(x, ids, w, None, store_id, 0, spec)
+    want = GROUPED_EXPERTS_OP(x, ids, w, layer.gate_up_proj.detach(), None, layer.down_proj.detach(), None, None,
+                              None, spec)
+    torch.testing.assert_close(y, want)  # oneDNN's GEMM, not bit-equal to torch.mm
+    with store.use(0, int(ids[0, 0])) as tensors:
+        assert sorted(tensors) == ["packed:w1", "packed:w2"]  # the raw copy is not kept beside it

@@ -16,7 +16,7 @@ comes from ``stats()``.
     layer = store.add_layer("model.layers.0.mlp", {"w1": [E, N1, H], "w2": [E, H, I]}, transposed=False)
     store.prefetch(layer, [3, 5])            # asynchronous; returns the experts it could issue
     with store.use(layer, e) as w:           # waits for the load (a miss loads on demand)
-        w["w1"], w["w2"] ...                 # that expert's tensors (and "packed:<name>" when prepacked)
+        w["w1"], w["w2"] ...                 # that expert's tensors ("packed:<name>" instead when prepacked)
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ import torch
 
 from moe_compiler.runtime.cache_policy import CachePolicy, make_policy
 from moe_compiler.runtime.expert_files import ExpertFiles, ExpertReadError
+from moe_compiler.runtime.memory import return_freed_memory
 
 _DEMAND, _PREFETCH = 0, 1
 
@@ -225,6 +226,8 @@ class ExpertStore:
     def _loader(self):
         while True:
             _, _, key = self._queue.get()
+            if key is None:  # close(): everything queued before it is done
+                return
             with self._lock:
                 entry = self._entries.get(key)
                 if entry is None or entry.started:
@@ -282,11 +285,12 @@ class ExpertStore:
             done.synchronize()
             return out
         for n, t in raw.items():
-            out[n] = t
-            if n in layer.prepack:
+            if n in layer.prepack:  # only the packed copy is kept: the GEMMs read nothing else
                 from moe_compiler.codegen.torch_experts import PackedWeights
 
                 out["packed:" + n] = PackedWeights.pack_one(t, layer.transposed)
+            else:
+                out[n] = t
         return out
 
     def _cuda_stream(self, device):
@@ -459,11 +463,35 @@ class ExpertStore:
                 "bytes_loaded": sum(l["bytes_loaded"] for l in layers),
                 "stall_s": sum(l["stall_s"] for l in layers), "layers": layers}
 
+    def clear(self) -> int:
+        """Drop every cached expert that is neither pinned nor loading, and the host tier, and give the
+        memory back to the OS; returns the fast-tier bytes freed (the files on disk stay)."""
+        with self._lock:
+            keys = [k for k, en in self._entries.items() if en.done and not en.pins]
+            freed = sum(self._entries[k].nbytes for k in keys)
+            for k in keys:
+                self._evict(k)
+            self._host.clear()
+            self._host_bytes = 0
+        return_freed_memory()
+        return freed
+
     def reset_stats(self) -> None:
         with self._lock:
             for layer in self.layers:
                 layer.stats = LayerStats(layer.name)
             self.peak_bytes = self._used
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Finish the loads already queued and stop the loader thread (a later load starts a new one).
+
+        Called for every store at interpreter exit: a daemon thread stopped in the middle of a read
+        would otherwise abort the process ("terminate called without an active exception")."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return
+        self._queue.put((_PREFETCH + 1, next(self._seq), None))  # sorts after every queued load
+        thread.join(timeout)
 
     def drain(self) -> None:
         """Wait for every load in flight (used before measuring or shutting down)."""

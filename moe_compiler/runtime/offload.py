@@ -22,6 +22,7 @@ the duration of the compile (``restored``).
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ import torch
 
 from moe_compiler.runtime.cache_policy import POLICIES
 from moe_compiler.runtime.expert_store import ExpertStore, parse_bytes
+from moe_compiler.runtime.memory import return_freed_memory
 
 KEYS = ("budget", "policy", "dir", "host_budget", "prefetch", "prefetch_depth", "prefetch_extra", "prefetch_source",
         "shallow_layers", "release_parameters", "drop_page_cache")
@@ -111,6 +113,12 @@ def store_for(options: dict) -> tuple[str, ExpertStore]:
         return root, _STORES[root]
 
 
+@atexit.register
+def _close_stores() -> None:
+    for store in list(_STORES.values()):
+        store.close()
+
+
 def get_store(store_id: str) -> ExpertStore:
     try:
         return _STORES[store_id]
@@ -125,8 +133,10 @@ def stores() -> dict:
 
 
 def forget_stores() -> None:
-    """Drop every store (tests; weights already released stay released)."""
+    """Close and drop every store (tests; weights already released stay released)."""
     with _LOCK:
+        for store in _STORES.values():
+            store.close()
         _STORES.clear()
 
 
@@ -165,3 +175,5 @@ def restored(tensors):
         with torch.no_grad():
             for t in back:
                 t.untyped_storage().resize_(0)
+        if back:
+            return_freed_memory()
