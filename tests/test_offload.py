@@ -351,8 +351,13 @@ def test_store_clear_frees_the_fast_tier(tmp_path):
 def test_store_close_stops_the_loader_and_a_later_load_restarts_it(tmp_path):
     ids = torch.randint(0, 50, (2, 5))
     model, outs, store = _offloaded(MODEL, [ids], tmp_path, budget=0.5)
+    for layer in range(len(store.layers)):  # queue more loads than the thread can have started
+        store.prefetch(layer, range(store.layers[layer].num_experts))
     store.close()
     assert not store._thread.is_alive()
+    assert all(entry.done for entry in store._entries.values())  # the unstarted ones were dropped
+    assert store.cached_bytes() == sum(entry.nbytes for entry in store._entries.values()) <= store.budget
+    store.drain()  # nothing left to wait for
     store.clear()
     with torch.no_grad():
         assert torch.equal(model.compiled(ids), outs[0])

@@ -483,14 +483,26 @@ class ExpertStore:
             self.peak_bytes = self._used
 
     def close(self, timeout: float = 60.0) -> None:
-        """Finish the loads already queued and stop the loader thread (a later load starts a new one).
+        """Stop the loader thread after the load it is doing; loads queued but not started are dropped
+        (their room is freed; a later use loads them again, and a later load starts a new thread).
 
         Called for every store at interpreter exit: a daemon thread stopped in the middle of a read
         would otherwise abort the process ("terminate called without an active exception")."""
         thread = self._thread
         if thread is None or not thread.is_alive():
             return
-        self._queue.put((_PREFETCH + 1, next(self._seq), None))  # sorts after every queued load
+        with self._lock:
+            while True:
+                try:
+                    _, _, key = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                entry = self._entries.get(key)
+                if entry is not None and not entry.started and not entry.pins:
+                    self._entries.pop(key)
+                    self._used -= entry.nbytes
+                    self.policy.on_evict(key)
+            self._queue.put((_DEMAND, next(self._seq), None))
         thread.join(timeout)
 
     def drain(self) -> None:
