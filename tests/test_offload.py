@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 
 import pytest
 import torch
@@ -334,6 +335,27 @@ def test_released_layer_called_eagerly_says_why(tmp_path):
     # what torch._dynamo does past its recompile limit: run the module uncompiled
     with pytest.raises(RuntimeError, match="released to an offload store.*recompile_limit"), torch.no_grad():
         model(ids)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_freed_expert_blocks_go_back_to_the_os():
+    from moe_compiler.runtime.memory import return_freed_memory
+
+    def rss_mib():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+    if not return_freed_memory():
+        pytest.skip("the C library has no malloc_trim (not glibc)")
+    big = torch.ones(16 * 2 ** 20 // 4)  # freeing a mapped 16 MiB block raises glibc's mmap threshold ...
+    del big
+    blocks = [torch.ones(8 * 2 ** 20 // 4) for _ in range(24)]  # ... so these come from the heap
+    after = torch.ones(1024)  # allocated after them: they are not at the heap's top (no automatic trim)
+    before = rss_mib()
+    del blocks
+    return_freed_memory()
+    assert rss_mib() < before - 100  # 192 MiB written and freed: most of it left the process
+    del after
 
 
 def test_store_clear_frees_the_fast_tier(tmp_path):
