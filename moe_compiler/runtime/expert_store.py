@@ -226,7 +226,7 @@ class ExpertStore:
     def _loader(self):
         while True:
             _, _, key = self._queue.get()
-            if key is None:  # close(): everything queued before it is done
+            if key is None:  # close()
                 return
             with self._lock:
                 entry = self._entries.get(key)
@@ -482,12 +482,13 @@ class ExpertStore:
                 layer.stats = LayerStats(layer.name)
             self.peak_bytes = self._used
 
-    def close(self, timeout: float = 60.0) -> None:
+    def close(self, timeout: float = 10.0) -> None:
         """Stop the loader thread after the load it is doing; loads queued but not started are dropped
         (their room is freed; a later use loads them again, and a later load starts a new thread).
 
-        Called for every store at interpreter exit: a daemon thread stopped in the middle of a read
-        would otherwise abort the process ("terminate called without an active exception")."""
+        Call it while no layer runs. Called for every store at interpreter exit: a daemon thread
+        stopped in the middle of a read would otherwise abort the process ("terminate called without
+        an active exception")."""
         thread = self._thread
         if thread is None or not thread.is_alive():
             return
