@@ -38,14 +38,6 @@ sys.path.insert(0, os.path.dirname(HERE))
 MIB = 2 ** 20
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def _reset_peak() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # 5: reset the peak resident set size (VmHWM) to the current one
@@ -57,6 +49,7 @@ def child(args) -> dict:
 
     from moe_compiler.reference_lm import ReferenceLM, ReferenceLMConfig
     from moe_compiler.runtime import offload
+    from moe_compiler.runtime.memory import process_status_bytes
 
     torch.manual_seed(0)
     torch._dynamo.config.cache_size_limit = 256  # dynamic=False: one graph per decode length
@@ -87,10 +80,10 @@ def child(args) -> dict:
     import gc
 
     gc.collect()
-    rss_idle = _status_kib("VmRSS") * 1024
+    rss_idle = process_status_bytes("VmRSS")
     _reset_peak()
     run()
-    peak = _status_kib("VmHWM") * 1024
+    peak = process_status_bytes("VmHWM")
     out = {"expert_bytes": expert_bytes, "rss_idle": rss_idle, "peak": peak}
     if store is not None:
         out.update(budget=store.budget, store_peak=store.peak_bytes, bytes_loaded=store.stats()["bytes_loaded"])

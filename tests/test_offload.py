@@ -16,7 +16,7 @@ import moe_compiler
 from moe_compiler.codegen.torch_experts import PackedWeights
 from moe_compiler.config import ConfigError, make_config
 from moe_compiler.modules import MoELayer
-from moe_compiler.runtime import offload
+from moe_compiler.runtime import memory, offload
 from moe_compiler.runtime.cache_policy import POLICIES, make_policy
 from moe_compiler.runtime.expert_files import ExpertFiles, ExpertReadError
 from moe_compiler.runtime.expert_store import ExpertStore, parse_bytes
@@ -337,23 +337,19 @@ def test_released_layer_called_eagerly_says_why(tmp_path):
         model(ids)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and memory.can_return_freed_memory()),
+                    reason="malloc_trim is glibc's (Linux); elsewhere return_freed_memory does nothing")
 def test_freed_expert_blocks_go_back_to_the_os():
-    from moe_compiler.runtime.memory import return_freed_memory
-
     def rss_mib():
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+        return memory.process_status_bytes("VmRSS") / 2 ** 20
 
-    if not return_freed_memory():
-        pytest.skip("the C library has no malloc_trim (not glibc)")
     big = torch.ones(16 * 2 ** 20 // 4)  # freeing a mapped 16 MiB block raises glibc's mmap threshold ...
     del big
     blocks = [torch.ones(8 * 2 ** 20 // 4) for _ in range(24)]  # ... so these come from the heap
     after = torch.ones(1024)  # allocated after them: they are not at the heap's top (no automatic trim)
     before = rss_mib()
     del blocks
-    return_freed_memory()
+    assert memory.return_freed_memory()
     assert rss_mib() < before - 100  # 192 MiB written and freed: most of it left the process
     del after
 

@@ -434,7 +434,7 @@ class ExpertStore:
     # ------------------------------------------------------------------ reporting
     def resident(self) -> list:
         with self._lock:
-            return sorted(k for k, en in self._entries.items() if en.ready.is_set())
+            return sorted(k for k, en in self._entries.items() if en.done)
 
     def cached_bytes(self) -> int:
         with self._lock:
@@ -510,7 +510,7 @@ class ExpertStore:
         """Wait for every load in flight (used before measuring or shutting down)."""
         while True:
             with self._lock:
-                pending = [en for en in self._entries.values() if not en.ready.is_set()]
+                pending = [en for en in self._entries.values() if not en.done]
             if not pending:
                 return
             for en in pending:

@@ -23,10 +23,23 @@ def _malloc_trim():
         return None
 
 
+def can_return_freed_memory() -> bool:
+    """Whether the C library has malloc_trim (glibc)."""
+    return _malloc_trim() is not None
+
+
 def return_freed_memory() -> bool:
     """malloc_trim(0) where the C library has it; returns whether it ran."""
-    trim = _malloc_trim()
-    if trim is None:
+    if not can_return_freed_memory():
         return False
-    trim(0)
+    _malloc_trim()(0)
     return True
+
+
+def process_status_bytes(field: str) -> int:
+    """A size field of /proc/self/status in bytes, e.g. "VmRSS" (resident set) or "VmHWM" (its peak); Linux."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # the kernel reports kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
