@@ -2,6 +2,7 @@
 
     python bench/moe_layer.py            # full: more repeats
     python bench/moe_layer.py --quick    # < 1 minute; last line is a JSON object of headline figures
+    python bench/moe_layer.py --device cuda --dtype bfloat16 --layers mixtral_8x7b,qwen_moe_a2_7b --tokens 16,512,4096
 
 Layers (fp32, CPU): Mixtral-like (8 experts, top-2, hidden 512, ffn 1792) and a fine-grained one
 (Qwen2-MoE block: 64 experts, top-6, ffn 256, gated shared expert of ffn 512), at 1024 and 64 tokens,
@@ -25,6 +26,9 @@ import torch.nn.functional as F
 LAYERS = {
     "mixtral_like": dict(family="mixtral", E=8, k=2, H=512, I=1792, shared=0),
     "fine_grained": dict(family="qwen2_moe", E=64, k=6, H=512, I=256, shared=512),
+    # full-size layers for a GPU: Mixtral-8x7B's and Qwen1.5-MoE-A2.7B's MoE blocks
+    "mixtral_8x7b": dict(family="mixtral", E=8, k=2, H=4096, I=14336, shared=0),
+    "qwen_moe_a2_7b": dict(family="qwen2_moe", E=60, k=4, H=2048, I=1408, shared=5632),
 }
 
 
@@ -104,6 +108,11 @@ def timed(fn, train: bool, params):
     return run
 
 
+def _sync(x):
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
 def measure(sides: dict, x, repeats: int, warmup: int = 2) -> dict:
     for fn in sides.values():
         for _ in range(warmup):
@@ -111,23 +120,30 @@ def measure(sides: dict, x, repeats: int, warmup: int = 2) -> dict:
     times = {k: [] for k in sides}
     for _ in range(repeats):
         for name, fn in sides.items():  # interleaved: all sides see the same machine noise
+            _sync(x)
             t0 = time.perf_counter()
             fn(x)
+            _sync(x)
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_layer(name: str, tokens: int, train: bool, repeats: int) -> dict:
+def bench_layer(name: str, tokens: int, train: bool, repeats: int, device="cpu", dtype=torch.float32) -> dict:
     spec = LAYERS[name]
-    block = build_block(spec)
-    dense = DenseBound(spec)
-    x = torch.randn(1, tokens, spec["H"])
+    block = build_block(spec).to(device, dtype)
+    dense = DenseBound(spec).to(device, dtype)
+    x = torch.randn(1, tokens, spec["H"], device=device, dtype=dtype)
     params = list(block.parameters())
     torch._dynamo.reset()
+    moe = torch.compile(block, backend="moe", dynamic=False)
+    with torch.no_grad():  # the rewrite must hold before its speed counts
+        want, got = block(x), moe(x)
+        want, got = (want[0] if isinstance(want, tuple) else want), (got[0] if isinstance(got, tuple) else got)
+        diff = (got.float() - want.float()).abs().max().item() / max(want.float().abs().max().item(), 1e-30)
     sides = {
         "eager": timed(block, train, params),
         "inductor": timed(torch.compile(block, backend="inductor", dynamic=False), train, params),
-        "moe": timed(torch.compile(block, backend="moe", dynamic=False), train, params),
+        "moe": timed(moe, train, params),
         "dense": timed(torch.compile(dense, backend="inductor", dynamic=False), train, list(dense.parameters())),
     }
     if not train:
@@ -135,6 +151,7 @@ def bench_layer(name: str, tokens: int, train: bool, repeats: int) -> dict:
     t = measure(sides, x, repeats)
     bound = max(t["dense"], t.get("stream", 0.0)) if tokens <= 128 else t["dense"]
     t["bound"] = bound
+    t["rel_diff"] = diff
     return t
 
 
@@ -142,21 +159,29 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--layers", default="mixtral_like,fine_grained", help=f"comma-separated, from {list(LAYERS)}")
+    ap.add_argument("--tokens", default="1024,64", help="comma-separated token counts")
+    ap.add_argument("--no-train", action="store_true", help="forward only")
     args = ap.parse_args(argv)
     repeats = args.repeats or (5 if args.quick else 20)
-    cases = [(n, t, tr) for n in LAYERS for t in (1024, 64) for tr in (False, True)]
+    dtype = getattr(torch, args.dtype)
+    cases = [(n, int(t), tr) for n in args.layers.split(",") for t in args.tokens.split(",")
+             for tr in ((False,) if args.no_train else (False, True))]
     if args.quick:
         cases = [("mixtral_like", 1024, False), ("mixtral_like", 64, False), ("mixtral_like", 1024, True)]
     rows, headline = [], {}
     print(f"{'layer':<13} {'tokens':>6} {'pass':<8} {'eager ms':>9} {'induct ms':>9} {'moe ms':>8} {'bound ms':>8}"
-          f" {'moe/bound':>9} {'eager/moe':>9} {'ind/moe':>8}")
+          f" {'moe/bound':>9} {'eager/moe':>9} {'ind/moe':>8} {'moe vs eager':>12}")
     for name, tokens, train in cases:
-        t = bench_layer(name, tokens, train, repeats)
+        t = bench_layer(name, tokens, train, repeats, args.device, dtype)
+        diff = t.pop("rel_diff")
         row = dict(layer=name, tokens=tokens, pass_="fwd+bwd" if train else "fwd", **{k: v * 1e3 for k, v in t.items()})
         rows.append(row)
         print(f"{name:<13} {tokens:>6} {row['pass_']:<8} {row['eager']:9.2f} {row['inductor']:9.2f} {row['moe']:8.2f} "
               f"{row['bound']:8.2f} {t['moe'] / t['bound']:9.2f} {t['eager'] / t['moe']:9.2f} "
-              f"{t['inductor'] / t['moe']:8.2f}", flush=True)
+              f"{t['inductor'] / t['moe']:8.2f} {diff:12.1e}", flush=True)
         if name == "mixtral_like" and tokens == 1024 and not train:
             headline["moe_over_dense_1024"] = round(t["moe"] / t["dense"], 3)
         if name == "mixtral_like" and tokens == 64 and not train:

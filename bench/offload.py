@@ -2,6 +2,7 @@
 
     python bench/offload.py            # budgets 25/50/75%, every variant
     python bench/offload.py --quick    # 50% budget, fewer steps; last line is a JSON object
+    python bench/offload.py --quick --device cuda --variants on_demand,lru,res+shallow   # on a GPU, a subset
 
 The model (tests/data/reference_lm: 8 MoE layers, 16 experts each, top-2) is compiled with backend
 "moe" once per variant, each from its own copy of the weights (offloading frees the module's expert
@@ -61,9 +62,10 @@ def heldout_tokens(batch: int, length: int) -> torch.Tensor:
 
 class Variant:
     def __init__(self, name: str, budget, policy: str | None, prefetch: bool, root: str, extra: int = 1,
-                 source: str = "gate"):
+                 source: str = "gate", device: str = "cpu"):
         self.name, self.budget, self.policy, self.prefetch, self.extra = name, budget, policy, prefetch, extra
-        self.model = ReferenceLM.load(MODEL_DIR)
+        self.model = ReferenceLM.load(MODEL_DIR).to(device)
+        self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
         options = {"inner_backend": "eager"}
         self.store = None
         if policy is not None:
@@ -92,8 +94,10 @@ class Variant:
         outs = []
         with torch.no_grad():
             s0 = self._count("prefill", None)
+            self.sync()
             t0 = time.perf_counter()
             logits, cache = self.fn(tokens[:, :prompt], cache=[])
+            self.sync()
             t1 = time.perf_counter()
             c1 = time.thread_time()
             s1 = self._count("prefill", s0)
@@ -101,6 +105,7 @@ class Variant:
             for t in range(prompt, tokens.shape[1]):
                 logits, cache = self.fn(tokens[:, t:t + 1], cache=cache)
                 outs.append(logits)
+            self.sync()
             t2 = time.perf_counter()
             self.last_decode_cpu = time.thread_time() - c1
             self._count("decode", s1)
@@ -125,28 +130,38 @@ def main(argv=None):
     ap.add_argument("--decode", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--budgets", default=None, help="comma-separated fractions, e.g. 0.25,0.5,0.75")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (experts copied on the store's side stream)")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated name prefixes to run, e.g. on_demand,lru,res+shallow (resident always runs)")
     args = ap.parse_args(argv)
     decode = args.decode or (24 if args.quick else 48)
     reps = args.reps or (3 if args.quick else 5)
     budgets = [float(b) for b in (args.budgets or ("0.5" if args.quick else "0.25,0.5,0.75")).split(",")]
     torch.manual_seed(0)
     torch._dynamo.config.cache_size_limit = 256
-    tokens = heldout_tokens(args.batch, args.prompt + decode)
+    tokens = heldout_tokens(args.batch, args.prompt + decode).to(args.device)
     root = tempfile.mkdtemp(prefix="moe_offload_bench_")
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
-    variants = [Variant("resident", None, None, False, root)]
+    wanted = args.variants.split(",") if args.variants else None
+
+    def variant(name, *a, **kw):
+        if wanted is None or any(name.startswith(w + "@") for w in wanted):
+            variants.append(Variant(name, *a, root=root, device=args.device, **kw))
+
+    variants = [Variant("resident", None, None, False, root, device=args.device)]
     for b in budgets:
         pct = int(round(100 * b))
-        variants.append(Variant(f"on_demand@{pct}", EXPERT_BYTES, "lru", False, root))  # room for one expert
-        variants.append(Variant(f"lru@{pct}", b, "lru", False, root))
-        policies = POLICIES if not args.quick else ("lru", "shallow", "predicted")
-        variants += [Variant(f"pred+{p}@{pct}", b, p, True, root) for p in policies]
+        variant(f"on_demand@{pct}", EXPERT_BYTES, "lru", False)  # room for one expert
+        variant(f"lru@{pct}", b, "lru", False)
+        for p in (POLICIES if not args.quick else ("lru", "shallow", "predicted")):
+            variant(f"pred+{p}@{pct}", b, p, True)
         # a wider prediction (top-(k+2) per token): more recall for more wasted loads
-        variants.append(Variant(f"pred2+shallow@{pct}", b, "shallow", True, root, extra=2))
+        variant(f"pred2+shallow@{pct}", b, "shallow", True, extra=2)
         # predicted from the residual stream entering each block (prefetch_source "residual")
-        variants += [Variant(f"res+{p}@{pct}", b, p, True, root, source="residual") for p in ("lru", "shallow")]
-    print(f"reference model, batch {args.batch}, prompt {args.prompt}, {decode} decode steps, {reps} reps "
+        for p in ("lru", "shallow"):
+            variant(f"res+{p}@{pct}", b, p, True, source="residual")
+    print(f"reference model on {args.device}, batch {args.batch}, prompt {args.prompt}, {decode} decode steps, {reps} reps "
           f"(+1 warm-up), {len(variants)} variants", flush=True)
 
     for rep in range(reps + 1):  # rep 0 compiles and warms the caches

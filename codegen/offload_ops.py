@@ -7,15 +7,19 @@
         # asynchronous loads of the ranked experts into the store; returns the per-token
         # predictions [T, k+1] int64 (the data dependency that orders it before the layer).
     y = moe_compiler.offloaded_experts(x, ids, w, p, store, layer, spec)        # [T, H]
-        # The same dropless grouped GEMMs as grouped_experts (codegen/torch_experts), each expert
-        # pinned in the store while it computes: resident experts first, then those in flight,
-        # then misses loaded on demand, so the output equals the resident layer's bit for bit.
+        # The same dropless grouped GEMMs as grouped_experts, each expert pinned in the store while
+        # it computes, so the output equals the resident layer's bit for bit:
+        #   CPU: codegen/torch_experts expert by expert (resident experts first, then those in
+        #        flight, then misses loaded on demand);
+        #   CUDA: the Triton kernels over the used experts stacked into one workspace
+        #        [U, ...] (U = experts the step uses), with the whole layer's tile configs.
 """
 from __future__ import annotations
 
 import torch
 
 from moe_compiler.codegen import torch_experts
+from moe_compiler.codegen.ops import _triton_ok, triton_grouped_experts
 from moe_compiler.ir import _spec
 from moe_compiler.runtime import offload
 
@@ -84,6 +88,8 @@ def _offloaded(hidden, ids, weights, prediction, store, layer, spec):
     E = lay.num_experts
     used = torch.unique(ids).tolist() if ids.numel() else []
     order = st.begin_step(layer, used, ids.cpu() if prediction is not None else None)
+    if _triton_ok(hidden, s) and not lay.prepack:
+        return _offloaded_triton(x, ids, weights, st, layer, order, s).to(hidden.dtype).reshape(hidden.shape)
     current: dict = {}
     man = lay.manifest
     views = {n: (_StoreWeights(current, n, (E, *man["shapes"][n]), lay.dtype) if n in man["names"] else None)
@@ -110,6 +116,34 @@ def _offloaded(hidden, ids, weights, prediction, store, layer, spec):
     finally:
         gen.close()
     return y.to(hidden.dtype).reshape(hidden.shape)
+
+
+def _offloaded_triton(x, ids, weights, st, layer: int, order: list, s):
+    """CUDA: the resident layer's Triton path on the used experts only.
+
+    x [T, H], ids/weights [T, k]; the used experts' tensors are stacked (a device copy of U experts,
+    a workspace beside the budget) and ids renumbered into the stack. The tile configs are the
+    layer's own (the planned note, else choose_config for all E experts), so every output bit
+    equals the resident layer's.
+    """
+    lay = st.layers[layer]
+    if not order:
+        return x.new_zeros(x.shape)
+    names = [n for n in ("w1", "w2", "b1", "b2") if n in lay.manifest["names"]]
+    stacked: dict = {}
+    for i, e in enumerate(order):  # one expert pinned at a time: all U together may exceed the budget
+        with st.use(layer, e) as tensors:
+            for n in names:
+                t = tensors[n]
+                if n not in stacked:
+                    stacked[n] = t.new_empty((len(order), *t.shape))
+                stacked[n][i].copy_(t)
+    local = torch.full((lay.num_experts,), -1, dtype=torch.int64, device=ids.device)
+    local[torch.tensor(order, device=ids.device)] = torch.arange(len(order), device=ids.device)
+    planned = s.note("cuda_up_gemm_config")
+    return triton_grouped_experts(x, local[ids], weights, stacked["w1"], stacked["w2"], stacked.get("b1"),
+                                  stacked.get("b2"), s.experts, config=dict(planned) if planned else None,
+                                  config_experts=lay.num_experts)
 
 
 @torch.library.register_fake("moe_compiler::offloaded_experts")

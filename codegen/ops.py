@@ -163,15 +163,16 @@ def _triton_ok(hidden, s) -> bool:
     return True
 
 
-def triton_grouped_experts(x, ids, weights, w1, w2, b1, b2, spec, config=None):
+def triton_grouped_experts(x, ids, weights, w1, w2, b1, b2, spec, config=None, config_experts=None):
     """The CUDA inference path: codegen.triton's fused MoE kernels (layouts other than "separate");
-    config: the tile config planned at compile time (None: choose_config at run time)."""
+    config: the tile config planned at compile time (None: choose_config at run time, asked for
+    ``config_experts`` experts, default w1's count)."""
     from moe_compiler.codegen.triton.moe import triton_moe_forward
 
     return triton_moe_forward(x, ids, weights, w1, w2, b_gate_up=b1, b_down=b2, activation=spec.activation,
                               gated=spec.layout != "ungated", interleaved=spec.layout == "interleaved",
                               transposed=spec.transposed, alpha=spec.swiglu_alpha, limit=spec.swiglu_limit,
-                              config=config)
+                              config=config, config_experts=config_experts)
 
 
 @_impl("grouped_experts")

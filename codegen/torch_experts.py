@@ -46,8 +46,11 @@ class PackedWeights:
 
     @staticmethod
     def available(w: torch.Tensor) -> bool:
-        return (w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
-                and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+        if not (w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
+                and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+            return False
+        # oneDNN's bf16 packing needs AVX512-BW/VL/DQ or AVX-NE-CONVERT; elsewhere it raises
+        return w.dtype != torch.bfloat16 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
     @staticmethod
     def pack_one(w_e: torch.Tensor, transposed: bool):

@@ -284,6 +284,20 @@ def test_offloaded_model_equals_resident(tmp_path_factory, budget, policy, prefe
     assert all(m.router.untyped_storage().nbytes() > 0 for m in model.moes)  # routers stay resident
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_offloaded_half_precision_model_equals_resident(tmp_path, dtype):
+    """bf16 experts are oneDNN-packed only where the CPU can pack them (AVX512-BW/VL/DQ or AVX-NE-CONVERT);
+    elsewhere, and for fp16, they stay plain, and the outputs stay bit-equal either way."""
+    args = dict(MODEL, hidden=64, ffn=96, dtype=dtype)
+    ids = [torch.randint(0, 50, (2, 9)), torch.randint(0, 50, (2, 9))]
+    ref = _resident(args, ids)
+    torch._dynamo.reset()
+    _, outs, store = _offloaded(args, ids, tmp_path, budget=0.5, policy="shallow")
+    for a, b in zip(outs, ref):
+        assert a.dtype == dtype and torch.equal(a, b)
+    assert store.peak_bytes <= store.budget
+
+
 def test_hoisted_prefetch_in_dumps_and_recompile(tmp_path):
     ids = [torch.randint(0, 50, (2, 5)), torch.randint(0, 50, (1, 7)), torch.randint(0, 50, (2, 5))]
     ref = _resident(MODEL, ids)

@@ -299,17 +299,17 @@ GEMM_CFG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_
 
 
 def _check_gemm(T, k, E, N, K, dtype, *, mode="random", b_transposed=False, bias=False,
-                mul=False, slots=False, cfg=None, seed=0):
+                mul=False, slots=False, cfg=None, seed=0, device="cpu"):
     from moe_compiler.codegen.triton.grouped_gemm import fused_moe_gemm, grouped_gemm_reference
     from moe_compiler.codegen.triton.permute import moe_align_block_size
 
     g = _gen(seed)
-    ids = _routing(T, k, E, seed, mode)
-    a = torch.randn(T * k if slots else T, K, generator=g).to(dtype)
+    ids = _routing(T, k, E, seed, mode).to(device)
+    a = torch.randn(T * k if slots else T, K, generator=g).to(device, dtype)
     shape = (E, K, N) if b_transposed else (E, N, K)
-    b = (torch.randn(*shape, generator=g) / K**0.5).to(dtype)
-    bi = torch.randn(E, N, generator=g).to(dtype) if bias else None
-    w = torch.rand(T, k, generator=g)
+    b = (torch.randn(*shape, generator=g) / K**0.5).to(device, dtype)
+    bi = torch.randn(E, N, generator=g).to(device, dtype) if bias else None
+    w = torch.rand(T, k, generator=g).to(device)
     cfg = dict(cfg or GEMM_CFG)
     align = moe_align_block_size(ids, E, cfg["BLOCK_M"])
     kw = dict(b_transposed=b_transposed, bias=bi, topk_weights=w, mul_routed_weight=mul)
@@ -448,10 +448,8 @@ MOE_CASES = {
 }
 
 
-@in_process
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("case", list(MOE_CASES))
-def test_moe_forward_matches_reference(case, dtype):
+def _check_moe(case: str, dtype, device="cpu", cfg=None):
+    """triton_moe_forward on MOE_CASES[case] against moe_forward_reference (inputs drawn on the CPU)."""
     from moe_compiler.codegen.triton.moe import moe_forward_reference, triton_moe_forward
 
     c = dict(MOE_CASES[case])
@@ -460,19 +458,26 @@ def test_moe_forward_matches_reference(case, dtype):
     gated, transposed = c.get("gated", True), c.get("transposed", False)
     g = _gen(len(case))
     n1 = 2 * I if gated else I
-    hidden = torch.randn(T, H, generator=g).to(dtype)
+    hidden = torch.randn(T, H, generator=g).to(device, dtype)
     w1 = (torch.randn(E, H, n1, generator=g) if transposed else torch.randn(E, n1, H, generator=g))
     w2 = (torch.randn(E, I, H, generator=g) if transposed else torch.randn(E, H, I, generator=g))
-    w1, w2 = (w1 / H**0.5).to(dtype), (w2 / I**0.5).to(dtype)
+    w1, w2 = (w1 / H**0.5).to(device, dtype), (w2 / I**0.5).to(device, dtype)
     if bias:
-        c.update(b_gate_up=torch.randn(E, n1, generator=g).to(dtype),
-                 b_down=torch.randn(E, H, generator=g).to(dtype))
-    ids = _routing(T, k, E, seed=3, mode=mode)
-    w = torch.softmax(torch.randn(T, k, generator=g), dim=-1)
-    out = triton_moe_forward(hidden, ids, w, w1, w2, **c)
+        c.update(b_gate_up=torch.randn(E, n1, generator=g).to(device, dtype),
+                 b_down=torch.randn(E, H, generator=g).to(device, dtype))
+    ids = _routing(T, k, E, seed=3, mode=mode).to(device)
+    w = torch.softmax(torch.randn(T, k, generator=g), dim=-1).to(device)
+    out = triton_moe_forward(hidden, ids, w, w1, w2, config=cfg, **c)
     ref = moe_forward_reference(hidden, ids, w, w1, w2, **c)
-    assert out.shape == (T, H) and out.dtype == dtype
+    assert out.shape == (T, H) and out.dtype == dtype and out.device == hidden.device
     torch.testing.assert_close(out, ref, **_tol(dtype))
+
+
+@in_process
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", list(MOE_CASES))
+def test_moe_forward_matches_reference(case, dtype):
+    _check_moe(case, dtype)
 
 
 @in_process
@@ -529,3 +534,38 @@ def test_grouped_experts_triton_glue(layout, transposed, bias, act):
     planned = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2)  # a dumped plan
     got = triton_grouped_experts(x, ids, w, w1, w2, b1, b2, spec, config=planned)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# the offloaded op's CUDA path (the used experts stacked into a workspace), here on CPU tensors
+# ------------------------------------------------------------------------------------------------
+@in_process
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T", [0, 1, 9, 40])
+def test_offloaded_triton_path_equals_resident_kernels(tmp_path, monkeypatch, T, dtype):
+    """Bit-equal to the resident layer's Triton path, with a budget smaller than the experts a
+    step uses (they are pinned one at a time) and a hot expert."""
+    from moe_compiler.codegen import offload_ops, ops
+    from moe_compiler.ir import _spec
+    from moe_compiler.modules import MoELayer
+    from moe_compiler.runtime import offload
+
+    monkeypatch.setattr(offload_ops, "_triton_ok", lambda hidden, s: True)  # CPU tensors stand for CUDA
+    torch.manual_seed(T)
+    layer = MoELayer(16, 24, 6, 2, dtype=dtype)
+    spec = layer.spec.to_json()
+    sid, store = offload.store_for(offload.normalize_options({"dir": str(tmp_path), "budget": 0.4}))
+    try:
+        store.add_layer("l", {"w1": layer.gate_up_proj.detach(), "w2": layer.down_proj.detach()},
+                        transposed=False)
+        x = torch.randn(T, 16, generator=_gen(T)).to(dtype)
+        ids = _routing(T, 2, 6, seed=T)
+        ids[:, 0] = 3 if T == 40 else ids[:, 0]
+        w = torch.rand(T, 2, generator=_gen(T + 1))
+        y = offload_ops.OFFLOADED_EXPERTS_OP(x, ids, w, None, sid, 0, spec)
+        want = ops.triton_grouped_experts(x, ids, w, layer.gate_up_proj.detach(), layer.down_proj.detach(),
+                                          None, None, _spec(spec).experts)
+        assert y.dtype == dtype and torch.equal(y, want.to(dtype))
+        assert store.peak_bytes <= store.budget
+    finally:
+        offload.forget_stores()

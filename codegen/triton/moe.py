@@ -71,12 +71,16 @@ def triton_moe_forward(
     limit: float = 7.0,
     config: Optional[dict] = None,
     allow_tf32: bool = False,
+    config_experts: Optional[int] = None,
 ) -> torch.Tensor:
     """Routed experts of one MoE layer with the Triton kernels (see module doc for shapes).
 
     ``activation``: one of ``activation.ACTIVATIONS``; ``interleaved``: gate/up columns
     interleaved (GPT-OSS); ``transposed``: weights stored [E, K, N] (GPT-OSS);
-    ``config``: tile config for both GEMMs (default: ``choose_config``; BLOCK_M is shared).
+    ``config``: tile config for both GEMMs (default: ``choose_config``; BLOCK_M is shared);
+    ``config_experts``: the expert count ``choose_config`` is asked with (default E). A caller that
+    passes a subset of a layer's experts (the offloaded op) gives the layer's count, so the tiles, and
+    with them every output bit, are those of the whole layer.
     """
     T, H, E, I = _dims(hidden, w_gate_up, w_down, gated, transposed)
     k = topk_ids.shape[1]
@@ -86,8 +90,9 @@ def triton_moe_forward(
     if T == 0:
         return torch.empty((0, H), dtype=dt, device=hidden.device)
     n1 = 2 * I if gated else I
-    cfg1 = dict(config) if config else choose_config(T, n1, H, E, k, dt)
-    cfg2 = dict(config) if config else choose_config(T, H, I, E, k, dt)
+    ce = config_experts or E
+    cfg1 = dict(config) if config else choose_config(T, n1, H, ce, k, dt)
+    cfg2 = dict(config) if config else choose_config(T, H, I, ce, k, dt)
     cfg2["BLOCK_M"] = cfg1["BLOCK_M"]
     align = moe_align_block_size(topk_ids, E, cfg1["BLOCK_M"])
     h = fused_moe_gemm(hidden, w_gate_up, align, b_transposed=transposed, bias=b_gate_up,

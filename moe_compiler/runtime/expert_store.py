@@ -425,6 +425,14 @@ class ExpertStore:
                     raise ExpertReadError(str(entry.error)) from entry.error
                 raise RuntimeError(f"loading expert {expert} of layer {self.layers[layer].name!r} failed: "
                                    f"{entry.error}") from entry.error
+            device = self.layers[layer].device
+            if device.type == "cuda":
+                # the copies were allocated on the loader's side stream; without this the caching
+                # allocator could hand an evicted expert's memory to the next load while kernels
+                # queued on the compute stream still read it
+                stream = torch.cuda.current_stream(device)
+                for t in entry.tensors.values():
+                    t.record_stream(stream)
             yield entry.tensors
         finally:
             with self._lock:
