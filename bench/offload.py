@@ -165,6 +165,7 @@ def main(argv=None):
           f"(+1 warm-up), {len(variants)} variants", flush=True)
 
     for rep in range(reps + 1):  # rep 0 compiles and warms the caches
+        started = time.perf_counter()
         for v in variants:
             out, pre, dec = v.run(tokens, args.prompt)
             if rep == 0:
@@ -179,6 +180,8 @@ def main(argv=None):
                 v.outputs = out
             elif v.outputs is not None and not torch.equal(out, v.outputs):
                 v.outputs = None  # not deterministic across runs: recorded as unequal
+        print(f"repetition {rep}/{reps}{' (compile and warm-up)' if rep == 0 else ''}: "
+              f"{time.perf_counter() - started:.1f} s", flush=True)
     resident = variants[0]
     rows = []
     for v in variants:

@@ -171,7 +171,7 @@ class DetectMoE:
 
         changed = False
         for options in plans:
-            accepted, reason = None, ""
+            accepted, reasons = None, []
             for p in options:
                 for spec, operands in p.candidates:
                     if not self.verify:
@@ -181,10 +181,12 @@ class DetectMoE:
                     if ok:
                         accepted = (p, spec, operands)
                         break
+                    reasons.append(reason)
                 if accepted is not None:
                     break
             if accepted is None:
-                rejects.append((options[0].router, f"no candidate reproduced the layer numerically ({reason})"))
+                rejects.append((options[0].router, "no candidate reproduced the layer numerically ("
+                                + "; ".join(dict.fromkeys(reasons)) + ")"))
                 continue
             p, spec, operands = accepted
             rewrite(gm, p, spec, operands)
@@ -797,10 +799,12 @@ def _random_trial(plan: LayerPlan, values):
     root = values[reg.hidden]
     g = torch.Generator().manual_seed(1234)
     std = float(root.float().std()) if root.numel() > 1 else 1.0
-    flat = (torch.randn(root.numel(), generator=g) * (std if std == std and std > 0 else 1.0)).to(root.dtype)
+    # drawn on the CPU (one generator for every device, so the trial is the same everywhere), then moved
+    flat = (torch.randn(root.numel(), generator=g) * (std if std == std and std > 0 else 1.0)).to(root.device, root.dtype)
     lval = values[r.logits]
     lstd = float(lval.float().std()) if lval.numel() > 1 else 1.0
-    logits = (torch.randn(lval.shape, generator=g) * (lstd if lstd == lstd and lstd > 0 else 1.0)).to(lval.dtype)
+    logits = (torch.randn(lval.shape, generator=g) * (lstd if lstd == lstd and lstd > 0 else 1.0)).to(lval.device,
+                                                                                                      lval.dtype)
     env = {}
     for a in reg.activation_inputs + [reg.hidden]:
         env[a] = flat.reshape(values[a].shape).to(values[a].dtype)

@@ -132,7 +132,12 @@ def test_backend_hf_mixtral_matches_eager(dtype):
             got = torch.compile(model, backend="moe")(ids).logits
     finally:
         ops.triton_grouped_experts = real
-    assert calls, "the compiled model did not run the Triton experts"
+    if not calls:
+        import moe_compiler
+
+        with torch.no_grad():
+            report = moe_compiler.explain(model, ids)
+        pytest.fail(f"the compiled model did not run the Triton experts:\n{str(report).split('passes:')[0]}")
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(got, want, **tol)
 
