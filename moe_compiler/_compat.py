@@ -10,12 +10,36 @@ import torch.fx
 log = logging.getLogger(__name__)
 
 
-def functionalize(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
+def functionalize(gm: torch.fx.GraphModule, example_inputs: list, training: bool = False) -> torch.fx.GraphModule:
     """Dynamo graph -> functional ATen graph with the same placeholders, in order (no autograd).
 
+    ``training``: the graph will be differentiated (aot_autograd re-traces it), so ops that the
+    no-grad export specialised for inference are turned back (``_inference_choices_undone``).
     Raises if the graph mutates its inputs or returns aliases of them (callers fall back).
     """
-    return _differentiable_copies(_export(gm, example_inputs))
+    out = _differentiable_copies(_export(gm, example_inputs))
+    return _inference_choices_undone(out) if training else out
+
+
+# scaled_dot_product_attention decomposes by grad mode: under the no-grad export, CUDA's
+# memory-efficient and cuDNN kernels are asked not to compute the logsumexp their backward needs
+# (the backward then fails with "LSE is not correctly aligned"). Argument 4 is compute_log_sumexp.
+_LOGSUMEXP_ATTENTION = tuple(getattr(torch.ops.aten, name).default
+                             for name in ("_scaled_dot_product_efficient_attention",
+                                          "_scaled_dot_product_cudnn_attention")
+                             if hasattr(torch.ops.aten, name))
+
+
+def _inference_choices_undone(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Attention nodes exported without their logsumexp compute it again (for the backward)."""
+    changed = False
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in _LOGSUMEXP_ATTENTION and len(n.args) > 4 and n.args[4] is False:
+            n.args = (*n.args[:4], True, *n.args[5:])
+            changed = True
+    if changed:
+        gm.recompile()
+    return gm
 
 
 def _export(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:

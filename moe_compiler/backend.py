@@ -80,8 +80,9 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, config: Backen
 
 
 def _compile_moe(gm, example_inputs, config: BackendConfig, graph_id: str, record: CompileRecord, dumps: DumpWriter):
+    training = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
     try:
-        aten_gm = _compat.functionalize(gm, example_inputs)
+        aten_gm = _compat.functionalize(gm, example_inputs, training=training)
     except Exception as e:
         if config.strict:
             raise
@@ -94,8 +95,7 @@ def _compile_moe(gm, example_inputs, config: BackendConfig, graph_id: str, recor
 
     ctx = PassContext(config=config, example_inputs=example_inputs,
                       placeholder_paths=_compat.placeholder_paths(gm, known_tensor_names()), graph_id=graph_id,
-                      training=torch.is_grad_enabled() and any(
-                          isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs))
+                      training=training)
     dumps.write("dynamo_graph.py", graph_code(gm))
     try:
         new_gm, run = PassManager(build_pipeline(config)).run(aten_gm, ctx, dumps)

@@ -1,5 +1,6 @@
 """The backend spine: registration, options, Inductor parity, training, dumps, pass manager."""
 import json
+import operator
 import os
 import subprocess
 import sys
@@ -196,3 +197,20 @@ def test_cli_lists_passes_and_options():
     assert "dump_dir" in out.stdout and "MOE_COMPILER_DUMP_DIR" in out.stdout
     out = subprocess.run([sys.executable, "-m", "moe_compiler.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "passes" in out.stdout
+
+
+def test_training_export_keeps_the_attention_logsumexp():
+    """The no-grad export asks CUDA's efficient attention not to compute the logsumexp; a graph that
+    will be differentiated gets it back (its backward needs it: "LSE is not correctly aligned")."""
+    from moe_compiler import _compat
+
+    op = torch.ops.aten._scaled_dot_product_efficient_attention.default
+    for training in (False, True):
+        g = torch.fx.Graph()
+        q, k, v = (g.placeholder(n) for n in "qkv")
+        attn = g.call_function(op, (q, k, v, None, False, 0.0, True))
+        g.output(g.call_function(operator.getitem, (attn, 0)))
+        gm = torch.fx.GraphModule({}, g)
+        out = _compat._inference_choices_undone(gm) if training else gm
+        assert attn.args[4] is training and attn.args[5:] == (0.0, True)
+        assert "True, 0.0, True" in out.code if training else "False, 0.0, True" in out.code

@@ -138,8 +138,16 @@ def test_backend_hf_mixtral_matches_eager(dtype):
         with torch.no_grad():
             report = moe_compiler.explain(model, ids)
         pytest.fail(f"the compiled model did not run the Triton experts:\n{str(report).split('passes:')[0]}")
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
-    torch.testing.assert_close(got, want, **tol)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        return
+    # bf16: eager and the Triton path round at different points, and over two layers a near-tie in
+    # the router can flip; both are held to the fp32 model instead (seen on an H200: 2.4% of the
+    # logits differ between them by more than 3e-2)
+    with torch.no_grad():
+        exact = make_model("mixtral", dtype=torch.float32).cuda()(ids).logits
+    err_moe, err_eager = ((x.float() - exact).abs().mean().item() for x in (got, want))
+    assert err_moe <= 1.5 * err_eager + 1e-3, (err_moe, err_eager)
 
 
 def test_backend_hf_mixtral_backward_matches_eager():
