@@ -62,17 +62,17 @@ def heldout_tokens(batch: int, length: int) -> torch.Tensor:
 
 class Variant:
     def __init__(self, name: str, budget, policy: str | None, prefetch: bool, root: str, extra: int = 1,
-                 source: str = "gate", device: str = "cpu"):
+                 source: str = "gate", device: str = "cpu", loader: str = "thread"):
         self.name, self.budget, self.policy, self.prefetch, self.extra = name, budget, policy, prefetch, extra
         self.model = ReferenceLM.load(MODEL_DIR).to(device)
         self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
         options = {"inner_backend": "eager"}
         self.store = None
         if policy is not None:
-            folder = os.path.join(root, name.replace("+", "_"))
+            folder = os.path.join(root, name.replace("+", "_").replace("/", "_"))
             shutil.rmtree(folder, ignore_errors=True)
             options["offload"] = {"budget": budget, "policy": policy, "dir": folder, "prefetch": prefetch,
-                                  "prefetch_extra": extra, "prefetch_source": source}
+                                  "prefetch_extra": extra, "prefetch_source": source, "loader": loader}
             self.store_id, self.store = offload.store_for(offload.normalize_options(options["offload"]))
         self.fn = torch.compile(self.model, backend="moe", options=options, dynamic=False)
         self.prefill_s, self.decode_s, self.decode_cpu_s, self.outputs = [], [], [], None
@@ -133,6 +133,9 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", help="cpu or cuda (experts copied on the store's side stream)")
     ap.add_argument("--variants", default=None,
                     help="comma-separated name prefixes to run, e.g. on_demand,lru,res+shallow (resident always runs)")
+    ap.add_argument("--loaders", default="thread",
+                    help="comma-separated: thread, process (each offload variant once per loader; process "
+                         "variants are named <variant>@<pct>/p)")
     args = ap.parse_args(argv)
     decode = args.decode or (24 if args.quick else 48)
     reps = args.reps or (3 if args.quick else 5)
@@ -145,9 +148,13 @@ def main(argv=None):
 
     wanted = args.variants.split(",") if args.variants else None
 
+    loaders = args.loaders.split(",")
+
     def variant(name, *a, **kw):
         if wanted is None or any(name.startswith(w + "@") for w in wanted):
-            variants.append(Variant(name, *a, root=root, device=args.device, **kw))
+            for loader in loaders:
+                variants.append(Variant(name + ("/p" if loader == "process" else ""), *a, root=root,
+                                        device=args.device, loader=loader, **kw))
 
     variants = [Variant("resident", None, None, False, root, device=args.device)]
     for b in budgets:

@@ -19,7 +19,8 @@ from moe_compiler.modules import MoELayer
 from moe_compiler.runtime import memory, offload
 from moe_compiler.runtime.cache_policy import POLICIES, make_policy
 from moe_compiler.runtime.expert_files import ExpertFiles, ExpertReadError
-from moe_compiler.runtime.expert_store import ExpertStore, parse_bytes
+from moe_compiler.runtime.expert_store import LOADERS, ExpertStore, parse_bytes
+from moe_compiler.runtime.loader_process import LoaderProcessError
 
 
 class Stack(nn.Module):
@@ -74,7 +75,8 @@ def test_options_are_checked():
                      ({"budget": "lots"}, "cannot read"), ({"prefetch_depth": 0}, "prefetch_depth"),
                      ({"prefetch": "yes"}, "prefetch"), ({"shallow_layers": -1}, "shallow_layers"),
                      ({"prefetch_extra": -1}, "prefetch_extra"), ({"prefetch_extra": 1.5}, "prefetch_extra"),
-                     ({"prefetch_source": "router"}, r"prefetch_source'\] must be one of \['gate', 'residual'\]")]:
+                     ({"prefetch_source": "router"}, r"prefetch_source'\] must be one of \['gate', 'residual'\]"),
+                     ({"loader": "fork"}, r"loader'\] must be one of \['thread', 'process'\]")]:
         with pytest.raises(ConfigError, match=msg):
             make_config({"offload": bad})
     with pytest.raises(ConfigError, match="cannot be combined"):
@@ -155,15 +157,15 @@ def test_budget_below_one_expert_is_an_error(tmp_path):
 
 
 @given(num_layers=st.integers(1, 3), experts=st.integers(1, 6), budget=st.floats(0.05, 1.0),
-       policy=st.sampled_from(POLICIES), host=st.sampled_from([0, 0.5]),
+       policy=st.sampled_from(POLICIES), host=st.sampled_from([0, 0.5]), loader=st.sampled_from(LOADERS),
        steps=st.lists(st.tuples(st.lists(st.integers(0, 5), max_size=6), st.lists(st.integers(0, 5), max_size=4)),
                       min_size=1, max_size=6))
-@settings(max_examples=15)
-def test_store_budget_pins_and_values(tmp_path_factory, num_layers, experts, budget, policy, host, steps):
+@settings(max_examples=20)
+def test_store_budget_pins_and_values(tmp_path_factory, num_layers, experts, budget, policy, host, loader, steps):
     tmp = tmp_path_factory.mktemp("store")
     layers = [_layer(experts, seed=i) for i in range(num_layers)]
     budget = max(budget, 1.0 / (experts * num_layers))  # at least one expert (else a clear error)
-    store = _store(tmp, layers, budget, policy, host_budget=host)
+    store = _store(tmp, layers, budget, policy, host_budget=host, loader=loader)
     for used, predicted in steps:
         for layer in range(num_layers):
             nxt = (layer + 1) % num_layers
@@ -182,6 +184,7 @@ def test_store_budget_pins_and_values(tmp_path_factory, num_layers, experts, bud
     assert store.peak_bytes <= store.budget
     s = store.stats()
     assert s["hits"] + s["misses"] == sum(len({e % experts for e in u}) for u, _ in steps) * num_layers
+    store.close()
 
 
 @given(tokens=st.integers(0, 80), k=st.integers(1, 4), extra=st.integers(0, 2), seed=st.integers(0, 99))
@@ -226,57 +229,114 @@ def test_quota_victims_order(policy, events, incoming):
             assert demand == sorted(demand)
 
 
-def test_store_reports_a_failing_read(tmp_path):
-    store = _store(tmp_path, [_layer()], budget=1.0, policy="lru")
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("prefetched", [False, True])
+def test_store_reports_a_failing_read(tmp_path, loader, prefetched):
+    """A missing or corrupt file raises ExpertReadError naming it, whether the layer's own call read it
+    or a prefetch did (on the loader thread or in the loader process); the other experts still load."""
+    store = _store(tmp_path, [_layer()], budget=1.0, policy="lru", loader=loader)
     os.remove(store.files.path(store.layers[0].folder, 2))
+    path = store.files.path(store.layers[0].folder, 3)
+    data = bytearray(open(path, "rb").read())
+    data[-3] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    if prefetched:
+        store.prefetch(0, [2, 3, 1])
+        store.drain()
     with pytest.raises(ExpertReadError, match="expert 2"):
         with store.use(0, 2):
             pass
+    with pytest.raises(ExpertReadError, match="corrupt"):
+        with store.use(0, 3):
+            pass
     with store.use(0, 1) as w:  # the others still load
-        assert w["w1"].shape == (6, 4)
+        assert torch.equal(w["w1"], _layer()["w1"][1])
+    store.close()
 
 
-def test_policies_rank_victims():
-    lru = make_policy("lru")
-    lru.setup([10], [4], 30)
-    for k in [(0, 0), (0, 1), (0, 2)]:
-        lru.on_insert(k)
-    lru.on_access((0, 0))
-    assert lru.victims([(0, 0), (0, 1), (0, 2)], (0, 3))[0] == (0, 1)
-    shallow = make_policy("shallow", shallow_layers=1)
-    shallow.setup([10, 10, 10], [2, 2, 2], 40)  # layer 0 keeps both experts, layers 1/2 share 20
-    assert shallow.quotas() == [20, 10, 10]
-    for k in [(0, 0), (0, 1), (1, 0), (2, 0)]:
-        shallow.on_insert(k)
-    assert shallow.victims([(0, 0), (0, 1), (1, 0), (2, 0)], (1, 1))[0] == (1, 0)  # own layer over quota
-    plec = make_policy("predicted")
-    plec.setup([10, 10], [4, 4], 40)
-    plec.on_prediction(0, {0: 5, 1: 1})
-    plec.on_prediction(1, {2: 1})
-    assert plec.victims([(0, 0), (0, 1)], (1, 0))[0] == (0, 1)  # lower predicted demand goes first
-    arc = make_policy("arc")
-    arc.setup([10], [8], 30)
-    for k in [(0, 0), (0, 1), (0, 2)]:
-        arc.on_insert(k)
-    arc.on_access((0, 0))  # promoted to the frequency list
-    assert arc.victims([(0, 0), (0, 1), (0, 2)], (0, 3))[:2] == [(0, 1), (0, 2)]
+def test_loader_process_serves_more_reads_than_it_has_slots(tmp_path):
+    """More prefetches than staging slots wait for a free slot (demand ones first); every value is right."""
+    layers = [_layer(40, seed=0), _layer(40, seed=1)]
+    store = _store(tmp_path, layers, budget=1.0, policy="lru", loader="process")
+    store.prefetch(0, range(40))
+    store.prefetch(1, range(40))
+    assert store._unsent  # 80 reads, at most 16 slots
+    order = store.begin_step(1, [39, 38])  # needed now: sent ahead of the queued prefetches
+    for e in order:
+        with store.use(1, e) as w:
+            assert torch.equal(w["w2"], layers[1]["w2"][e])
+    store.drain()
+    assert not store._unsent and store._proc.in_flight() == 0
+    assert store.resident() == [(l, e) for l in range(2) for e in range(40)]
+    for l in range(2):
+        for e in range(40):
+            with store.use(l, e) as w:
+                assert torch.equal(w["w1"], layers[l]["w1"][e]) and torch.equal(w["w2"], layers[l]["w2"][e])
+    assert store.stats()["bytes_loaded"] == store.total_expert_bytes
+    store.close()
 
 
-# ------------------------------------------------------------------ compiled end to end
-MODEL = dict(layers=3, hidden=16, ffn=24, experts=6, top_k=2)
+def test_loader_process_slots_grow_for_a_larger_layer(tmp_path):
+    small, big = _layer(4, seed=0), {"w1": torch.randn(3, 64, 32), "w2": torch.randn(3, 32, 64)}
+    store = _store(tmp_path, [small], budget=1.0, policy="lru", loader="process")
+    store.prefetch(0, [0, 1])
+    store.drain()
+    before = store._proc.slot_bytes
+    store.add_layer("big", big, transposed=False)
+    store.prefetch(1, [0, 1, 2])
+    store.drain()
+    assert store._proc.slot_bytes > before
+    for e in range(3):
+        with store.use(1, e) as w:
+            assert torch.equal(w["w2"], big["w2"][e])
+    store.close()
+
+
+def test_a_dead_loader_process_fails_clearly_and_a_later_load_restarts_it(tmp_path):
+    import signal
+
+    layer = _layer(8)
+    store = _store(tmp_path, [layer], budget=1.0, policy="lru", loader="process")
+    store.prefetch(0, [0])
+    store.drain()
+    proc = store._proc.proc
+    os.kill(proc.pid, signal.SIGSTOP)  # requests reach its pipe but are never answered
+    store.prefetch(0, [1, 2])
+    proc.kill()
+    proc.wait()
+    with pytest.raises(LoaderProcessError, match="loader process exited"):
+        with store.use(0, 1):
+            pass
+    assert store._proc is None and store.resident() == [(0, 0)]  # the reads in flight left the fast tier
+    with store.use(0, 1) as w:  # read again, by the caller
+        assert torch.equal(w["w1"], layer["w1"][1])
+    store.prefetch(0, [2, 5])  # a fresh loader process
+    store.drain()
+    assert store._proc.proc.pid != proc.pid
+    for e in (2, 5):
+        with store.use(0, e) as w:
+            assert torch.equal(w["w1"], layer["w1"][e])
+    proc = store._proc.proc
+    proc.kill()
+    proc.wait()
+    with pytest.raises(LoaderProcessError, match="loader process exited"):
+        store.prefetch(0, [6])  # a dead process cannot take a request: said at once
+    with store.use(0, 6) as w:
+        assert torch.equal(w["w1"], layer["w1"][6])
+    store.close()
 
 
 @given(budget=st.sampled_from([0.2, 0.5, 1.0]), policy=st.sampled_from(POLICIES), prefetch=st.booleans(),
-       seed=st.integers(0, 3))
-@settings(max_examples=6)
-def test_offloaded_model_equals_resident(tmp_path_factory, budget, policy, prefetch, seed):
+       seed=st.integers(0, 3), loader=st.sampled_from(LOADERS))
+@settings(max_examples=8)
+def test_offloaded_model_equals_resident(tmp_path_factory, budget, policy, prefetch, seed, loader):
     torch._dynamo.reset()
     offload.forget_stores()
     tmp = tmp_path_factory.mktemp("off")
     g = torch.Generator().manual_seed(seed)
     ids = [torch.randint(0, 50, (2, 5), generator=g) for _ in range(3)]
     ref = _resident(MODEL, ids)
-    model, outs, store = _offloaded(MODEL, ids, tmp, budget=budget, policy=policy, prefetch=prefetch)
+    model, outs, store = _offloaded(MODEL, ids, tmp, budget=budget, policy=policy, prefetch=prefetch, loader=loader)
     for a, b in zip(outs, ref):
         assert torch.equal(a, b)
     assert store.peak_bytes <= store.budget
@@ -380,13 +440,17 @@ def test_store_clear_frees_the_fast_tier(tmp_path):
     assert store.cached_bytes() > 0
 
 
-def test_store_close_stops_the_loader_and_a_later_load_restarts_it(tmp_path):
+@pytest.mark.parametrize("loader", LOADERS)
+def test_store_close_stops_the_loader_and_a_later_load_restarts_it(tmp_path, loader):
     ids = torch.randint(0, 50, (2, 5))
-    model, outs, store = _offloaded(MODEL, [ids], tmp_path, budget=0.5)
-    for layer in range(len(store.layers)):  # queue more loads than the thread can have started
+    model, outs, store = _offloaded(MODEL, [ids], tmp_path, budget=0.5, loader=loader)
+    for layer in range(len(store.layers)):  # queue more loads than the loader can have started
         store.prefetch(layer, range(store.layers[layer].num_experts))
     store.close()
-    assert not store._thread.is_alive()
+    if loader == "thread":
+        assert not store._thread.is_alive()
+    else:
+        assert store._proc is None and not store._unsent
     assert all(entry.done for entry in store._entries.values())  # the unstarted ones were dropped
     assert store.cached_bytes() == sum(entry.nbytes for entry in store._entries.values()) <= store.budget
     store.drain()  # nothing left to wait for

@@ -105,12 +105,48 @@ class ExpertFiles:
         finally:
             if self.drop_page_cache and os.path.exists(path):
                 _drop_page_cache(path)
-        if sorted(tensors) != manifest["names"]:
-            raise ExpertReadError(f"{path} holds tensors {sorted(tensors)}, the manifest expects {manifest['names']}")
-        for n, t in tensors.items():
-            if list(t.shape) != manifest["shapes"][n] or str(t.dtype) != manifest["dtypes"][n]:
-                raise ExpertReadError(f"{path}: tensor {n!r} is {t.dtype}{list(t.shape)}, the manifest expects "
-                                      f"{manifest['dtypes'][n]}{manifest['shapes'][n]}")
+        _check_layout(path, {n: (t.dtype, list(t.shape)) for n, t in tensors.items()}, manifest)
         if _crc(tensors) != manifest["crc32"][expert]:
             raise ExpertReadError(f"{path} is corrupt: its CRC32 does not match the one written with it")
         return tensors
+
+    def tensors_from_file_bytes(self, layer: str, expert: int, manifest: dict, data: torch.Tensor) -> dict:
+        """name -> tensor of one expert from the bytes of its file (uint8 [file bytes], already checked
+        against the manifest's CRC32, e.g. by the loader process): copies, so ``data`` may be reused."""
+        path = self.path(layer, expert)
+        raw = data.numpy()  # the same memory; bytes() of a tensor would go element by element
+        base = 8 + int.from_bytes(raw[:8].tobytes(), "little")
+        header = json.loads(raw[8:base].tobytes())
+        layout = {}
+        for n, info in header.items():
+            if n == "__metadata__":
+                continue
+            if info.get("dtype") not in _SAFETENSORS_DTYPES:
+                raise ExpertReadError(f"{path}: tensor {n!r} has dtype {info.get('dtype')!r}, which this reader "
+                                      f"does not know (known: {sorted(_SAFETENSORS_DTYPES)})")
+            layout[n] = (_SAFETENSORS_DTYPES[info["dtype"]], list(info["shape"]))
+        _check_layout(path, layout, manifest)
+        out = {}
+        for n, (dtype, shape) in layout.items():
+            start, end = header[n]["data_offsets"]
+            t = torch.empty(shape, dtype=dtype)
+            if t.numel():
+                t.reshape(-1).view(torch.uint8).copy_(data[base + start:base + end])
+            out[n] = t
+        return out
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                       "F8_E5M2": torch.float8_e5m2}
+
+
+def _check_layout(path: str, layout: dict, manifest: dict) -> None:
+    """layout: name -> (dtype, shape) as read from the file; raise ExpertReadError unless it is the manifest's."""
+    if sorted(layout) != manifest["names"]:
+        raise ExpertReadError(f"{path} holds tensors {sorted(layout)}, the manifest expects {manifest['names']}")
+    for n, (dtype, shape) in layout.items():
+        if shape != manifest["shapes"][n] or str(dtype) != manifest["dtypes"][n]:
+            raise ExpertReadError(f"{path}: tensor {n!r} is {dtype}{shape}, the manifest expects "
+                                  f"{manifest['dtypes'][n]}{manifest['shapes'][n]}")

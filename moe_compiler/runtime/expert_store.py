@@ -6,13 +6,16 @@
                  the fast tier need not go to disk (pinned memory on GPU machines)
     disk         runtime.expert_files: one checked safetensors file per expert
 
-Loads are asynchronous: one background thread reads and prepares experts (demand loads before
-prefetches), and on CUDA copies them to the device on a side stream. A layer pins each expert while it
+Loads are asynchronous (demand loads before prefetches). ``loader="thread"``: one background thread
+reads and prepares experts, and on CUDA copies them to the device on a side stream.
+``loader="process"`` (CPU layers; CUDA layers keep the thread): a child process reads and checks the
+files into shared staging slots (runtime.loader_process), so reads cost the model thread no GIL
+time; the model thread collects finished reads whenever it calls the store. A layer pins each expert while it
 computes with it, so an expert in use is never evicted, and the fast tier never holds more than its
 budget (loads in flight count against it). Every number explain() and bench/offload.py report
 comes from ``stats()``.
 
-    store = ExpertStore(root, budget=0.5, policy="lru")
+    store = ExpertStore(root, budget=0.5, policy="lru", loader="thread")
     layer = store.add_layer("model.layers.0.mlp", {"w1": [E, N1, H], "w2": [E, H, I]}, transposed=False)
     store.prefetch(layer, [3, 5])            # asynchronous; returns the experts it could issue
     with store.use(layer, e) as w:           # waits for the load (a miss loads on demand)
@@ -21,6 +24,7 @@ comes from ``stats()``.
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import threading
 import time
@@ -33,9 +37,11 @@ import torch
 
 from moe_compiler.runtime.cache_policy import CachePolicy, make_policy
 from moe_compiler.runtime.expert_files import ExpertFiles, ExpertReadError
+from moe_compiler.runtime.loader_process import LoaderProcessError, ProcessLoader, staging_slots
 from moe_compiler.runtime.memory import return_freed_memory
 
 _DEMAND, _PREFETCH = 0, 1
+LOADERS = ("thread", "process")
 
 
 @dataclass
@@ -78,6 +84,7 @@ class Layer:
     device: torch.device
     dtype: torch.dtype
     stats: LayerStats = None
+    file_bytes: int = 0       # the largest expert file (safetensors header included)
 
     @property
     def expert_bytes(self) -> int:
@@ -141,7 +148,13 @@ class ExpertStore:
     """See the module docstring. Thread-safe; one loader thread per store."""
 
     def __init__(self, root: str, *, budget=1.0, policy: str | CachePolicy = "lru", host_budget=0,
-                 drop_page_cache: bool = True, policy_options: dict | None = None):
+                 drop_page_cache: bool = True, policy_options: dict | None = None, loader: str = "thread"):
+        if loader not in LOADERS:
+            raise ValueError(f"loader must be one of {list(LOADERS)}, got {loader!r}")
+        self.loader = loader
+        self._proc: ProcessLoader | None = None   # loader "process": the child reading CPU layers' experts
+        self._unsent: list = []                    # loader "process": keys waiting for a free staging slot
+        self.drop_page_cache = drop_page_cache
         self.files = ExpertFiles(root, drop_page_cache=drop_page_cache)
         self.root = root
         self._budget_spec = parse_bytes(budget)
@@ -181,11 +194,13 @@ class ExpertStore:
         folder = base if generation == 0 else f"{base}.{generation}"
         self.files.write_layer(folder, stacked)
         manifest = self.files.manifest(folder)
+        file_bytes = max((os.path.getsize(self.files.path(folder, e)) for e in range(manifest["num_experts"])),
+                         default=0)
         any_w = next(iter(stacked.values()))
         with self._lock:
             index = len(self.layers)
             layer = Layer(index, name, folder, manifest, transposed, tuple(prepack), any_w.device, any_w.dtype,
-                          LayerStats(name))
+                          LayerStats(name), file_bytes)
             self.layers.append(layer)
             self._by_name.setdefault(name, []).append((weakref.ref(source) if source is not None else None, index))
             self._resize()
@@ -243,6 +258,9 @@ class ExpertStore:
             tensors, error = None, e
         else:
             error = None
+        self._publish(key, entry, tensors, error)
+
+    def _publish(self, key, entry, tensors, error):
         with self._lock:
             entry.tensors, entry.error = tensors, error
             if error is None:
@@ -322,23 +340,125 @@ class ExpertStore:
         self._used -= entry.nbytes
         self.policy.on_evict(key)
 
-    def _issue(self, key, priority, protect=(), wait=False) -> bool:
-        """Start loading key unless it is cached or loading; caller holds the lock."""
+    _drop = _evict  # the same bookkeeping for an entry that never loaded
+
+    def _issue(self, key, priority, protect=(), wait=False, send=True) -> bool:
+        """Start loading key unless it is cached or loading; caller holds the lock. With the loader
+        process, ``send=False`` leaves a new entry for the caller to claim and read itself."""
         entry = self._entries.get(key)
+        by_process = self.loader == "process" and self.layers[key[0]].device.type == "cpu"
         if entry is not None:
             if priority == _DEMAND and not entry.started:  # a queued prefetch is needed now: jump the queue
-                self._queue.put((priority, next(self._seq), key))
+                if by_process:
+                    self._unsent = [(_DEMAND if k == key else p, n, k) for p, n, k in self._unsent]
+                else:
+                    self._queue.put((priority, next(self._seq), key))
             return True
         nbytes = self.layers[key[0]].manifest["bytes"][key[1]]
         if not self._make_room(key, nbytes, protect, wait):
             return False
-        self._entries[key] = _Entry(nbytes, by_prefetch=priority == _PREFETCH)
+        entry = self._entries[key] = _Entry(nbytes, by_prefetch=priority == _PREFETCH)
         self._used += nbytes
         self.peak_bytes = max(self.peak_bytes, self._used)
         self.policy.on_insert(key)
-        self._ensure_thread()
-        self._queue.put((priority, next(self._seq), key))
+        if not by_process:
+            self._ensure_thread()
+            self._queue.put((priority, next(self._seq), key))
+        elif key in self._host:  # a copy in host memory: no read to hand off
+            entry.started = True
+            self._load(key, entry)
+        elif send and not self._send(key, priority):
+            self._unsent.append((priority, next(self._seq), key))
         return True
+
+    # ------------------------------------------------------------------ the loader process (CPU layers)
+    def _send(self, key, priority) -> bool:
+        """Hand an unclaimed entry to the loader process (started, lazily); False when no staging slot
+        is free, or the slots must grow for this layer's files while reads are in flight. Caller holds
+        the lock."""
+        layer = self.layers[key[0]]
+        if self._proc is not None and layer.file_bytes > self._proc.slot_bytes:
+            if self._proc.in_flight():
+                return False
+            self._proc.close()
+            self._proc = None
+        if self._proc is None:
+            slot_bytes = max(lay.file_bytes for lay in self.layers)
+            self._proc = ProcessLoader(slot_bytes, staging_slots(slot_bytes), self.drop_page_cache)
+        try:
+            sent = self._proc.submit(key, self.files.path(layer.folder, key[1]), layer.manifest["crc32"][key[1]],
+                                     priority)
+        except LoaderProcessError as e:
+            self._abandon_process(e)
+            raise
+        if not sent:
+            return False
+        self._entries[key].started = True
+        return True
+
+    def _collect(self, timeout: float = 0.0) -> None:
+        """Publish the loader process's finished reads (waiting up to timeout s for one when none has
+        finished) and send waiting keys to the slots they freed. Caller holds the lock."""
+        proc = self._proc
+        if proc is not None and proc.in_flight():
+            try:
+                finished = proc.poll(timeout)
+            except LoaderProcessError as e:
+                self._abandon_process(e)
+                raise
+            for key, slot, size, problem in finished:
+                layer = self.layers[key[0]]
+                path = self.files.path(layer.folder, key[1])
+                tensors = error = None
+                try:
+                    if problem is not None:
+                        raise ExpertReadError(f"cannot read expert {key[1]} of layer {layer.folder!r} from {path}: "
+                                              f"the file {problem}")
+                    try:
+                        raw = self.files.tensors_from_file_bytes(layer.folder, key[1], layer.manifest,
+                                                                 proc.slot(slot)[:size])
+                    finally:
+                        proc.release(slot)
+                    self._host_admit(key, raw, layer.manifest["bytes"][key[1]])
+                    tensors = self._prepare(layer, raw)
+                except BaseException as e:  # surfaced to whoever waits for the expert
+                    error = e
+                self._publish(key, self._entries[key], tensors, error)
+        if self._unsent:
+            self._unsent.sort()
+            while self._unsent:
+                _, _, key = self._unsent[0]
+                entry = self._entries.get(key)
+                if entry is not None and not entry.started and not self._send(key, self._unsent[0][0]):
+                    break
+                self._unsent.pop(0)
+
+    def _abandon_process(self, error) -> None:
+        """Close the loader process; its reads in flight fail with ``error`` (anyone waiting raises) and
+        leave the fast tier, so later uses read them again (a later send starts a new process).
+        Caller holds the lock."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        keys = proc.in_flight_keys()
+        proc.close()
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._drop(key)
+                entry.error, entry.done = error, True
+                entry.ready.set()
+        self._lock.notify_all()
+
+    def _wait_loaded(self, entry) -> None:
+        """Block until entry is published (by the loader thread, the loader process or a caller)."""
+        while not entry.done:
+            if self._proc is not None and self._proc.in_flight():
+                with self._lock:
+                    if not entry.done:
+                        self._collect(timeout=0.05)
+            else:
+                entry.ready.wait(0.05)
 
     # ------------------------------------------------------------------ the API layers use
     def prefetch(self, layer: int, experts, votes: dict | None = None, token_predictions=None) -> list:
@@ -346,6 +466,7 @@ class ExpertStore:
         or already cached. Records the prediction for recall (votes: expert -> tokens predicting it)."""
         experts = [int(e) for e in experts]
         with self._lock:
+            self._collect()
             self._predicted[layer] = (set(experts), token_predictions)
             if votes:
                 self.policy.on_prediction(layer, votes)
@@ -366,6 +487,7 @@ class ExpertStore:
         (ready first, then in flight, then the rest)."""
         experts = [int(e) for e in experts]
         with self._lock:
+            self._collect()
             st = self.layers[layer].stats
             st.steps += 1
             predicted, per_token = self._predicted.pop(layer, (None, None))
@@ -392,8 +514,11 @@ class ExpertStore:
             self.policy.on_use(layer, experts)
             self._last_used[layer] = experts
             protect = {(layer, e) for e in experts}
-            for e in missing:
-                if not self._issue((layer, e), _DEMAND, protect=protect):
+            for i, e in enumerate(missing):
+                # with nothing loaded to compute meanwhile, the first miss is read by the caller itself
+                # (use() claims it): handing it to the loader process would only add a wake-up
+                send = bool(ready or flying) or i > 0
+                if not self._issue((layer, e), _DEMAND, protect=protect, send=send):
                     break
         return ready + flying + missing
 
@@ -403,24 +528,23 @@ class ExpertStore:
         key = (layer, int(expert))
         start = time.perf_counter()
         with self._lock:
-            self._issue(key, _DEMAND, wait=True)
+            self._issue(key, _DEMAND, wait=True, send=False)
             entry = self._entries[key]
             entry.pins += 1
             claimed = not entry.started  # not picked up by the loader yet: load it here, without a hand-off
             entry.started = True
         waited = not entry.ready.is_set()
-        if claimed:
-            self._load(key, entry)
-        entry.ready.wait()
-        if waited:
-            with self._lock:
-                self.layers[layer].stats.stall_s += time.perf_counter() - start
         try:
+            if claimed:
+                self._load(key, entry)
+            self._wait_loaded(entry)
+            if waited:
+                with self._lock:
+                    self.layers[layer].stats.stall_s += time.perf_counter() - start
             if entry.error is not None:
                 with self._lock:
-                    self._entries.pop(key, None)
-                    self._used -= entry.nbytes
-                    self.policy.on_evict(key)
+                    if self._entries.get(key) is entry:  # a failed load leaves no entry: a later use retries
+                        self._drop(key)
                 if isinstance(entry.error, ExpertReadError):
                     raise ExpertReadError(str(entry.error)) from entry.error
                 raise RuntimeError(f"loading expert {expert} of layer {self.layers[layer].name!r} failed: "
@@ -491,12 +615,14 @@ class ExpertStore:
             self.peak_bytes = self._used
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the loader thread after the load it is doing; loads queued but not started are dropped
-        (their room is freed; a later use loads them again, and a later load starts a new thread).
+        """Stop the loader thread after the load it is doing, and the loader process after the reads
+        it has taken; loads queued but not started are dropped (their room is freed; a later use loads
+        them again, and a later load starts a new thread or process).
 
         Call it while no layer runs. Called for every store at interpreter exit: a daemon thread
         stopped in the middle of a read would otherwise abort the process ("terminate called without
         an active exception")."""
+        self._close_process(timeout)
         thread = self._thread
         if thread is None or not thread.is_alive():
             return
@@ -514,12 +640,29 @@ class ExpertStore:
             self._queue.put((_DEMAND, next(self._seq), None))
         thread.join(timeout)
 
+    def _close_process(self, timeout: float) -> None:
+        with self._lock:
+            for _, _, key in self._unsent:
+                entry = self._entries.get(key)
+                if entry is not None and not entry.started and not entry.pins:
+                    self._entries.pop(key)
+                    self._used -= entry.nbytes
+                    self.policy.on_evict(key)
+            self._unsent.clear()
+            deadline = time.monotonic() + timeout
+            try:
+                while self._proc is not None and self._proc.in_flight() and time.monotonic() < deadline:
+                    self._collect(timeout=0.05)
+            except LoaderProcessError:
+                pass  # the process is gone already (and its reads were dropped)
+            self._abandon_process(LoaderProcessError("the store was closed with this read in flight"))
+
     def drain(self) -> None:
         """Wait for every load in flight (used before measuring or shutting down)."""
         while True:
             with self._lock:
+                self._collect()
                 pending = [en for en in self._entries.values() if not en.done]
             if not pending:
                 return
-            for en in pending:
-                en.ready.wait()
+            self._wait_loaded(pending[0])
