@@ -16,6 +16,9 @@ weights). Variants, all on identical teacher-forced tokens from held-out text:
     pred2+shallow     the same with top-(k+2) per token (option prefetch_extra=2)
     res+<policy>      prefetch_source "residual": each layer predicted from the residual stream entering
                       its block, through its own norm and router (loads overlap the block's attention)
+    <v>+int8          the same with quantize "int8": the fast tier holds int8 copies (results change:
+                      reported as the largest logit difference and the top-1 agreement with resident)
+    <v>/p             (--loaders process) the same with the loader process instead of the loader thread
 
 Each repetition runs every variant in turn (interleaved): a prompt of --prompt tokens per sequence
 (prefill), then --decode single-token steps with a KV cache. Expert reads go to disk: the store drops
@@ -62,7 +65,7 @@ def heldout_tokens(batch: int, length: int) -> torch.Tensor:
 
 class Variant:
     def __init__(self, name: str, budget, policy: str | None, prefetch: bool, root: str, extra: int = 1,
-                 source: str = "gate", device: str = "cpu", loader: str = "thread"):
+                 source: str = "gate", device: str = "cpu", loader: str = "thread", quantize: str | None = None):
         self.name, self.budget, self.policy, self.prefetch, self.extra = name, budget, policy, prefetch, extra
         self.model = ReferenceLM.load(MODEL_DIR).to(device)
         self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -72,7 +75,8 @@ class Variant:
             folder = os.path.join(root, name.replace("+", "_").replace("/", "_"))
             shutil.rmtree(folder, ignore_errors=True)
             options["offload"] = {"budget": budget, "policy": policy, "dir": folder, "prefetch": prefetch,
-                                  "prefetch_extra": extra, "prefetch_source": source, "loader": loader}
+                                  "prefetch_extra": extra, "prefetch_source": source, "loader": loader,
+                                  "quantize": quantize}
             self.store_id, self.store = offload.store_for(offload.normalize_options(options["offload"]))
         self.fn = torch.compile(self.model, backend="moe", options=options, dynamic=False)
         self.prefill_s, self.decode_s, self.decode_cpu_s, self.outputs = [], [], [], None
@@ -168,6 +172,9 @@ def main(argv=None):
         # predicted from the residual stream entering each block (prefetch_source "residual")
         for p in ("lru", "shallow"):
             variant(f"res+{p}@{pct}", b, p, True, source="residual")
+        # int8 cached copies (results change): about four times the experts fit the same budget
+        variant(f"lru+int8@{pct}", b, "lru", False, quantize="int8")
+        variant(f"res+shallow+int8@{pct}", b, "shallow", True, source="residual", quantize="int8")
     print(f"reference model on {args.device}, batch {args.batch}, prompt {args.prompt}, {decode} decode steps, {reps} reps "
           f"(+1 warm-up), {len(variants)} variants", flush=True)
 
@@ -199,7 +206,11 @@ def main(argv=None):
                # CPU time of the model's own thread per decode step (loader thread and OpenMP workers excluded)
                "decode_cpu_ms": 1e3 * statistics.median(v.decode_cpu_s) / decode,
                "equal_to_resident": v.outputs is not None and resident.outputs is not None
-               and torch.equal(v.outputs, resident.outputs)}
+               and torch.equal(v.outputs, resident.outputs),
+               "quantized": "+int8" in v.name}
+        if row["quantized"] and v.outputs is not None and resident.outputs is not None:
+            row["max_logit_diff"] = float((v.outputs.float() - resident.outputs.float()).abs().max())
+            row["top1_agreement"] = float((v.outputs.argmax(-1) == resident.outputs.argmax(-1)).float().mean())
         if st:
             for phase in ("prefill", "decode"):
                 m = v.measured(phase)
@@ -224,6 +235,11 @@ def main(argv=None):
                   f"{f(p.get('stall_ms'), '8.1f'):>8s} "
                   f"{(f(r.get('peak_mib'), '.2f') + '/' + f(r.get('budget_mib'), '.2f')) if 'peak_mib' in r else '-':>16s} "
                   f"{r['equal_to_resident']}")
+    for r in rows:
+        if "max_logit_diff" in r:
+            print(f"{r['variant']}: logits differ from resident by up to {r['max_logit_diff']:.4f} "
+                  f"(resident logits up to {float(resident.outputs.abs().max()):.2f}); top-1 agreement "
+                  f"{r['top1_agreement']:.4f}")
     print("\nmodel thread CPU per decode step (ms; the loader thread and OpenMP workers excluded): "
           + ", ".join(f"{r['variant']} {r['decode_cpu_ms']:.2f}" for r in rows))
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -232,7 +248,9 @@ def main(argv=None):
           f"while {len(variants)} compiled copies ran (the model is far below RSS noise: the store's peak bytes "
           "above are the memory figure)")
     by = {r["variant"]: r for r in rows}
-    at50 = [r for r in rows if r["variant"].startswith(("pred", "res+")) and r["variant"].endswith("@50")]
+    at50 = [r for r in rows if r["variant"].startswith(("pred", "res+")) and r["variant"].endswith("@50")
+            and not r["quantized"]]
+    int8 = by.get("res+shallow+int8@50")
     best = max(at50, key=lambda r: r["decode"]["hit_rate"] or 0) if at50 else None
     headline = {
         "hit_rate_at_50pct": best["decode"]["hit_rate"] if best else None,  # decode; prefill in the table
@@ -244,7 +262,12 @@ def main(argv=None):
                                             if "lru@50" in by and "on_demand@50" in by else None),
         "decode_vs_resident": best["decode_tok_s"] / by["resident"]["decode_tok_s"] if best else None,
         "prediction_recall": best["decode"]["prediction_recall"] if best else None,
-        "outputs_equal": all(r["equal_to_resident"] for r in rows),
+        "outputs_equal": all(r["equal_to_resident"] for r in rows if not r["quantized"]),
+        "int8_hit_rate_at_50pct": int8["decode"]["hit_rate"] if int8 else None,
+        "int8_decode_speedup_vs_on_demand": (int8["decode_tok_s"] / by["on_demand@50"]["decode_tok_s"]
+                                             if int8 and "on_demand@50" in by else None),
+        "int8_max_logit_diff": int8.get("max_logit_diff") if int8 else None,
+        "int8_top1_agreement": int8.get("top1_agreement") if int8 else None,
         "within_budget": all(r.get("within_budget", True) for r in rows),
     }
     shutil.rmtree(root, ignore_errors=True)

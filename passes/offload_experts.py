@@ -88,7 +88,9 @@ class OffloadExperts:
                 releases += [(t, store_id, layer, name) for name, t in sources.items()]
             notes = (("offload", f"experts served by the store at {store_id} (layer {layer}): policy "
                                  f"{options['policy']}, budget {options['budget']!r} (of all registered experts' bytes when a "
-                                 f"fraction), prefetch {'on' if options['prefetch'] else 'off'}"),)
+                                 f"fraction), prefetch {'on' if options['prefetch'] else 'off'}, loader {options['loader']}"
+                                 + (f", quantize {options['quantize']} (cached copies: results differ from the "
+                                    "resident model)" if options["quantize"] else "")),)
             spec = spec.replace(notes=spec.notes + notes)
             with gm.graph.inserting_before(node):
                 y = gm.graph.call_function(OFFLOADED_EXPERTS_OP, (x, ids, w, None, store_id, layer, spec.to_json()))

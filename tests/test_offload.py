@@ -21,6 +21,7 @@ from moe_compiler.runtime.cache_policy import POLICIES, make_policy
 from moe_compiler.runtime.expert_files import ExpertFiles, ExpertReadError
 from moe_compiler.runtime.expert_store import LOADERS, ExpertStore, parse_bytes
 from moe_compiler.runtime.loader_process import LoaderProcessError
+from moe_compiler.runtime.quantize import dequantize_rows, quantize_rows
 
 
 class Stack(nn.Module):
@@ -76,7 +77,8 @@ def test_options_are_checked():
                      ({"prefetch": "yes"}, "prefetch"), ({"shallow_layers": -1}, "shallow_layers"),
                      ({"prefetch_extra": -1}, "prefetch_extra"), ({"prefetch_extra": 1.5}, "prefetch_extra"),
                      ({"prefetch_source": "router"}, r"prefetch_source'\] must be one of \['gate', 'residual'\]"),
-                     ({"loader": "fork"}, r"loader'\] must be one of \['thread', 'process'\]")]:
+                     ({"loader": "fork"}, r"loader'\] must be one of \['thread', 'process'\]"),
+                     ({"quantize": "int4"}, r"quantize'\] must be one of \[None, 'int8'\]")]:
         with pytest.raises(ConfigError, match=msg):
             make_config({"offload": bad})
     with pytest.raises(ConfigError, match="cannot be combined"):
@@ -326,6 +328,10 @@ def test_a_dead_loader_process_fails_clearly_and_a_later_load_restarts_it(tmp_pa
     store.close()
 
 
+# ------------------------------------------------------------------ compiled end to end
+MODEL = dict(layers=3, hidden=16, ffn=24, experts=6, top_k=2)
+
+
 @given(budget=st.sampled_from([0.2, 0.5, 1.0]), policy=st.sampled_from(POLICIES), prefetch=st.booleans(),
        seed=st.integers(0, 3), loader=st.sampled_from(LOADERS))
 @settings(max_examples=8)
@@ -526,3 +532,74 @@ def test_prepacked_layer_keeps_only_the_packed_copy(tmp_path):
     torch.testing.assert_close(y, want)  # oneDNN's GEMM, not bit-equal to torch.mm
     with store.use(0, int(ids[0, 0])) as tensors:
         assert sorted(tensors) == ["packed:w1", "packed:w2"]  # the raw copy is not kept beside it
+
+
+# ------------------------------------------------------------------ int8 cached copies (option quantize)
+@given(rows=st.integers(1, 9), cols=st.integers(1, 33), dtype=st.sampled_from([torch.float32, torch.float16,
+                                                                              torch.bfloat16]),
+       zero_row=st.booleans(), seed=st.integers(0, 99))
+@settings(max_examples=30)
+def test_int8_rows_roundtrip_within_half_a_step(rows, cols, dtype, zero_row, seed):
+    w = (torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 3).to(dtype)
+    if zero_row:
+        w[0] = 0
+    q, scale = quantize_rows(w)
+    assert q.dtype == torch.int8 and scale.shape == (rows, 1) and int(q.abs().max()) <= 127
+    back = dequantize_rows(q, scale, dtype)
+    assert back.dtype == dtype and back.shape == w.shape
+    step = scale.expand_as(w)
+    rounding = w.float().abs() * (torch.finfo(dtype).eps if dtype != torch.float32 else 0)  # casting back
+    assert bool(((back.float() - w.float()).abs() <= step / 2 + rounding + 1e-6).all())
+    if zero_row:
+        assert bool((back[0] == 0).all())
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_int8_store_holds_quarter_size_copies(tmp_path, loader):
+    g = torch.Generator().manual_seed(0)
+    layers = [{"w1": torch.randn(8, 32, 16, generator=g), "w2": torch.randn(8, 16, 32, generator=g)} for _ in range(2)]
+    store = _store(tmp_path, layers, budget=0.3, policy="lru", quantize="int8", loader=loader)
+    lay = store.layers[0]
+    assert lay.quantized == ("w1", "w2") and lay.cached_bytes == (512 + 4 * 32) + (512 + 4 * 16)
+    assert lay.expert_bytes == 4 * 1024  # fractional budgets stay fractions of the full-precision bytes
+    for l in range(2):
+        store.prefetch(l, range(8))
+    store.drain()
+    assert store.cached_bytes() <= store.budget == int(0.3 * 16 * 4096)
+    assert len(store.resident()) == 16  # all 16 fit in 30% of their fp32 bytes
+    for l in range(2):
+        for e in range(8):
+            with store.use(l, e) as w:
+                for n in ("w1", "w2"):
+                    ref = layers[l][n][e]
+                    assert w[n].dtype == ref.dtype and w[n].shape == ref.shape
+                    step = ref.abs().amax(-1, keepdim=True) / 127
+                    assert bool(((w[n] - ref).abs() <= step / 2 + 1e-6).all())
+    assert store.stats()["quantize"] == "int8"
+    store.close()
+
+
+def test_int8_refuses_non_finite_weights(tmp_path):
+    w = _layer(4)
+    w["w1"][2, 0, 0] = float("inf")
+    store = ExpertStore(str(tmp_path / "s"), budget=0.5, quantize="int8")
+    with pytest.raises(ValueError, match="non-finite expert weights in \\['w1'\\]"):
+        store.add_layer("L", w, transposed=False)
+
+
+def test_int8_offloaded_model_is_close_to_resident_and_fits_more(tmp_path):
+    """int8 copies change the results (which is why they are off by default) but stay close, and a
+    quarter budget then holds most experts: later steps load less than without them."""
+    ids = [torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    ref = _resident(MODEL, ids)
+    torch._dynamo.reset()
+    _, exact, plain = _offloaded(MODEL, ids, tmp_path / "plain", budget=0.25, policy="lru", prefetch=False)
+    torch._dynamo.reset()
+    _, outs, store = _offloaded(MODEL, ids, tmp_path / "int8", budget=0.25, policy="lru", quantize="int8")
+    assert all(torch.equal(a, b) for a, b in zip(exact, ref))  # quantize off: bit-equal
+    assert not all(torch.equal(a, b) for a, b in zip(outs, ref))
+    for a, b in zip(outs, ref):
+        torch.testing.assert_close(a, b, atol=0.05 * float(b.abs().max()), rtol=0)
+    assert store.peak_bytes <= store.budget == plain.budget
+    assert store.stats()["hit_rate"] > plain.stats()["hit_rate"]
+    assert len(store.resident()) > len(plain.resident())

@@ -10,9 +10,13 @@ Loads are asynchronous (demand loads before prefetches). ``loader="thread"``: on
 reads and prepares experts, and on CUDA copies them to the device on a side stream.
 ``loader="process"`` (CPU layers; CUDA layers keep the thread): a child process reads and checks the
 files into shared staging slots (runtime.loader_process), so reads cost the model thread no GIL
-time; the model thread collects finished reads whenever it calls the store. A layer pins each expert while it
-computes with it, so an expert in use is never evicted, and the fast tier never holds more than its
-budget (loads in flight count against it). Every number explain() and bench/offload.py report
+time; the model thread collects finished reads whenever it calls the store.
+
+``quantize="int8"``: the fast tier holds int8 copies of the expert weight matrices (runtime.quantize;
+changes results, so off by default) and is charged their bytes; ``use`` yields dequantized tensors.
+
+A layer pins each expert while it computes with it, so an expert in use is never evicted, and the
+fast tier never holds more than its budget (loads in flight count against it). Every number explain() and bench/offload.py report
 comes from ``stats()``.
 
     store = ExpertStore(root, budget=0.5, policy="lru", loader="thread")
@@ -39,6 +43,8 @@ from moe_compiler.runtime.cache_policy import CachePolicy, make_policy
 from moe_compiler.runtime.expert_files import ExpertFiles, ExpertReadError
 from moe_compiler.runtime.loader_process import LoaderProcessError, ProcessLoader, staging_slots
 from moe_compiler.runtime.memory import return_freed_memory
+from moe_compiler.runtime.quantize import MODES as QUANTIZE_MODES
+from moe_compiler.runtime.quantize import dequantize_rows, int8_bytes, quantizable, quantize_rows
 
 _DEMAND, _PREFETCH = 0, 1
 LOADERS = ("thread", "process")
@@ -85,10 +91,21 @@ class Layer:
     dtype: torch.dtype
     stats: LayerStats = None
     file_bytes: int = 0       # the largest expert file (safetensors header included)
+    quantized: tuple = ()     # names of weights the fast tier holds as int8 (option quantize)
 
     @property
     def expert_bytes(self) -> int:
+        """Bytes of the largest expert at full precision (what fractional budgets are fractions of)."""
         return max(self.manifest["bytes"]) if self.manifest["bytes"] else 0
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes one expert takes in the fast tier (less than expert_bytes when quantized)."""
+        if not self.quantized:
+            return self.expert_bytes
+        size = torch.empty((), dtype=self.dtype).element_size()
+        return sum(int8_bytes(self.manifest["shapes"][n], size) if n in self.quantized
+                   else torch.Size(self.manifest["shapes"][n]).numel() * size for n in self.manifest["names"])
 
     @property
     def num_experts(self) -> int:
@@ -148,9 +165,13 @@ class ExpertStore:
     """See the module docstring. Thread-safe; one loader thread per store."""
 
     def __init__(self, root: str, *, budget=1.0, policy: str | CachePolicy = "lru", host_budget=0,
-                 drop_page_cache: bool = True, policy_options: dict | None = None, loader: str = "thread"):
+                 drop_page_cache: bool = True, policy_options: dict | None = None, loader: str = "thread",
+                 quantize: str | None = None):
         if loader not in LOADERS:
             raise ValueError(f"loader must be one of {list(LOADERS)}, got {loader!r}")
+        if quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize must be one of {list(QUANTIZE_MODES)}, got {quantize!r}")
+        self.quantize = quantize
         self.loader = loader
         self._proc: ProcessLoader | None = None   # loader "process": the child reading CPU layers' experts
         self._unsent: list = []                    # loader "process": keys waiting for a free staging slot
@@ -190,6 +211,14 @@ class ExpertStore:
                 if source is not None and ref is not None and ref() is source:
                     return index
             generation = len(self._by_name.get(name, []))
+        quantized = ()
+        if self.quantize == "int8":
+            quantized = tuple(n for n, t in stacked.items() if t.is_floating_point() and quantizable(t.shape[1:]))
+            bad = [n for n in quantized if not bool(torch.isfinite(stacked[n]).all())]
+            if bad:
+                raise ValueError(f"offload quantize 'int8': layer {name!r} has non-finite expert weights in {bad}, "
+                                 "which int8 copies cannot represent; offload it with quantize None")
+            prepack = ()  # the GEMMs read dequantized copies, never oneDNN-packed ones
         base = "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or "layer"
         folder = base if generation == 0 else f"{base}.{generation}"
         self.files.write_layer(folder, stacked)
@@ -200,7 +229,7 @@ class ExpertStore:
         with self._lock:
             index = len(self.layers)
             layer = Layer(index, name, folder, manifest, transposed, tuple(prepack), any_w.device, any_w.dtype,
-                          LayerStats(name), file_bytes)
+                          LayerStats(name), file_bytes, quantized)
             self.layers.append(layer)
             self._by_name.setdefault(name, []).append((weakref.ref(source) if source is not None else None, index))
             self._resize()
@@ -217,7 +246,7 @@ class ExpertStore:
         a fractional budget grows as layers join)."""
         layers = self.layers if layers is None else layers
         budget, _ = self._budgets(layers)
-        biggest = max((layer.expert_bytes for layer in layers), default=0)
+        biggest = max((layer.cached_bytes for layer in layers), default=0)
         if layers and budget < biggest:
             total = sum(layer.expert_bytes * layer.num_experts for layer in layers)
             raise ValueError(f"offload budget {budget} bytes is smaller than one expert ({biggest} bytes); "
@@ -225,7 +254,7 @@ class ExpertStore:
 
     def _resize(self):
         self.budget, self.host_budget = self._budgets(self.layers)
-        self.policy.setup([layer.expert_bytes for layer in self.layers],
+        self.policy.setup([layer.cached_bytes for layer in self.layers],
                           [layer.num_experts for layer in self.layers], self.budget)
 
     @property
@@ -291,7 +320,12 @@ class ExpertStore:
             self._host_bytes += nbytes
 
     def _prepare(self, layer: Layer, raw: dict) -> dict:
-        """Raw CPU tensors -> compute-ready copies (device, and oneDNN-packed where the layer asks)."""
+        """Raw CPU tensors -> compute-ready copies (int8 where the layer is quantized, on the device, and
+        oneDNN-packed where the layer asks)."""
+        if layer.quantized:
+            raw = {k: v for n, t in raw.items()
+                   for k, v in (zip(("int8:" + n, "scale:" + n), quantize_rows(t)) if n in layer.quantized
+                                else ((n, t),))}
         out = {}
         if layer.device.type == "cuda":
             stream = self._cuda_stream(layer.device)
@@ -346,7 +380,7 @@ class ExpertStore:
         """Start loading key unless it is cached or loading; caller holds the lock. With the loader
         process, ``send=False`` leaves a new entry for the caller to claim and read itself."""
         entry = self._entries.get(key)
-        by_process = self.loader == "process" and self.layers[key[0]].device.type == "cpu"
+        by_process = self._by_process(key[0])
         if entry is not None:
             if priority == _DEMAND and not entry.started:  # a queued prefetch is needed now: jump the queue
                 if by_process:
@@ -354,7 +388,8 @@ class ExpertStore:
                 else:
                     self._queue.put((priority, next(self._seq), key))
             return True
-        nbytes = self.layers[key[0]].manifest["bytes"][key[1]]
+        layer = self.layers[key[0]]
+        nbytes = layer.cached_bytes if layer.quantized else layer.manifest["bytes"][key[1]]
         if not self._make_room(key, nbytes, protect, wait):
             return False
         entry = self._entries[key] = _Entry(nbytes, by_prefetch=priority == _PREFETCH)
@@ -372,6 +407,9 @@ class ExpertStore:
         return True
 
     # ------------------------------------------------------------------ the loader process (CPU layers)
+    def _by_process(self, layer: int) -> bool:
+        return self.loader == "process" and self.layers[layer].device.type == "cpu"
+
     def _send(self, key, priority) -> bool:
         """Hand an unclaimed entry to the loader process (started, lazily); False when no staging slot
         is free, or the slots must grow for this layer's files while reads are in flight. Caller holds
@@ -450,10 +488,10 @@ class ExpertStore:
                 entry.ready.set()
         self._lock.notify_all()
 
-    def _wait_loaded(self, entry) -> None:
+    def _wait_loaded(self, entry, by_process: bool) -> None:
         """Block until entry is published (by the loader thread, the loader process or a caller)."""
         while not entry.done:
-            if self._proc is not None and self._proc.in_flight():
+            if by_process and self._proc is not None and self._proc.in_flight():
                 with self._lock:
                     if not entry.done:
                         self._collect(timeout=0.05)
@@ -537,7 +575,7 @@ class ExpertStore:
         try:
             if claimed:
                 self._load(key, entry)
-            self._wait_loaded(entry)
+            self._wait_loaded(entry, self._by_process(layer))
             if waited:
                 with self._lock:
                     self.layers[layer].stats.stall_s += time.perf_counter() - start
@@ -557,11 +595,21 @@ class ExpertStore:
                 stream = torch.cuda.current_stream(device)
                 for t in entry.tensors.values():
                     t.record_stream(stream)
-            yield entry.tensors
+            yield self._computable(self.layers[layer], entry.tensors)
         finally:
             with self._lock:
                 entry.pins -= 1
                 self._lock.notify_all()
+
+    @staticmethod
+    def _computable(layer: Layer, tensors: dict) -> dict:
+        """The tensors a layer computes with: int8 copies dequantized to the layer's dtype."""
+        if not layer.quantized:
+            return tensors
+        out = {n: t for n, t in tensors.items() if not n.startswith(("int8:", "scale:"))}
+        for n in layer.quantized:
+            out[n] = dequantize_rows(tensors["int8:" + n], tensors["scale:" + n], layer.dtype)
+        return out
 
     # ------------------------------------------------------------------ reporting
     def resident(self) -> list:
@@ -583,6 +631,7 @@ class ExpertStore:
         tok = sum(layer.stats.token_hits for layer in self.layers)
         tok_n = sum(layer.stats.token_total for layer in self.layers)
         return {"policy": self.policy.name, "budget_bytes": self.budget, "host_budget_bytes": self.host_budget,
+                "quantize": self.quantize,
                 "hits": hits, "ready": ready, "misses": misses, "predicted": pred, "predicted_of": pred_n,
                 "token_hits": tok,
                 "token_total": tok_n, "prefetched": sum(l["prefetched"] for l in layers),
@@ -665,4 +714,4 @@ class ExpertStore:
                 pending = [en for en in self._entries.values() if not en.done]
             if not pending:
                 return
-            self._wait_loaded(pending[0])
+            self._wait_loaded(pending[0], by_process=True)

@@ -14,6 +14,8 @@
         "shallow_layers": 1,       # policy "shallow": leading layers that keep all their experts
         "loader": "thread",        # "thread": a background thread reads experts; "process": a child process
                                    # does (CPU layers), so reads cost the model thread no GIL time
+        "quantize": None,          # "int8": the fast tier holds int8 copies (one fp32 scale per row), so it
+                                   # holds ~4x the fp32 experts; CHANGES RESULTS, hence off by default
         "release_parameters": True,  # free the module's expert weights once they are on disk
         "drop_page_cache": True}})   # posix_fadvise(DONTNEED) after each read, so reads hit the disk
 
@@ -38,9 +40,10 @@ import torch
 from moe_compiler.runtime.cache_policy import POLICIES
 from moe_compiler.runtime.expert_store import LOADERS, ExpertStore, parse_bytes
 from moe_compiler.runtime.memory import return_freed_memory
+from moe_compiler.runtime.quantize import MODES as QUANTIZE_MODES
 
 KEYS = ("budget", "policy", "dir", "host_budget", "prefetch", "prefetch_depth", "prefetch_extra", "prefetch_source",
-        "shallow_layers", "loader", "release_parameters", "drop_page_cache")
+        "shallow_layers", "loader", "quantize", "release_parameters", "drop_page_cache")
 PREFETCH_SOURCES = ("gate", "residual")
 
 _STORES: dict = {}          # store id -> ExpertStore
@@ -69,7 +72,8 @@ def normalize_options(value):
            "host_budget": value.get("host_budget", 0), "prefetch": value.get("prefetch", True),
            "prefetch_depth": value.get("prefetch_depth", 1), "shallow_layers": value.get("shallow_layers", 1),
            "prefetch_extra": value.get("prefetch_extra", 1), "prefetch_source": value.get("prefetch_source", "gate"),
-           "loader": value.get("loader", "thread"), "release_parameters": value.get("release_parameters", True),
+           "loader": value.get("loader", "thread"), "quantize": value.get("quantize"),
+           "release_parameters": value.get("release_parameters", True),
            "drop_page_cache": value.get("drop_page_cache", True)}
     for key in ("budget", "host_budget"):
         try:
@@ -78,6 +82,9 @@ def normalize_options(value):
             raise ConfigError(f"option offload[{key!r}]: {e}") from None
     if out["loader"] not in LOADERS:
         raise ConfigError(f"option offload['loader'] must be one of {list(LOADERS)}, got {out['loader']!r}")
+    if out["quantize"] not in QUANTIZE_MODES:
+        raise ConfigError(f"option offload['quantize'] must be one of {list(QUANTIZE_MODES)} (int8 copies change "
+                          f"results, so it is off unless asked for), got {out['quantize']!r}")
     if out["policy"] not in POLICIES:
         raise ConfigError(f"option offload['policy'] must be one of {list(POLICIES)}, got {out['policy']!r}")
     for key in ("prefetch", "release_parameters", "drop_page_cache"):
@@ -103,7 +110,7 @@ def normalize_options(value):
 def store_for(options: dict) -> tuple[str, ExpertStore]:
     """(store id, store) for normalized offload options; the same dir gives the same store."""
     settings = {k: options[k] for k in ("budget", "policy", "host_budget", "shallow_layers", "drop_page_cache",
-                                        "loader")}
+                                        "loader", "quantize")}
     root = options["dir"]
     if root is None:
         digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -114,7 +121,8 @@ def store_for(options: dict) -> tuple[str, ExpertStore]:
             policy_options = {"shallow_layers": options["shallow_layers"]} if options["policy"] == "shallow" else {}
             _STORES[root] = ExpertStore(root, budget=options["budget"], policy=options["policy"],
                                         host_budget=options["host_budget"], policy_options=policy_options,
-                                        drop_page_cache=options["drop_page_cache"], loader=options["loader"])
+                                        drop_page_cache=options["drop_page_cache"], loader=options["loader"],
+                                        quantize=options["quantize"])
         return root, _STORES[root]
 
 
