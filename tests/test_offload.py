@@ -603,3 +603,15 @@ def test_int8_offloaded_model_is_close_to_resident_and_fits_more(tmp_path):
     assert store.peak_bytes <= store.budget == plain.budget
     assert store.stats()["hit_rate"] > plain.stats()["hit_rate"]
     assert len(store.resident()) > len(plain.resident())
+
+
+def test_loader_process_reads_in_flight_free_room_for_a_demand_load(tmp_path):
+    """The whole budget taken by prefetches still being read in the loader process: a layer's own load
+    waits for them to land (the caller collects them; no thread publishes them), then evicts one."""
+    layer = _layer(6)
+    store = _store(tmp_path, [layer], budget=2 / 6, policy="lru", loader="process")
+    assert store.prefetch(0, [0, 1, 2]) == [0, 1]  # the budget holds two
+    with store.use(0, 4) as w:
+        assert torch.equal(w["w1"], layer["w1"][4])
+    assert store.cached_bytes() <= store.budget
+    store.close()

@@ -367,7 +367,10 @@ class ExpertStore:
                 return False
             if not any(not en.done or en.pins for en in self._entries.values()):
                 raise RuntimeError(f"offload budget {self.budget} bytes cannot hold expert {key} ({nbytes} bytes)")
-            self._lock.wait(timeout=1.0)
+            if self._unsent or (self._proc is not None and self._proc.in_flight()):
+                self._collect(timeout=0.05)  # the loader process's reads are published by its callers only
+            else:
+                self._lock.wait(timeout=1.0)
 
     def _evict(self, key):
         entry = self._entries.pop(key)
