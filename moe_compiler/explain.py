@@ -111,7 +111,7 @@ class ExplainReport:
         if self.offload:
             o = self.offload
             pct = (lambda v: "n/a" if v is None else f"{100 * v:.1f}%")
-            quantized = f", int8 copies: results differ from resident" if o.get("quantize") else ""
+            quantized = f", {o['quantize']} copies: results differ from resident" if o.get("quantize") else ""
             lines.append(f"offload ({o['policy']}{quantized}, budget {o['budget_bytes'] / 2**20:.2f} of "
                          f"{o['expert_bytes_total'] / 2**20:.2f} MiB): hit rate {pct(o['hit_rate'])} "
                          f"(already loaded {pct(o['ready_rate'])}), prediction recall {pct(o['prediction_recall'])}, "

@@ -103,7 +103,7 @@ class Layer:
         """Bytes one expert takes in the fast tier (less than expert_bytes when quantized)."""
         if not self.quantized:
             return self.expert_bytes
-        size = torch.empty((), dtype=self.dtype).element_size()
+        size = self.dtype.itemsize
         return sum(int8_bytes(self.manifest["shapes"][n], size) if n in self.quantized
                    else torch.Size(self.manifest["shapes"][n]).numel() * size for n in self.manifest["names"])
 
@@ -377,7 +377,11 @@ class ExpertStore:
         self._used -= entry.nbytes
         self.policy.on_evict(key)
 
-    _drop = _evict  # the same bookkeeping for an entry that never loaded
+    def _drop_unstarted(self, key) -> None:
+        """Forget a queued load nobody has claimed or pinned (its room is freed; a later use loads it)."""
+        entry = self._entries.get(key)
+        if entry is not None and not entry.started and not entry.pins:
+            self._evict(key)
 
     def _issue(self, key, priority, protect=(), wait=False, send=True) -> bool:
         """Start loading key unless it is cached or loading; caller holds the lock. With the loader
@@ -486,7 +490,7 @@ class ExpertStore:
         for key in keys:
             entry = self._entries.get(key)
             if entry is not None:
-                self._drop(key)
+                self._evict(key)
                 entry.error, entry.done = error, True
                 entry.ready.set()
         self._lock.notify_all()
@@ -585,7 +589,7 @@ class ExpertStore:
             if entry.error is not None:
                 with self._lock:
                     if self._entries.get(key) is entry:  # a failed load leaves no entry: a later use retries
-                        self._drop(key)
+                        self._evict(key)
                 if isinstance(entry.error, ExpertReadError):
                     raise ExpertReadError(str(entry.error)) from entry.error
                 raise RuntimeError(f"loading expert {expert} of layer {self.layers[layer].name!r} failed: "
@@ -684,29 +688,21 @@ class ExpertStore:
                     _, _, key = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                entry = self._entries.get(key)
-                if entry is not None and not entry.started and not entry.pins:
-                    self._entries.pop(key)
-                    self._used -= entry.nbytes
-                    self.policy.on_evict(key)
+                self._drop_unstarted(key)
             self._queue.put((_DEMAND, next(self._seq), None))
         thread.join(timeout)
 
     def _close_process(self, timeout: float) -> None:
         with self._lock:
             for _, _, key in self._unsent:
-                entry = self._entries.get(key)
-                if entry is not None and not entry.started and not entry.pins:
-                    self._entries.pop(key)
-                    self._used -= entry.nbytes
-                    self.policy.on_evict(key)
+                self._drop_unstarted(key)
             self._unsent.clear()
             deadline = time.monotonic() + timeout
             try:
                 while self._proc is not None and self._proc.in_flight() and time.monotonic() < deadline:
                     self._collect(timeout=0.05)
             except LoaderProcessError:
-                pass  # the process is gone already (and its reads were dropped)
+                return  # the process had exited: _collect closed it and dropped its reads
             self._abandon_process(LoaderProcessError("the store was closed with this read in flight"))
 
     def drain(self) -> None:
@@ -714,7 +710,8 @@ class ExpertStore:
         while True:
             with self._lock:
                 self._collect()
-                pending = [en for en in self._entries.values() if not en.done]
+                pending = [(key, en) for key, en in self._entries.items() if not en.done]
             if not pending:
                 return
-            self._wait_loaded(pending[0], by_process=True)
+            key, entry = pending[0]
+            self._wait_loaded(entry, self._by_process(key[0]))

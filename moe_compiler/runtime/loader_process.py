@@ -163,10 +163,6 @@ class ProcessLoader:
                 proc.wait()
         if proc is not None:
             proc.stdout.close()
-        if getattr(self, "_mm", None) is not None:
-            self.staging = None
-            try:
-                self._mm.close()
-            except BufferError:  # a tensor still views the staging memory; the mapping goes with it
-                pass
-            self._mm = None
+        # the mapping is unmapped when the last view of it goes (an explicit close would fail while
+        # a tensor still views the staging memory)
+        self.staging = self._mm = None
