@@ -7,8 +7,10 @@ The model is compiled with ``options={"expert_parallel": {...}}`` for each mode;
 then route locally, exchange per-destination counts, send tokens to their experts' ranks with
 all_to_all_single, run the local experts and send the results back. Each rank checks its logits
 against single-process eager, and the script prints the bytes each mode moved between ranks
-(hidden-state payload and routing metadata, summed over ranks), plus the expert weight bytes
-each rank needs under the placement (moe_compiler.explain reports the same). The "fssdp" mode
+(hidden-state payload and routing metadata, summed over ranks), the expert weight bytes each rank
+needs under the placement (moe_compiler.explain reports the same) and the bytes each rank holds
+after the compile (inference compiles keep only this rank's experts and release the module's whole
+tensors; each mode therefore compiles a fresh copy of the model). The "fssdp" mode
 (``{"movement": "weights"}``) moves the experts each rank's tokens use instead of the tokens.
 Mode "coherent" keeps tokens on their experts' ranks between MoE layers joined by per-token ops
 only; Mixtral has attention between its MoE layers, so the script prints why it falls back to two
@@ -45,15 +47,16 @@ def build_model():
 def rank_main(rank, world, tokens):
     from moe_compiler.codegen.comm.executor import record_traffic
     from moe_compiler.explain import collect_records
-    from moe_compiler.runtime.expert_parallel import expert_bytes_per_rank
+    from moe_compiler.runtime.expert_parallel import expert_bytes_held, expert_bytes_per_rank
 
-    model = build_model()
     ids = torch.randint(0, 96, (1, tokens), generator=torch.Generator().manual_seed(100 + rank))
+    model = build_model()
     with torch.no_grad():
         ref = model(ids).logits
-    out = {"expert_bytes": expert_bytes_per_rank(model, None, world)}
+    out = {"expert_bytes": expert_bytes_per_rank(model, None, world), "expert_bytes_whole": expert_bytes_held(model)}
     for mode, extra in MODES:
         torch._dynamo.reset()
+        model = build_model()  # a fresh copy: an inference compile releases the experts this rank does not hold
         opts = extra if mode == "fssdp" else {"mode": mode, **extra}
         compiled = torch.compile(model, backend="moe", options={
             "expert_parallel": opts, "inner_backend": "eager", "strict": True})
@@ -65,7 +68,7 @@ def rank_main(rank, world, tokens):
         torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
         payload = sum(t["bytes_remote"] for t in traffic if not t["step"].endswith("_meta"))
         meta = sum(t["bytes_remote"] for t in traffic if t["step"].endswith("_meta"))
-        out[mode] = dict(payload=payload, meta=meta, steps=len(traffic),
+        out[mode] = dict(payload=payload, meta=meta, steps=len(traffic), held=expert_bytes_held(model),
                          strategy=[layer.strategy for rec in records for layer in rec.moe_layers][:1])
     return out
 
@@ -82,14 +85,16 @@ def main(argv=None):
                     python_path=(here,))
     print(f"tiny Mixtral (2 layers, 8 experts, top-2, hidden 64) on {a.ranks} gloo ranks, {a.tokens} tokens per rank;"
           " logits equal single-process eager on every rank")
-    print("expert weight bytes per rank (contiguous placement): " +
-          ", ".join(f"rank {r}: {b} B" for r, b in enumerate(res[0]["expert_bytes"])))
+    print(f"expert weight bytes per rank (contiguous placement): {res[0]['expert_bytes_whole']} B in the whole "
+          "model; each rank's share: " + ", ".join(f"rank {r}: {b} B" for r, b in enumerate(res[0]["expert_bytes"])))
     for mode, _ in MODES:
         payload = sum(r[mode]["payload"] for r in res)
         meta = sum(r[mode]["meta"] for r in res)
         what = "expert weights (sparse all-gather)" if mode == "fssdp" else "hidden states"
         print(f"{mode:<13} moved {payload:>8} B of {what} + {meta:>6} B of routing metadata between ranks "
               f"({res[0][mode]['steps']} data collectives per rank, count/load exchanges not counted)")
+        print(f"{'':<13} expert weight bytes each rank holds after the compile: "
+              + ", ".join(f"rank {r}: {res[r][mode]['held']} B" for r in range(len(res))))
         if mode == "coherent":
             print(f"{'':<13} layer 0: {res[0][mode]['strategy'][0] if res[0][mode]['strategy'] else '?'}")
 

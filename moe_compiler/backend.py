@@ -71,12 +71,27 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, config: Backen
         log.debug("graph %s: %s; handing the graph to %s unchanged", graph_id, reason, config.inner_backend)
         dumps.write("dynamo_graph.py", graph_code(gm))
         write_summary(dumps, _empty_run(graph_id), [], {"path": reason})
+        _check_released_inputs(gm, example_inputs)
         return _inner(gm, example_inputs, config, dumps)
 
-    from moe_compiler.runtime import offload
+    from moe_compiler.runtime import ep_weights, offload
 
-    with offload.restored(example_inputs):  # weights an earlier compile released come back from disk
+    # weights an earlier compile released come back for this compile: offloaded ones from disk,
+    # expert-parallel ones as this rank's kept rows (runtime/ep_weights.py)
+    with offload.restored(example_inputs), ep_weights.restored(example_inputs):
         return _compile_moe(gm, example_inputs, config, graph_id, record, dumps)
+
+
+def _check_released_inputs(gm, example_inputs, paths=None) -> None:
+    """A graph about to be compiled must not compute with expert weights that expert parallelism
+    released (ReleasedWeightsError names the tensor), except in the ops given kept rows.
+    paths: the placeholders' parameter names (default: read from gm, a dynamo graph)."""
+    from moe_compiler.passes.sparse_collectives import reads_kept_rows
+    from moe_compiler.runtime import ep_weights
+
+    if paths is None:
+        paths = _compat.placeholder_paths(gm, known_tensor_names())
+    ep_weights.check_graph(gm, example_inputs, reads_kept_rows, paths)
 
 
 def _compile_moe(gm, example_inputs, config: BackendConfig, graph_id: str, record: CompileRecord, dumps: DumpWriter):
@@ -89,6 +104,7 @@ def _compile_moe(gm, example_inputs, config: BackendConfig, graph_id: str, recor
         record.fallback_reason = f"could not functionalize the graph ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
         log.warning("moe_compiler: %s: %s; falling back to Inductor", graph_id, record.fallback_reason)
         write_summary(dumps, _empty_run(graph_id), [], {"fallback": record.fallback_reason})
+        _check_released_inputs(gm, example_inputs)
         return _inner(gm, example_inputs, config, dumps)
 
     from moe_compiler.passes import build_pipeline
@@ -100,17 +116,21 @@ def _compile_moe(gm, example_inputs, config: BackendConfig, graph_id: str, recor
     try:
         new_gm, run = PassManager(build_pipeline(config)).run(aten_gm, ctx, dumps)
     except Exception as e:
-        if config.strict:
+        from moe_compiler.runtime.ep_weights import ReleasedWeightsError
+
+        if config.strict or isinstance(e, ReleasedWeightsError):  # no fallback can compute without the weights
             raise
         record.fallback_reason = str(e).splitlines()[0][:400]
         log.warning("moe_compiler: %s; falling back to Inductor on the original graph", record.fallback_reason)
         write_summary(dumps, _empty_run(graph_id), ctx.moe_layers, {"fallback": record.fallback_reason})
+        _check_released_inputs(gm, example_inputs)
         return _inner(gm, example_inputs, config, dumps)
     record.passes = run.records
     record.moe_layers = ctx.moe_layers
     final = new_gm if any(r.changed for r in run.records) or _count_moe_ops(new_gm) else gm
     record.moe_op_count = _count_moe_ops(final) if final is new_gm else 0
     write_summary(dumps, run, ctx.moe_layers, {"moe_ops": record.moe_op_count})
+    _check_released_inputs(final, example_inputs, ctx.placeholder_paths)
     compiled = _inner(final, example_inputs, config, dumps)
     if final is new_gm:
         for hook in ctx.after_compile:

@@ -87,6 +87,9 @@ class ExplainReport:
     fallbacks: list
     # with options expert_parallel: bytes of expert weights each rank of the EP group holds ([] otherwise)
     expert_bytes_per_rank: list = field(default_factory=list)
+    # with options expert_parallel: expert weight bytes this rank holds after the compile (inference
+    # graphs keep only the placement's rows and release the whole tensors), -1 otherwise
+    expert_bytes_held: int = -1
     # with option offload: the expert store's counters after the example run (ExpertStore.stats():
     # hit_rate (resident or in flight), ready_rate (already loaded), prediction_recall, token_recall,
     # bytes_loaded, stall_s, peak_bytes, per layer)
@@ -126,6 +129,8 @@ class ExplainReport:
         if self.expert_bytes_per_rank:
             lines.append("expert bytes per rank: " + ", ".join(
                 f"rank {r}: {b / 2**20:.2f} MiB" for r, b in enumerate(self.expert_bytes_per_rank)))
+        if self.expert_bytes_held >= 0:
+            lines.append(f"expert bytes held by this rank after the compile: {self.expert_bytes_held / 2**20:.2f} MiB")
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -207,8 +212,17 @@ def explain(model, *example_inputs, **options) -> ExplainReport:
         dump_dirs=[r.dump_dir for r in records if r.dump_dir],
         fallbacks=[f"{r.graph_id}: {r.fallback_reason}" for r in records if r.fallback_reason],
         expert_bytes_per_rank=_expert_bytes(model, options),
+        expert_bytes_held=_held_bytes(model, options),
         offload=store.stats() if store is not None else {},
     )
+
+
+def _held_bytes(model, options: dict) -> int:
+    from moe_compiler.runtime.expert_parallel import expert_bytes_held, normalize_options
+
+    if normalize_options(options.get("expert_parallel")) is None or not isinstance(model, torch.nn.Module):
+        return -1
+    return expert_bytes_held(model)
 
 
 def _expert_bytes(model, options: dict) -> list:

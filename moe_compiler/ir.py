@@ -173,6 +173,10 @@ def _moe_impl(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec):
                 "was called eagerly. The usual cause is torch._dynamo running the model uncompiled after "
                 "too many recompilations: raise torch._dynamo.config.recompile_limit, compile with dynamic=True, "
                 "or keep the weights with offload={'release_parameters': False}")
+    from moe_compiler.runtime import ep_weights
+
+    for w, name in zip((w1, w3, w2, b1, b3, b2), ep_weights.WEIGHT_NAMES):
+        ep_weights.check_not_released(w, f"MoE layer {_spec(spec).path or '?'} (weight {name}, called eagerly)")
     return reference.moe_forward(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, _spec(spec))
 
 

@@ -13,6 +13,10 @@ After:
         #   -> all_to_all_single(rows, data-dependent splits) -> this rank's grouped experts
         #   -> reverse all_to_all_single -> fp32 weighted combine
 
+Inference graphs (option release_parameters, default on): each layer whose expert weights are whole
+module tensors reads this rank's rows, kept by runtime/ep_weights (spec note ("ep_weights", key)),
+and the whole tensors are released once the graph is compiled (counter expert_weights_released).
+
 With movement "weights" (or "auto" where the cost model's movement decision says so) a layer becomes
 Hecate's FSSDP instead (codegen/comm/fssdp.py): experts move to the tokens.
     (y, need, handle) = moe_compiler.fssdp_moe(x, logits, bias, w1, w3, w2, b1, b3, b2, spec'')
@@ -45,6 +49,7 @@ from moe_compiler.config import ConfigError
 from moe_compiler.ir import MOE_OP, MoESpec
 from moe_compiler.pipeline import DumpWriter, PassContext, PassResult
 from moe_compiler.passes.coherent_chains import CHECKS, find_chains
+from moe_compiler.runtime import ep_weights
 from moe_compiler.runtime.expert_parallel import check_rows, contiguous_rows, load_placement, normalize_options
 
 log = logging.getLogger(__name__)
@@ -102,8 +107,9 @@ class SparseCollectives:
         layers = [n for n in graph.nodes if n.op == "call_function" and n.target is MOE_OP]
         not_coherent: dict = {}
         chained = 0
+        kept = _KeptRows(gm, ctx, opts["release_parameters"], dist.get_rank(pg))
         if mode in ("coherent", "auto"):
-            chained, not_coherent = self._emit_chains(gm, ctx, layers, opts, placement, gname, size, schedule)
+            chained, not_coherent = self._emit_chains(gm, ctx, layers, opts, placement, gname, size, schedule, kept)
         index_of = {n: i for i, n in enumerate(layers)}   # a layer's index in the graph (placement rows)
         if mode in ("coherent", "auto"):
             layers = [n for n in layers if n in not_coherent]
@@ -137,6 +143,7 @@ class SparseCollectives:
             for r in reports[:1]:
                 r.strategy = f"expert parallel over {size} ranks: tokens move to the experts (mode {layer_mode}; {why})"
             new_spec = spec.replace(notes=spec.notes + ((NOTE, plan.to_json()),))
+            new_spec = kept.note(new_spec, node.args[3:9], plan)
             with graph.inserting_before(node):
                 ep = graph.call_function(EP_MOE_OP, (*node.args[:-1], new_spec.to_json()))
             ep.meta["val"] = node.meta["val"]
@@ -150,6 +157,7 @@ class SparseCollectives:
                                               opts["overlap_degree"]))
             done += 1
         done += chained
+        released = kept.schedule_release(gm)
         if done or fssdp_done:
             gm.recompile()
             from moe_compiler.backend import _dump_root
@@ -160,9 +168,10 @@ class SparseCollectives:
                      done, mode, fssdp_done, size)
         return PassResult(gm, bool(done or fssdp_done), {"layers_expert_parallel": done, "layers_fssdp": fssdp_done,
                                                          "layers_coherent": chained,
+                                                         "expert_weights_released": released,
                                                          "group_size": size if done or fssdp_done else 0})
 
-    def _emit_chains(self, gm, ctx, layers, opts, placement, gname, size, schedule) -> tuple[int, dict]:
+    def _emit_chains(self, gm, ctx, layers, opts, placement, gname, size, schedule, kept) -> tuple[int, dict]:
         """Mode "coherent" (or "auto" where the cost model chose single_all_to_all): every chain of MoE
         layers joined by per-token ops becomes one coherent_moe_chain op. Returns (layers chained,
         {MoE node left out: why})."""
@@ -196,7 +205,8 @@ class SparseCollectives:
                 per_rank = [[e for e, r in enumerate(plan.placement) if g in r] for g in range(size)]
                 schedule.layers.append(plan_coherent_layer(spec.path or layer.moe.name, size, per_rank,
                                                            last=layer is chain.layers[-1]))
-            key, emitted[chain.end] = self._emit_chain(gm.graph, chain, plans, [specs[l.moe] for l in chain.layers])
+            chain_specs = [kept.note(specs[l.moe], l.moe.args[3:9], p) for l, p in zip(chain.layers, plans)]
+            key, emitted[chain.end] = self._emit_chain(gm.graph, chain, plans, chain_specs)
             self._dump_chain(ctx, key, chain)
             chained += len(chain.layers)
             log.info("sparse_collectives: coherent chain %s (%d layers)", " -> ".join(names), len(names))
@@ -277,6 +287,59 @@ class SparseCollectives:
         out.meta["val"] = node.meta["val"]
         node.replace_all_uses_with(out)
         graph.erase_node(node)
+
+
+class _KeptRows:
+    """Inference graphs (option release_parameters): each layer whose expert weights are whole module
+    tensors reads this rank's rows from runtime/ep_weights instead; once the graph is compiled the whole
+    tensors are released, so the rank holds only its placement's experts."""
+
+    def __init__(self, gm, ctx, enabled: bool, rank: int):
+        self.ctx, self.rank, self.sources = ctx, rank, {}   # sources: placeholder node -> its whole tensor
+        self.on = enabled and not ctx.training
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.value = {n: ctx.example_inputs[i] for i, n in enumerate(placeholders)
+                      if ctx.placeholder_paths[i] is not None}   # module parameters and buffers
+        self.why = "option release_parameters is False" if not enabled else "a training graph" if ctx.training else ""
+
+    def note(self, spec: MoESpec, weight_nodes, plan) -> MoESpec:
+        """spec, with the ("ep_weights", key) note when this layer's rows are kept."""
+        if not self.on:
+            return spec
+        nodes = list(weight_nodes)
+        values = [None if a is None else self.value.get(a) for a in nodes]
+        whole = all(v is not None and v.shape[0] == spec.num_experts and ep_weights.releasable(v)
+                    for a, v in zip(nodes, values) if a is not None)
+        if not whole:
+            log.info("sparse_collectives: %s keeps its expert weights as given (they are computed in the graph, "
+                     "already sharded or views of a larger tensor)", spec.path or "a layer")
+            return spec
+        key = ep_weights.keep(values, plan.local_experts(self.rank))
+        self.sources.update({a: v for a, v in zip(nodes, values) if a is not None})
+        return spec.replace(notes=spec.notes + ((ep_weights.NOTE, key),))
+
+    def schedule_release(self, gm) -> int:
+        """After the compile, release each kept tensor that nothing but ops given kept rows reads.
+        Returns how many will be released."""
+        if not self.on:
+            if self.why:
+                log.info("sparse_collectives: expert weights stay whole on every rank (%s)", self.why)
+            return 0
+        free = [v for n, v in self.sources.items() if all(reads_kept_rows(u) for u in n.users)]
+        if free:
+            self.ctx.after_compile.append(lambda: [ep_weights.release(v) for v in free])
+        return len(free)
+
+
+def reads_kept_rows(node) -> bool:
+    """Is node an expert-parallel op that computes with kept rows (never its whole weight operands)?"""
+    if node.op != "call_function":
+        return False
+    if node.target is EP_MOE_OP:
+        return MoESpec.from_json(node.args[-1]).note(ep_weights.NOTE) is not None
+    if node.target is coherent.COHERENT_CHAIN_OP:
+        return all(lp.spec.note(ep_weights.NOTE) is not None for lp in coherent.program_of(node.args[-1]).layers)
+    return False
 
 
 def _reports(ctx, spec: MoESpec) -> list:

@@ -475,3 +475,90 @@ def test_compiled_coherent_four_ranks_and_where_it_does_not_apply(tmp_path):
         assert all("context-coherent" in s for s in mixed["strategies"][1:]), mixed["strategies"]
         for r in (chained, mixed):
             assert r["y"] < 1e-5 and r["gx"] < 1e-5 and r["gparams"] < 1e-5, (rank, r)
+
+
+# ------------------------------------------------------------------ released expert weights (inference)
+def release_worker(rank, world):
+    from hf_models import make_model
+    from torch_moe_styles import ChainedMoEStack
+
+    from moe_compiler.pipeline import counters
+    from moe_compiler.runtime import ep_weights
+    from moe_compiler.runtime.expert_parallel import EXPERT_PARAM_NAMES, expert_bytes_held, expert_modules
+
+    def expert_tensors(model):
+        return [p for _, m in expert_modules(model) for n, p in m.named_parameters(recurse=False)
+                if n in EXPERT_PARAM_NAMES]
+
+    def compiled(model, **ep):
+        torch._dynamo.reset()
+        return torch.compile(model, backend="moe", dynamic=False, options={
+            "expert_parallel": ep, "inner_backend": "eager", "strict": True})
+
+    out = {}
+    model = make_model("mixtral", seed=1)   # 4 experts per layer: 2 on each of the 2 ranks
+    whole = expert_bytes_held(model)
+    ids = {n: torch.randint(0, 96, (1, n), generator=torch.Generator().manual_seed(10 * rank + n)) for n in (7, 12)}
+    with torch.no_grad():
+        refs = {n: model(i).logits for n, i in ids.items()}
+    cm = compiled(model)
+    with torch.no_grad():
+        out["y7"] = _rel(cm(ids[7]).logits, refs[7])
+        out["released"] = [ep_weights.is_released(p) for p in expert_tensors(model)]
+        out["held"], out["whole"] = expert_bytes_held(model), whole
+        out["y12"] = _rel(cm(ids[12]).logits, refs[12])   # a recompile (new length) on the released tensors
+        out["y7_again"] = _rel(cm(ids[7]).logits, refs[7])
+    out["still_released"] = all(ep_weights.is_released(p) for p in expert_tensors(model))
+    try:   # grad mode: a training graph needs the whole tensors; it must say so, not compute with garbage
+        cm(ids[7])
+        out["train_error"] = ""
+    except Exception as e:
+        out["train_error"] = str(e)
+
+    model = make_model("mixtral", seed=1)
+    cm = compiled(model, release_parameters=False)
+    with torch.no_grad():
+        out["kept_whole_y"] = _rel(cm(ids[7]).logits, refs[7])
+    out["kept_whole"] = (expert_bytes_held(model), any(ep_weights.is_released(p) for p in expert_tensors(model)))
+
+    torch.manual_seed(3)   # coherent chains read kept rows too
+    stack = ChainedMoEStack(3, 16, 6, 5, 2, "rms", True)
+    x = torch.randn(2 + rank, 3, 16, generator=torch.Generator().manual_seed(rank))
+    x2 = torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(10 + rank))
+    with torch.no_grad():
+        ref, ref2 = stack(x), stack(x2)
+        counters.clear()
+        cm = compiled(stack, mode="coherent")
+        y = cm(x)
+        y2 = cm(x2)   # a recompile (new shape)
+    out["coherent"] = dict(y=max(_rel(y, ref), _rel(y2, ref2)),
+                           chained=counters["sparse_collectives"].get("layers_coherent", 0),
+                           released=all(ep_weights.is_released(p) for p in expert_tensors(stack)),
+                           held=expert_bytes_held(stack))
+    try:   # the layer called eagerly on released weights says why it cannot run
+        with torch.no_grad():
+            stack(x)
+        out["eager_error"] = ""
+    except Exception as e:
+        out["eager_error"] = str(e)
+    return out
+
+
+def test_inference_compile_keeps_only_this_ranks_experts():
+    """Memory is the point of EP: an inference compile of a transformers Mixtral keeps this rank's
+    expert rows and releases the module's whole tensors; outputs equal eager, a recompile for a new
+    length still does, a training graph on the released tensors fails with a clear error, and
+    release_parameters False keeps them whole. Coherent chains read the kept rows too."""
+    results = run_ranks("test_ep_distributed:release_worker", 2, {}, timeout=300, pg_timeout=120,
+                        python_path=(HERE,))
+    for rank, r in enumerate(results):
+        assert r["y7"] < 1e-5 and r["y12"] < 1e-5 and r["y7_again"] < 1e-5, (rank, r)
+        assert r["released"] and all(r["released"]) and r["still_released"], (rank, r)
+        assert r["held"] * 2 == r["whole"], (rank, r)   # contiguous placement: 2 of 4 experts per layer
+        assert "release_parameters" in r["train_error"] and "released" in r["train_error"], (rank, r["train_error"])
+        assert r["kept_whole_y"] < 1e-5 and r["kept_whole"] == (r["whole"], False), (rank, r)
+        c = r["coherent"]
+        assert c["chained"] == 6 and c["released"] and c["y"] < 1e-5, (rank, c)   # 3 layers, two compiles
+        assert "called eagerly" in r["eager_error"] and "release_parameters" in r["eager_error"], r["eager_error"]
+    # 5 experts on 2 ranks: contiguous rows 3 + 2
+    assert results[0]["coherent"]["held"] * 2 == results[1]["coherent"]["held"] * 3

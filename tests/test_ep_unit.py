@@ -93,6 +93,9 @@ def test_expert_bytes_per_rank_and_explain(tmp_path):
                                   inner_backend="eager")
     assert report.expert_bytes_per_rank == [4 * row, 5 * row]
     assert "expert bytes per rank: rank 0:" in str(report)
+    # no process group: EP is off (logged), so nothing is released and this process holds every expert
+    assert report.expert_bytes_held == 8 * row
+    assert f"expert bytes held by this rank after the compile: {8 * row / 2**20:.2f} MiB" in str(report)
 
 
 def test_auto_mode_follows_the_cost_model_decision():

@@ -35,7 +35,7 @@ import torch
 
 from moe_compiler import recording, reference
 from moe_compiler.codegen.comm import executor
-from moe_compiler.codegen.comm.ep import EPPlan, _local_weight, _run_experts, plan_of, slot_destinations
+from moe_compiler.codegen.comm.ep import EPPlan, _run_experts, local_weights, plan_of, slot_destinations
 from moe_compiler.codegen.ops import gating_weights
 from moe_compiler.ir import MoESpec, grads_by_recompute
 
@@ -235,7 +235,7 @@ def register_chain(program: ChainProgram) -> str:
     return key
 
 
-def _program(spec: str) -> ChainProgram:
+def program_of(spec: str) -> ChainProgram:
     key = json.loads(spec)["key"]
     if key not in _CHAINS:
         raise RuntimeError(f"coherent_moe_chain: no chain {key!r} in this process (the op is only valid in the "
@@ -252,7 +252,7 @@ def _chain_layers(program: ChainProgram, operands: list, rank: int, device) -> l
         spec, plan = lp.spec, plan_of(lp.spec)
         bias, *w = [None if j is None else operands[j] for j in lp.weights]
         local = plan.local_experts(rank)
-        local_w = [_local_weight(t, local, spec.num_experts, n) for t, n in zip(w, ("w1", "w3", "w2", "b1", "b3", "b2"))]
+        local_w = local_weights(spec, w, local)
         local_index = torch.full((spec.num_experts,), -1, dtype=torch.int64, device=device)
         local_index[local] = torch.arange(len(local), dtype=torch.int64, device=device)
 
@@ -287,7 +287,7 @@ def _chain_layers(program: ChainProgram, operands: list, rank: int, device) -> l
 def chain_forward(state: torch.Tensor, operands: list, spec: str, **route_log) -> torch.Tensor:
     """The op's semantics on this rank's tokens: state [*tokens, *feat] -> [*tokens, *out_feat].
     route_log: coherent_forward's record= / replay=."""
-    program = _program(spec)
+    program = program_of(spec)
     plan = plan_of(program.layers[0].spec)
     group = executor.resolve_group(plan.group)
     x = state.reshape((-1,) + tuple(state.shape[program.state_token_dims:]))
@@ -314,7 +314,7 @@ def _chain(state, operands, spec):
 
 @torch.library.register_fake("moe_compiler::coherent_moe_chain")
 def _chain_fake(state, operands, spec):
-    program = _program(spec)
+    program = program_of(spec)
     return state.new_empty(program.out_shape(state.shape), dtype=program.out_dtype)
 
 

@@ -32,6 +32,7 @@ from moe_compiler import recording, reference
 from moe_compiler.codegen.comm import executor
 from moe_compiler.codegen.ops import gating_weights
 from moe_compiler.ir import MoESpec, _spec, grads_by_recompute, operand_grads
+from moe_compiler.runtime import ep_weights
 
 NOTE = "expert_parallel"
 _DIFF = ("hidden", "router_logits", "w1", "w3", "w2", "b1", "b3", "b2")
@@ -100,9 +101,19 @@ def slot_destinations(flat_ids: torch.Tensor, plan: EPPlan, rank: int) -> torch.
     return table[flat_ids, (occ + rank) % nrep[flat_ids]]
 
 
+def local_weights(spec: MoESpec, weights, local: list) -> list:
+    """This rank's rows [E_local, ...] of (w1, w3, w2, b1, b3, b2): the rows sparse_collectives kept when
+    the spec names them (the module's whole tensors are then released), else selected from the operands."""
+    key = spec.note(ep_weights.NOTE)
+    if key is not None:
+        return list(ep_weights.rows(key))
+    return [_local_weight(w, local, spec.num_experts, n) for w, n in zip(weights, ep_weights.WEIGHT_NAMES)]
+
+
 def _local_weight(w, local: list, num_experts: int, name: str):
     if w is None:
         return None
+    ep_weights.check_not_released(w, f"ep_moe weight {name}")
     if w.shape[0] == len(local):
         return w
     if w.shape[0] == num_experts:
@@ -176,8 +187,7 @@ def ep_moe_forward(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, sp
     weights = gating_weights(logits, ids, spec)
     rank = executor.dist.get_rank(executor.resolve_group(plan.group)) if plan.mode != "hierarchical" \
         else executor.dist.get_rank()
-    local = plan.local_experts(rank)
-    local_w = [_local_weight(w, local, E, n) for w, n in zip((w1, w3, w2, b1, b3, b2), _OPERANDS[3:])]
+    local_w = local_weights(spec, (w1, w3, w2, b1, b3, b2), plan.local_experts(rank))
     ys = ep_experts(x, ids, local_w, spec, plan)
     out = (ys.view(T, spec.top_k, H) * weights.float().unsqueeze(-1)).sum(1)
     return out.to(hidden.dtype).reshape(hidden.shape)

@@ -40,6 +40,7 @@ from moe_compiler import recording, reference
 from moe_compiler.codegen.comm import executor
 from moe_compiler.codegen.ops import gating_weights
 from moe_compiler.ir import MoESpec, _spec, grads_by_recompute, operand_grads
+from moe_compiler.runtime import ep_weights
 
 NOTE = "fssdp"
 _WEIGHTS = ("w1", "w3", "w2", "b1", "b3", "b2")
@@ -123,6 +124,7 @@ def owned_weights(weights: dict, owned: list, num_experts: int) -> dict:
                          f"{ {n: str(w.dtype) for n, w in present.items()} }")
     out = {}
     for n, w in present.items():
+        ep_weights.check_not_released(w, f"fssdp weight {n}")
         if w.shape[0] == num_experts and len(owned) != num_experts:
             w = w.index_select(0, torch.tensor(owned, dtype=torch.int64, device=w.device))
         elif w.shape[0] != len(owned):

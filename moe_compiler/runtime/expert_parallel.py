@@ -10,7 +10,11 @@
                                  "ranks_per_node": 2,          # hierarchical only: ranks of one node
                                  "placement": "plan.json",     # or a Placement object; default contiguous
                                  "overlap_degree": 1,          # token chunks per layer (Tutel)
-                                 "movement": "tokens"}}        # or "weights" (FSSDP, Hecate) or "auto"
+                                 "movement": "tokens",         # or "weights" (FSSDP, Hecate) or "auto"
+                                 "release_parameters": True}}  # inference graphs: keep only this rank's
+                                                               # expert rows, free the module's whole tensors
+                                                               # (runtime/ep_weights.py); False for a model
+                                                               # that is also trained
     FSSDP keys (movement "weights" or "auto"; codegen/comm/fssdp.py):
         "materialize": "needed"      # gather every expert a rank's tokens use; "sparse": only the
                                      # top-`replicate` by windowed load, other tokens go to the owner
@@ -22,6 +26,7 @@
 
     shard_experts(model, placement=None, group=None)  -> bytes kept   # keep only this rank's expert rows
     expert_bytes_per_rank(model, placement=None, num_ranks=None) -> [bytes of rank 0, ...]
+    expert_bytes_held(model) -> bytes of expert weights this process holds (kept rows + whole tensors)
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ import torch
 
 MODES = ("all_to_all", "hierarchical", "coherent")
 KEYS = ("group", "mode", "placement", "ranks_per_node", "overlap_degree", "movement", "materialize", "replicate",
-        "rematerialize", "load_window")
+        "rematerialize", "load_window", "release_parameters")
 MOVEMENTS = ("tokens", "weights", "auto")
 MATERIALIZE = ("needed", "sparse")
 FSSDP_KEYS = ("materialize", "replicate", "rematerialize", "load_window")
@@ -61,7 +66,10 @@ def normalize_options(value):
            "ranks_per_node": value.get("ranks_per_node"), "overlap_degree": value.get("overlap_degree", 1),
            "movement": value.get("movement", "tokens"), "materialize": value.get("materialize", "needed"),
            "replicate": value.get("replicate", "auto"), "rematerialize": value.get("rematerialize", False),
-           "load_window": value.get("load_window", 5)}
+           "load_window": value.get("load_window", 5), "release_parameters": value.get("release_parameters", True)}
+    if not isinstance(out["release_parameters"], bool):
+        raise ConfigError(f"option expert_parallel['release_parameters'] must be True or False, got "
+                          f"{out['release_parameters']!r}")
     _check_fssdp(out, value)
     if out["mode"] not in MODES + ("auto",):
         raise ConfigError(f"option expert_parallel['mode'] must be one of {list(MODES) + ['auto']}, got {out['mode']!r}")
@@ -182,13 +190,29 @@ def expert_bytes_per_rank(model: torch.nn.Module, placement=None, num_ranks: int
     return per
 
 
+def expert_bytes_held(model: torch.nn.Module) -> int:
+    """Bytes of expert weights this process holds for `model`: its expert tensors that are not released,
+    plus the rows expert parallelism kept for released ones (runtime/ep_weights.py)."""
+    from moe_compiler.runtime import ep_weights
+
+    held = 0
+    for _, mod in expert_modules(model):
+        for n, p in mod.named_parameters(recurse=False):
+            if n in EXPERT_PARAM_NAMES:
+                whole = p.numel() * p.element_size() if p.untyped_storage().nbytes() else 0  # released: nothing
+                held += whole + (ep_weights.kept_bytes(p) if ep_weights.is_released(p) else 0)
+    return held
+
+
 def shard_experts(model: torch.nn.Module, placement=None, group=None) -> int:
     """Keep only this rank's expert rows: each stacked [E, ...] expert parameter becomes [E_local, ...]
     (this rank's experts in ascending order), the rest is freed. Returns the expert bytes kept.
 
     Use with ``options={"expert_parallel": {..., "placement": <the same placement>}}``: the ep_moe op
-    accepts the local rows. Only layers that call the moe op themselves (``moe_compiler.MoELayer``)
-    run sharded: a transformers model's experts must stay whole for detection to prove the layer.
+    accepts the local rows. This is for training: only layers that call the moe op themselves
+    (``moe_compiler.MoELayer``) run sharded, since detection proves a transformers layer against its
+    whole tensors. For inference no call is needed: an inference compile with expert parallelism
+    keeps this rank's rows and releases the whole tensors itself (option ``release_parameters``).
     """
     import torch.distributed as dist
 
