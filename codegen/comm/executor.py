@@ -218,6 +218,9 @@ def route_rows(tensors: list, dest: torch.Tensor, hop: Hop, *, layer: str = "", 
     counts.scatter_add_(0, dest, torch.ones_like(dest))
     recv = _a2a(torch.empty_like(counts), counts, [1] * hop.size, [1] * hop.size, hop, f"{layer}:{name}_counts")
     send_splits, recv_splits = counts.tolist(), recv.tolist()
+    for src, n in enumerate(recv_splits):  # a peer that ran another schedule sends garbage counts
+        torch._check(n >= 0, lambda: f"expert parallelism: {layer}:{name}: group rank {src} announced {n} rows "
+                                      f"(a peer ran a different schedule?)")
     order = torch.argsort(dest, stable=True)
     out = []
     for t in tensors:
