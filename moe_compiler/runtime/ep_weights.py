@@ -21,6 +21,8 @@ from contextlib import contextmanager
 
 import torch
 
+from moe_compiler.runtime.memory import refilled
+
 NOTE = "ep_weights"
 WEIGHT_NAMES = ("w1", "w3", "w2", "b1", "b3", "b2")
 
@@ -148,31 +150,19 @@ def check_graph(gm: torch.fx.GraphModule, example_inputs, reads_kept_rows, paths
 def restored(tensors):
     """Give released tensors among ``tensors`` values for the duration of a compile: kept rows where this
     rank has them, random values of the same scale elsewhere (see the module docstring); free them after."""
-    back = []
-    try:
-        for t in tensors:
-            if not (isinstance(t, torch.Tensor) and is_released(t)) or t.untyped_storage().nbytes():
-                continue
-            entry = _ROWS.get(id(t))
-            known = entry[1] if entry is not None and entry[0]() is t else {}
-            with torch.no_grad():
-                t.untyped_storage().resize_(t.numel() * t.element_size())
-                back.append(t)
-                scale = float(torch.stack(list(known.values())).float().std()) if len(known) > 1 else 1.0
-                gen = torch.Generator().manual_seed(t.numel())
-                t.copy_((torch.randn(t.shape, generator=gen) * (scale if scale == scale and scale > 0 else 1.0))
-                        .to(t.device, t.dtype))
-                for e, row in known.items():
-                    t[e].copy_(row)
-        yield
-    finally:
-        with torch.no_grad():
-            for t in back:
-                t.untyped_storage().resize_(0)
-        if back:
-            from moe_compiler.runtime.memory import return_freed_memory
+    def fill(t):
+        entry = _ROWS.get(id(t))
+        known = entry[1] if entry is not None and entry[0]() is t else {}
+        scale = float(torch.stack(list(known.values())).float().std()) if len(known) > 1 else 1.0
+        gen = torch.Generator().manual_seed(t.numel())
+        t.copy_((torch.randn(t.shape, generator=gen) * (scale if scale == scale and scale > 0 else 1.0))
+                .to(t.device, t.dtype))
+        for e, row in known.items():
+            t[e].copy_(row)
 
-            return_freed_memory()
+    freed = [t for t in tensors if isinstance(t, torch.Tensor) and is_released(t) and not t.untyped_storage().nbytes()]
+    with refilled(freed, fill):
+        yield
 
 
 def forget() -> None:

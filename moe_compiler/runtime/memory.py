@@ -12,6 +12,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+from contextlib import contextmanager
+
+import torch
 
 
 @functools.lru_cache(maxsize=1)
@@ -43,3 +46,23 @@ def process_status_bytes(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024  # the kernel reports kB
     raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+@contextmanager
+def refilled(tensors, fill):
+    """For the block, give each tensor of ``tensors`` (whose storage was freed with resize_(0)) its
+    storage back with the values ``fill(t)`` writes; free them again after, returning the memory."""
+    back = []
+    try:
+        with torch.no_grad():
+            for t in tensors:
+                t.untyped_storage().resize_(t.numel() * t.element_size())
+                back.append(t)
+                fill(t)
+        yield
+    finally:
+        with torch.no_grad():
+            for t in back:
+                t.untyped_storage().resize_(0)
+        if back:
+            return_freed_memory()

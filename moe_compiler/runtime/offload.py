@@ -39,7 +39,7 @@ import torch
 
 from moe_compiler.runtime.cache_policy import POLICIES
 from moe_compiler.runtime.expert_store import LOADERS, ExpertStore, parse_bytes
-from moe_compiler.runtime.memory import return_freed_memory
+from moe_compiler.runtime.memory import refilled
 from moe_compiler.runtime.quantize import MODES as QUANTIZE_MODES
 
 KEYS = ("budget", "policy", "dir", "host_budget", "prefetch", "prefetch_depth", "prefetch_extra", "prefetch_source",
@@ -170,23 +170,12 @@ def is_released(tensor) -> bool:
 def restored(tensors):
     """Give released tensors among ``tensors`` their values back (read from the store's files) for
     the duration of the block, then free them again."""
-    back = []
-    try:
-        for t in tensors:
-            if isinstance(t, torch.Tensor) and is_released(t):
-                _, store_id, layer, name = _RELEASED[id(t)]
-                store = get_store(store_id)
-                lay = store.layers[layer]
-                nbytes = t.numel() * t.element_size()
-                with torch.no_grad():
-                    t.untyped_storage().resize_(nbytes)
-                    for e in range(lay.num_experts):
-                        t[e].copy_(store.files.read_expert(lay.folder, e, lay.manifest)[name])
-                back.append(t)
+    def fill(t):
+        _, store_id, layer, name = _RELEASED[id(t)]
+        store = get_store(store_id)
+        lay = store.layers[layer]
+        for e in range(lay.num_experts):
+            t[e].copy_(store.files.read_expert(lay.folder, e, lay.manifest)[name])
+
+    with refilled([t for t in tensors if isinstance(t, torch.Tensor) and is_released(t)], fill):
         yield
-    finally:
-        with torch.no_grad():
-            for t in back:
-                t.untyped_storage().resize_(0)
-        if back:
-            return_freed_memory()
