@@ -185,16 +185,13 @@ class SparseCollectives:
                 why[n] = f"the cost model chose {specs[n].note('decision:ep_mode')!r}"
             else:
                 candidates.append(n)
-        if opts["overlap_degree"] > 1:
-            why.update({n: "overlap_degree > 1 is not planned for coherent chains" for n in candidates})
-            candidates = []
         chains, reasons = find_chains(candidates, _param_test(gm, ctx.placeholder_paths))
         why.update(reasons)
         chained, emitted = 0, {}   # emitted: a chain's end node -> the op that replaced it
         for chain in chains:
             chain.start = emitted.get(chain.start, chain.start)   # a chain may start where the last one ended
-            plans = [EPPlan(gname, "coherent", _layer_rows(specs[l.moe], index[l.moe], placement, size))
-                     for l in chain.layers]
+            plans = [EPPlan(gname, "coherent", _layer_rows(specs[l.moe], index[l.moe], placement, size),
+                            overlap_degree=opts["overlap_degree"]) for l in chain.layers]
             names = chain.names
             for layer, plan in zip(chain.layers, plans):
                 spec = specs[layer.moe]
@@ -204,7 +201,8 @@ class SparseCollectives:
                                   f"token's anchor rank, tokens go home once after {names[-1]}")
                 per_rank = [[e for e, r in enumerate(plan.placement) if g in r] for g in range(size)]
                 schedule.layers.append(plan_coherent_layer(spec.path or layer.moe.name, size, per_rank,
-                                                           last=layer is chain.layers[-1]))
+                                                           last=layer is chain.layers[-1],
+                                                           overlap_degree=opts["overlap_degree"]))
             chain_specs = [kept.note(specs[l.moe], l.moe.args[3:9], p) for l, p in zip(chain.layers, plans)]
             key, emitted[chain.end] = self._emit_chain(gm.graph, chain, plans, chain_specs)
             self._dump_chain(ctx, key, chain)

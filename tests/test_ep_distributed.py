@@ -383,7 +383,7 @@ def coherent_compiled_worker(rank, world, cases, dump_dir):
         ref = copy.deepcopy(model)
         gen = torch.Generator().manual_seed(case["seed"] + 1)
         xs = [torch.randn(b, 3, case["H"], generator=gen).to(dtype) for b in case["batch"]]
-        opts = {"mode": "coherent"}
+        opts = {"mode": "coherent", "overlap_degree": case.get("overlap", 1)}
         if case["placement"] != "contiguous":
             opts["placement"] = _chain_placement(case, world, gen)
         cm = torch.compile(model, backend="moe", options={"expert_parallel": opts, "inner_backend": case["inner"],
@@ -431,11 +431,12 @@ def _expected_coherent_steps(layers: int) -> list:
     layers=st.integers(2, 4), E=st.integers(2, 8), k=st.integers(1, 2), H=st.sampled_from([8, 12, 16]),
     batch=st.lists(st.integers(0, 3), min_size=2, max_size=2), norm=st.sampled_from(["layer_norm", "rms", "none"]),
     shared=st.booleans(), placement=st.sampled_from(["contiguous", "random", "replicated"]),
-    inner=st.sampled_from(["eager", "eager", "inductor"]), seed=st.integers(0, 10_000))),
+    inner=st.sampled_from(["eager", "eager", "inductor"]), overlap=st.integers(1, 3), seed=st.integers(0, 10_000))),
     min_size=3, max_size=3))
 def test_compiled_coherent_two_ranks_equals_single_process(cases, tmp_path_factory):
     """Generates: residual MoE stacks (2-4 layers, 2-8 experts, top-1/2, layer/RMS/no norm, with and without
-    a shared expert, contiguous/random/replicated placements, 0-3 sequences per rank, eager or inductor)
+    a shared expert, contiguous/random/replicated placements, 0-3 sequences per rank, eager or inductor,
+    1-3 token chunks)
     compiled with mode "coherent" on 2 ranks: one chain over every layer, outputs and all parameter and
     input gradients equal single-process eager, and the executed collectives are the schedule's."""
     dump = str(tmp_path_factory.mktemp("coherent"))
@@ -446,17 +447,17 @@ def test_compiled_coherent_two_ranks_equals_single_process(cases, tmp_path_facto
             where = (rank, case, {k: v for k, v in r.items() if k != "steps"})
             assert r["chained"] == case["layers"], where
             assert r["y"] < 1e-5 and r["gx"] < 1e-5 and r["gparams"] < 1e-5, where
-            assert r["steps"] == _expected_coherent_steps(case["layers"]), (where, r["steps"])
+            assert r["steps"] == _expected_coherent_steps(case["layers"]) * case["overlap"], (where, r["steps"])
     assert any(f.startswith("coherent_chain") for _, _, fs in os.walk(dump) for f in fs), "no chain program dump"
 
 
 def test_compiled_coherent_four_ranks_and_where_it_does_not_apply(tmp_path):
-    """4 ranks: a 3-layer chain with RMSNorm + shared expert equals eager; a model that mixes tokens (cumsum
+    """4 ranks: a 3-layer chain with RMSNorm + shared expert in two token chunks equals eager; a model that mixes tokens (cumsum
     over the sequence) after its first layer is not chained there: those layers run two all-to-alls and
     explain() says why; a bf16 stack compiled with dynamic shapes (a rank with no tokens) still chains; a
     state read outside the chain splits it in two, the second starting at the first's output."""
     cases = [dict(layers=3, E=7, k=2, H=16, batch=[2, 0, 1, 3], norm="rms", shared=True, placement="random",
-                  inner="inductor", seed=3),
+                  inner="inductor", seed=3, overlap=2),
              dict(layers=3, E=5, k=2, H=8, batch=[1, 2, 1, 1], norm="layer_norm", shared=False, mix=True,
                   placement="contiguous", inner="eager", seed=4),
              dict(layers=2, E=6, k=2, H=16, batch=[3, 1, 0, 2], norm="rms", shared=False, placement="replicated",
@@ -470,7 +471,8 @@ def test_compiled_coherent_four_ranks_and_where_it_does_not_apply(tmp_path):
         # the state after layer 1 is read outside: two chains, the second starting where the first ends
         assert tapped["chained"] == 4 and tapped["steps"].count("home") == 2, (rank, tapped)
         assert tapped["y"] < 1e-5 and tapped["gx"] < 1e-5 and tapped["gparams"] < 1e-5, (rank, tapped)
-        assert chained["chained"] == 3 and chained["steps"] == _expected_coherent_steps(3), (rank, chained)
+        # two token chunks: the whole chain twice
+        assert chained["chained"] == 3 and chained["steps"] == _expected_coherent_steps(3) * 2, (rank, chained)
         # dynamic batch (symbolic token dims) still chains; bf16 within a few bf16 ulps of eager
         assert dynamic_bf16["chained"] == 2, (rank, dynamic_bf16)
         assert max(dynamic_bf16[k] for k in ("y", "gx", "gparams")) < 3e-2, (rank, dynamic_bf16)

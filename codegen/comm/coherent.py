@@ -284,15 +284,28 @@ def _chain_layers(program: ChainProgram, operands: list, rank: int, device) -> l
     return layers
 
 
-def chain_forward(state: torch.Tensor, operands: list, spec: str, **route_log) -> torch.Tensor:
+def chain_forward(state: torch.Tensor, operands: list, spec: str, *, record: list | None = None,
+                  replay: list | None = None) -> torch.Tensor:
     """The op's semantics on this rank's tokens: state [*tokens, *feat] -> [*tokens, *out_feat].
-    route_log: coherent_forward's record= / replay=."""
+
+    The tokens run through the chain in the plan's overlap_degree chunks, one after another (the chain
+    is per-token, so chunks are independent; every rank runs the same number, empty ones included).
+    record / replay: one list per chunk of coherent_forward's record= / replay=."""
     program = program_of(spec)
     plan = plan_of(program.layers[0].spec)
     group = executor.resolve_group(plan.group)
     x = state.reshape((-1,) + tuple(state.shape[program.state_token_dims:]))
     layers = _chain_layers(program, operands, executor.dist.get_rank(group), state.device)
-    out = coherent_forward(x, layers, group, **route_log)
+    chunks = max(1, int(plan.overlap_degree))
+    bounds = [x.shape[0] * c // chunks for c in range(chunks + 1)]
+    outs = []
+    for c in range(chunks):
+        log = {} if replay is None else {"replay": replay[c]}
+        if record is not None:
+            record.append([])
+            log["record"] = record[-1]
+        outs.append(coherent_forward(x[bounds[c]:bounds[c + 1]], layers, group, **log))
+    out = torch.cat(outs, 0) if chunks > 1 else outs[0]
     return out.to(program.out_dtype).reshape(program.out_shape(state.shape))
 
 

@@ -25,7 +25,8 @@ FSSDP layers (mode "fssdp", codegen/comm/fssdp.py) move expert chunks instead of
     backward: sparse_all_gather again when rematerializing, then
     n     all_to_all       world          reverse of step 1      gradient chunks -> owners ("sparse_reduce_scatter")
 
-Coherent chains (mode "coherent", codegen/comm/coherent.py), per layer of the chain:
+Coherent chains (mode "coherent", codegen/comm/coherent.py), per layer of the chain (with overlap_degree
+chunks, the whole chain once per token chunk):
 
     0     exchange_counts  world          fixed [G] int64        dispatch_counts
     1     all_to_all       world          counts of step 0       state rows [C_send, *feat] ("dispatch")
@@ -138,11 +139,15 @@ def plan_fssdp_layer(layer: str, group_size: int, owned_per_rank, materialize: s
                          tuple(tuple(e) for e in owned_per_rank), 1, tuple(steps))
 
 
-def plan_coherent_layer(layer: str, group_size: int, experts_per_rank, last: bool) -> LayerSchedule:
-    """The steps of one layer of a coherent chain (see the module docstring); `last` adds the way home."""
+def plan_coherent_layer(layer: str, group_size: int, experts_per_rank, last: bool, overlap_degree: int = 1
+                        ) -> LayerSchedule:
+    """The steps of one layer of a coherent chain (see the module docstring); `last` adds the way home.
+    With overlap_degree chunks, the whole chain runs once per token chunk (chunk i's dispatch planned to
+    overlap chunk i-1's experts)."""
+    ov = ("local_experts(previous chunk)",) if overlap_degree > 1 else ()
     steps = [CommStep("exchange_counts", "dispatch_counts", "world", "fixed", "[G] int64"),
              CommStep("all_to_all", "dispatch", "world", "counts:dispatch_counts",
-                      "[C_send, *feat] state dtype (one row per token and distinct expert rank)"),
+                      "[C_send, *feat] state dtype (one row per token and distinct expert rank)", ov),
              CommStep("all_to_all", "dispatch_meta", "world", "counts:dispatch_counts",
                       "[C_send, k + 4] int64 (expert ids, anchor, is_anchor, home rank, home index)"),
              CommStep("all_to_all", "dispatch", "world", "counts:dispatch_counts", "[C_send, k] fp32 weights"),
@@ -153,5 +158,5 @@ def plan_coherent_layer(layer: str, group_size: int, experts_per_rank, last: boo
         steps += [CommStep("exchange_counts", "home_counts", "world", "fixed", "[G] int64"),
                   CommStep("all_to_all", "home", "world", "counts:home_counts", "[T, *feat] rows back to their rank"),
                   CommStep("all_to_all", "home_meta", "world", "counts:home_counts", "[T, 2] int64")]
-    return LayerSchedule(layer, COHERENT_MODE, group_size, 0, tuple(tuple(e) for e in experts_per_rank), 1,
-                         tuple(steps))
+    return LayerSchedule(layer, COHERENT_MODE, group_size, 0, tuple(tuple(e) for e in experts_per_rank),
+                         overlap_degree, tuple(steps))
