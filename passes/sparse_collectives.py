@@ -107,7 +107,7 @@ class SparseCollectives:
         layers = [n for n in graph.nodes if n.op == "call_function" and n.target is MOE_OP]
         not_coherent: dict = {}
         chained = 0
-        kept = _KeptRows(gm, ctx, opts["release_parameters"], dist.get_rank(pg))
+        kept = _KeptRows(gm, ctx, opts["release_parameters"], dist.get_rank(pg), opts["movement"])
         if mode in ("coherent", "auto"):
             chained, not_coherent = self._emit_chains(gm, ctx, layers, opts, placement, gname, size, schedule, kept)
         index_of = {n: i for i, n in enumerate(layers)}   # a layer's index in the graph (placement rows)
@@ -292,13 +292,15 @@ class _KeptRows:
     tensors reads this rank's rows from runtime/ep_weights instead; once the graph is compiled the whole
     tensors are released, so the rank holds only its placement's experts."""
 
-    def __init__(self, gm, ctx, enabled: bool, rank: int):
+    def __init__(self, gm, ctx, enabled: bool, rank: int, movement: str):
         self.ctx, self.rank, self.sources = ctx, rank, {}   # sources: placeholder node -> its whole tensor
-        self.on = enabled and not ctx.training
+        # FSSDP layers ("weights"/"auto" movement) read whole tensors: no copies beside them
+        self.on = enabled and not ctx.training and movement == "tokens"
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.value = {n: ctx.example_inputs[i] for i, n in enumerate(placeholders)
                       if ctx.placeholder_paths[i] is not None}   # module parameters and buffers
-        self.why = "option release_parameters is False" if not enabled else "a training graph" if ctx.training else ""
+        self.why = ("option release_parameters is False" if not enabled else "a training graph" if ctx.training
+                    else f"movement {movement!r} (FSSDP reads whole tensors)" if movement != "tokens" else "")
 
     def note(self, spec: MoESpec, weight_nodes, plan) -> MoESpec:
         """spec, with the ("ep_weights", key) note when this layer's rows are kept."""
@@ -307,10 +309,11 @@ class _KeptRows:
         nodes = list(weight_nodes)
         values = [None if a is None else self.value.get(a) for a in nodes]
         whole = all(v is not None and v.shape[0] == spec.num_experts and ep_weights.releasable(v)
+                    and all(u.target in _MOE_TARGETS for u in a.users)
                     for a, v in zip(nodes, values) if a is not None)
-        if not whole:
-            log.info("sparse_collectives: %s keeps its expert weights as given (they are computed in the graph, "
-                     "already sharded or views of a larger tensor)", spec.path or "a layer")
+        if not whole:  # a copy beside a tensor that stays could go stale if the tensor is updated in place
+            log.info("sparse_collectives: %s keeps its expert weights as given (computed in the graph, already "
+                     "sharded, views of a larger tensor, or read by other ops too)", spec.path or "a layer")
             return spec
         key = ep_weights.keep(values, plan.local_experts(self.rank))
         self.sources.update({a: v for a, v in zip(nodes, values) if a is not None})
@@ -327,6 +330,9 @@ class _KeptRows:
         if free:
             self.ctx.after_compile.append(lambda: [ep_weights.release(v) for v in free])
         return len(free)
+
+
+_MOE_TARGETS = (MOE_OP, EP_MOE_OP, coherent.COHERENT_CHAIN_OP)   # a layer's op before and after this pass
 
 
 def reads_kept_rows(node) -> bool:

@@ -53,11 +53,12 @@ def keep(weights, local: tuple) -> str:
     """Copy this rank's rows of a layer's expert weights; returns the key the op looks them up by.
 
     weights: (w1, w3, w2, b1, b3, b2), each [E, ...] or None; local: this rank's experts, ascending.
-    The same sources and experts give the same key (a recompile shares the rows, no second copy)."""
+    Released sources and the same experts give the same key (a recompile shares the rows, no second
+    copy); sources still whole are copied afresh (they may have been updated in place since)."""
     local = tuple(int(e) for e in local)
     ident = tuple(id(w) if w is not None else None for w in weights) + (local,)
     key = _BY_SOURCE.get(ident)
-    if key is not None and all(w is None or _ROWS.get(id(w), (lambda: None,))[0]() is w for w in weights):
+    if key is not None and all(w is None or is_released(w) for w in weights):
         return key
     rows = tuple(None if w is None else _rows_of(w, local) for w in weights)
     key = f"epw{next(_KEYS)}"
@@ -78,7 +79,7 @@ def _rows_of(w: torch.Tensor, local: tuple) -> torch.Tensor:
     """[E_local, ...] true values of w's rows `local`: read from w, or from rows kept before it was released."""
     entry = _ROWS.get(id(w))
     known = entry[1] if entry is not None and entry[0]() is w else {}
-    if id(w) in _RELEASED and _RELEASED[id(w)]() is w:  # restored for a compile: only kept rows are true
+    if is_released(w):  # restored for a compile: only kept rows are true
         missing = [e for e in local if e not in known]
         if missing:
             raise ReleasedWeightsError(
