@@ -18,7 +18,8 @@ weights). Variants, all on identical teacher-forced tokens from held-out text:
                       its block, through its own norm and router (loads overlap the block's attention)
     <v>+int8          the same with quantize "int8": the fast tier holds int8 copies (results change:
                       reported as the largest logit difference and the top-1 agreement with resident)
-    <v>/p             (--loaders process) the same with the loader process instead of the loader thread
+    <v>/p, <v>/r      (--loaders thread,process,readahead) the same with the loader process or kernel
+                      readahead instead of the loader thread
 
 Each repetition runs every variant in turn (interleaved): a prompt of --prompt tokens per sequence
 (prefill), then --decode single-token steps with a KV cache. Expert reads go to disk: the store drops
@@ -51,6 +52,7 @@ from moe_compiler.runtime import offload  # noqa: E402
 
 MODEL_DIR = os.path.join(os.path.dirname(HERE), "tests", "data", "reference_lm")
 POLICIES = ("lru", "arc", "shallow", "predicted")
+LOADER_SUFFIX = {"thread": "", "process": "/p", "readahead": "/r"}
 # one expert of the reference model: gate_up [2F, D] + down [D, F] in fp32
 _CFG = json.load(open(os.path.join(MODEL_DIR, "config.json")))
 EXPERT_BYTES = 4 * 3 * _CFG["dim"] * _CFG["ffn"]
@@ -138,8 +140,8 @@ def main(argv=None):
     ap.add_argument("--variants", default=None,
                     help="comma-separated name prefixes to run, e.g. on_demand,lru,res+shallow (resident always runs)")
     ap.add_argument("--loaders", default="thread",
-                    help="comma-separated: thread, process (each offload variant once per loader; process "
-                         "variants are named <variant>@<pct>/p)")
+                    help="comma-separated: thread, process, readahead (each offload variant once per loader; "
+                         "process and readahead variants are named <variant>@<pct>/p and /r)")
     args = ap.parse_args(argv)
     decode = args.decode or (24 if args.quick else 48)
     reps = args.reps or (3 if args.quick else 5)
@@ -157,7 +159,7 @@ def main(argv=None):
     def variant(name, *a, **kw):
         if wanted is None or any(name.startswith(w + "@") for w in wanted):
             for loader in loaders:
-                variants.append(Variant(name + ("/p" if loader == "process" else ""), *a, root=root,
+                variants.append(Variant(name + LOADER_SUFFIX[loader], *a, root=root,
                                         device=args.device, loader=loader, **kw))
 
     variants = [Variant("resident", None, None, False, root, device=args.device)]

@@ -37,7 +37,11 @@ def predicted_per_token(spec) -> int:
 
 
 def predict(logits: torch.Tensor, score_bias, spec) -> tuple[torch.Tensor, list, dict]:
-    """logits [T, E] -> (per-token top-(k+extra) experts [T, k+extra], experts ranked by votes, votes)."""
+    """logits [T, E] -> (per-token top-(k+extra) experts [T, k+extra], experts ranked by votes, votes).
+
+    NaN scores rank last. Decode-sized steps (a few tokens) are ranked in Python: a handful of
+    tensor ops would cost more than the ranking itself on the model's critical path.
+    """
     r = spec.router
     logits = logits.reshape(-1, r.num_experts).float()
     if score_bias is None:  # softmax and sigmoid keep each row's order: rank the logits themselves
@@ -46,11 +50,31 @@ def predict(logits: torch.Tensor, score_bias, spec) -> tuple[torch.Tensor, list,
         scores = torch.softmax(logits, -1) if r.score_func == "softmax" else torch.sigmoid(logits)
         scores = scores + score_bias.reshape(-1).float()
     k = predicted_per_token(spec)
-    per_token = torch.topk(torch.nan_to_num(scores, nan=-float("inf")), k, dim=-1).indices if logits.shape[0] else \
-        torch.empty((0, k), dtype=torch.int64, device=logits.device)
+    if scores.numel() <= _SMALL_STEP:
+        experts = range(r.num_experts)
+        rows = [sorted(experts, key=lambda e, row=row: -row[e] if row[e] == row[e] else float("inf"))[:k]
+                for row in scores.tolist()]
+        per_token = torch.tensor(rows, dtype=torch.int64).reshape(-1, k).to(logits.device)
+        counts: dict = {}
+        for row in rows:
+            for e in row:
+                counts[e] = counts.get(e, 0) + 1
+        ranked = sorted(counts, key=lambda e: (-counts[e], e))
+        return per_token, ranked, {e: counts[e] for e in ranked}
+    per_token = torch.topk(torch.nan_to_num(scores, nan=-float("inf")), k, dim=-1).indices
     votes = torch.bincount(per_token.reshape(-1), minlength=r.num_experts).tolist()
     ranked = sorted((e for e in range(r.num_experts) if votes[e]), key=lambda e: (-votes[e], e))
     return per_token, ranked, {e: votes[e] for e in ranked}
+
+
+_SMALL_STEP = 512  # scores (tokens x experts) ranked in Python rather than with tensor ops
+
+
+def used_experts(ids: torch.Tensor) -> list:
+    """Sorted distinct expert ids of ids [T, k] (Python for decode-sized steps, as in predict)."""
+    if ids.numel() <= _SMALL_STEP:
+        return sorted(set(ids.reshape(-1).tolist()))
+    return torch.unique(ids).tolist()
 
 
 @torch.library.impl(_LIB, "prefetch_experts", "CompositeExplicitAutograd")
@@ -86,8 +110,7 @@ def _offloaded(hidden, ids, weights, prediction, store, layer, spec):
     lay = st.layers[layer]
     x = hidden.reshape(-1, hidden.shape[-1])
     E = lay.num_experts
-    used = torch.unique(ids).tolist() if ids.numel() else []
-    order = st.begin_step(layer, used, ids.cpu() if prediction is not None else None)
+    order = st.begin_step(layer, used_experts(ids), ids.cpu() if prediction is not None else None)
     if _triton_ok(hidden, s) and not lay.prepack:
         return _offloaded_triton(x, ids, weights, st, layer, order, s).to(hidden.dtype).reshape(hidden.shape)
     current: dict = {}

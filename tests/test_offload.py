@@ -77,7 +77,7 @@ def test_options_are_checked():
                      ({"prefetch": "yes"}, "prefetch"), ({"shallow_layers": -1}, "shallow_layers"),
                      ({"prefetch_extra": -1}, "prefetch_extra"), ({"prefetch_extra": 1.5}, "prefetch_extra"),
                      ({"prefetch_source": "router"}, r"prefetch_source'\] must be one of \['gate', 'residual'\]"),
-                     ({"loader": "fork"}, r"loader'\] must be one of \['thread', 'process'\]"),
+                     ({"loader": "fork"}, r"loader'\] must be one of \['thread', 'process', 'readahead'\]"),
                      ({"quantize": "int4"}, r"quantize'\] must be one of \[None, 'int8'\]")]:
         with pytest.raises(ConfigError, match=msg):
             make_config({"offload": bad})
@@ -142,6 +142,30 @@ def test_missing_and_corrupt_files_raise(tmp_path):
     open(files.path("L", 3), "wb").write(b"\x10\x00\x00\x00garbage")
     with pytest.raises(ExpertReadError):
         files.read_expert("L", 3, man)
+
+
+@pytest.mark.parametrize("first_read", [False, True])
+def test_damaged_files_raise_whether_or_not_the_layer_header_is_known(tmp_path, first_read):
+    """After a layer's first read its files are read by one scatter read against the known header:
+    a flipped byte, a truncated file, another layout or garbage still raise ExpertReadError."""
+    files = ExpertFiles(str(tmp_path))
+    w = _layer(E=6)
+    files.write_layer("L", w)
+    other = ExpertFiles(str(tmp_path / "o"))
+    other.write_layer("L", {"w1": torch.randn(1, 5, 4), "w2": torch.randn(1, 4, 3)})
+    man = files.manifest("L")
+    if first_read:
+        assert torch.equal(files.read_expert("L", 0, man)["w1"], w["w1"][0])
+    data = open(files.path("L", 1), "rb").read()
+    open(files.path("L", 1), "wb").write(data[:-5])
+    open(files.path("L", 2), "wb").write(data[:-3] + bytes([data[-3] ^ 0xFF]) + data[-2:])
+    open(files.path("L", 3), "wb").write(open(other.path("L", 0), "rb").read())
+    open(files.path("L", 4), "wb").write(b"\x10\x00\x00\x00garbage")
+    for e, msg in ((1, "expert 1"), (2, "corrupt"), (3, "manifest expects"), (4, "expert 4")):
+        with pytest.raises(ExpertReadError, match=msg):
+            files.read_expert("L", e, man)
+    got = files.read_expert("L", 5, man)  # the intact file still reads, aligned like a fresh tensor
+    assert all(torch.equal(got[n], w[n][5]) and got[n].data_ptr() % 64 == 0 for n in w)
 
 
 # ------------------------------------------------------------------ the store
@@ -615,3 +639,31 @@ def test_loader_process_reads_in_flight_free_room_for_a_demand_load(tmp_path):
         assert torch.equal(w["w1"], layer["w1"][4])
     assert store.cached_bytes() <= store.budget
     store.close()
+
+
+@given(tokens=st.integers(0, 40), experts=st.integers(2, 12), k=st.integers(1, 3), bias=st.booleans(),
+       func=st.sampled_from(["softmax", "sigmoid"]), nan_rows=st.integers(0, 2), seed=st.integers(0, 99))
+@settings(max_examples=30, deadline=None)
+def test_prediction_ranks_small_steps_in_python_as_topk_does(tokens, experts, k, bias, func, nan_rows, seed):
+    """Decode-sized steps are ranked in Python, larger ones with topk/bincount: the same experts, the
+    same votes (continuous random logits have no ties; NaN scores rank last)."""
+    from moe_compiler.codegen import offload_ops
+    from moe_compiler.ir import ExpertSpec, MoESpec, RouterSpec
+
+    k = min(k, experts)
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(tokens, experts, generator=g)
+    if not (bias and func == "softmax"):  # (a softmax row with a NaN is all NaN: every expert ties)
+        logits[:nan_rows, 0] = float("nan")
+    score_bias = torch.randn(experts, generator=g) if bias else None
+    spec = MoESpec(RouterSpec(experts, k, score_func=func), ExpertSpec(4, 4))
+    small = offload_ops.predict(logits, score_bias, spec)
+    saved = offload_ops._SMALL_STEP
+    offload_ops._SMALL_STEP = -1
+    try:
+        large = offload_ops.predict(logits, score_bias, spec)
+    finally:
+        offload_ops._SMALL_STEP = saved
+    assert torch.equal(small[0], large[0]) and small[1] == large[1] and small[2] == large[2]
+    assert small[0].shape == (tokens, offload_ops.predicted_per_token(spec))
+    assert offload_ops.used_experts(small[0]) == torch.unique(small[0]).tolist()

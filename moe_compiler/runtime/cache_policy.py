@@ -2,8 +2,9 @@
 
 A key is (layer index, expert id); layers are numbered in the order the model runs them. The expert
 store owns the budget, the pins and the bytes; a policy only keeps its bookkeeping and, when room is
-needed, ranks the resident keys from "evict first" to "evict last" (``victims``). The store skips
-keys that are in use, so a policy never has to know about pins.
+needed, yields the keys it holds from "evict first" to "evict last" (``order``; ``victims`` is the
+same ranking of a given list). The store skips keys that are in use and stops at the first key it
+can evict, so a policy never has to know about pins and an eviction costs O(1) in the usual case.
 
     lru        least recently used (the baseline)
     arc        Adaptive Replacement Cache (Megiddo & Modha): recency list T1, frequency list T2,
@@ -45,9 +46,17 @@ class CachePolicy:
     def on_use(self, layer: int, experts) -> None:
         """The experts a layer actually used this step."""
 
-    def victims(self, resident: list, incoming) -> list:
-        """resident keys ordered from the first to evict to the last."""
+    def order(self, incoming):
+        """Iterator over the keys the policy holds (inserted, not evicted), first to evict first;
+        ``incoming`` is the key that needs the room. The caller may evict while iterating."""
         raise NotImplementedError
+
+    def victims(self, resident: list, incoming) -> list:
+        """resident keys ordered from the first to evict to the last (keys the policy never saw first)."""
+        res = set(resident)
+        ranked = [k for k in self.order(incoming) if k in res]
+        seen = set(ranked)
+        return [k for k in resident if k not in seen] + ranked
 
 
 class LRU(CachePolicy):
@@ -65,11 +74,8 @@ class LRU(CachePolicy):
     def on_evict(self, key):
         self._order.pop(key, None)
 
-    def victims(self, resident, incoming):
-        # keys the policy never saw go first, then least recently used first: O(len(order))
-        res = set(resident)
-        unknown = [k for k in resident if k not in self._order]
-        return unknown + [k for k in self._order if k in res]
+    def order(self, incoming):
+        return iter(list(self._order))  # a copy: the caller evicts while iterating
 
 
 class ARC(CachePolicy):
@@ -124,13 +130,10 @@ class ARC(CachePolicy):
             del self.t2[key]
             self.b2[key] = None
 
-    def victims(self, resident, incoming):
-        res = set(resident)
-        t1 = [k for k in self.t1 if k in res]
-        t2 = [k for k in self.t2 if k in res]
-        rest = [k for k in resident if k not in self.t1 and k not in self.t2]
+    def order(self, incoming):
+        t1, t2 = list(self.t1), list(self.t2)
         t1_first = bool(t1) and (len(t1) > self.p or (self._incoming_from_b2 and len(t1) == int(self.p)))
-        return rest + (t1 + t2 if t1_first else t2 + t1)
+        return iter(t1 + t2 if t1_first else t2 + t1)
 
 
 class _Quota(CachePolicy):
@@ -138,37 +141,40 @@ class _Quota(CachePolicy):
 
     def __init__(self):
         self._lru = LRU()
+        self._layers: dict = {}   # layer -> OrderedDict of its keys, least recently used first
 
     def quotas(self) -> list:
         raise NotImplementedError
 
     def on_access(self, key):
         self._lru.on_access(key)
+        mine = self._layers.setdefault(key[0], OrderedDict())
+        mine[key] = None
+        mine.move_to_end(key)
 
-    def on_insert(self, key):
-        self._lru.on_insert(key)
+    on_insert = on_access
 
     def on_evict(self, key):
         self._lru.on_evict(key)
+        self._layers.get(key[0], {}).pop(key, None)
 
     def inner_order(self, keys: list) -> list:
         """keys of one layer, first to evict first; ``keys`` arrive in LRU order."""
         return keys
 
-    def victims(self, resident, incoming):
+    def order(self, incoming):
         quotas = self.quotas()
         own = incoming[0] if incoming is not None else -1
-        by_layer: dict = {}
-        for k in self._lru.victims(resident, None):  # one LRU pass; each layer's keys stay in LRU order
-            by_layer.setdefault(k[0], []).append(k)
         pressure = {}  # bytes over quota (the incoming layer counts its new entry); most over quota goes first
-        for layer, keys in by_layer.items():
+        for layer, keys in self._layers.items():
+            if not keys:
+                continue
             if layer >= len(quotas):
                 pressure[layer] = float("inf")
             else:
-                nbytes = self.expert_bytes[layer]
-                pressure[layer] = (len(keys) + (layer == own)) * nbytes - quotas[layer]
-        return [k for layer in sorted(by_layer, key=lambda l: -pressure[l]) for k in self.inner_order(by_layer[layer])]
+                pressure[layer] = (len(keys) + (layer == own)) * self.expert_bytes[layer] - quotas[layer]
+        for layer in sorted(pressure, key=lambda l: -pressure[l]):
+            yield from self.inner_order(list(self._layers[layer]))
 
 
 class ShallowFavoring(_Quota):

@@ -47,6 +47,7 @@ class ExpertFiles:
     def __init__(self, root: str, *, drop_page_cache: bool = True):
         self.root = root
         self.drop_page_cache = drop_page_cache
+        self._headers: dict = {}  # layer -> (safetensors header bytes, its parsed spans, bytes they need)
         os.makedirs(root, exist_ok=True)
 
     def layer_dir(self, layer: str) -> str:
@@ -90,50 +91,144 @@ class ExpertFiles:
             raise ExpertReadError(f"expert manifest {path} is missing or unreadable ({e}); "
                                   "rewrite the layer's experts (delete the folder and compile again)") from e
 
-    def read_expert(self, layer: str, expert: int, manifest: dict) -> dict:
-        """name -> tensor of one expert, read from disk and checked against the manifest."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load
+    def readahead(self, layer: str, expert: int) -> None:
+        """Ask the kernel to start reading an expert's file into the page cache (posix_fadvise
+        WILLNEED) and return at once; a missing file is left for the read to report."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            fd = os.open(self.path(layer, expert), os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
+    def read_expert(self, layer: str, expert: int, manifest: dict) -> dict:
+        """name -> tensor of one expert, read from disk and checked against the manifest.
+
+        The layer's files share one safetensors header, parsed at the layer's first read; later reads
+        are one open/preadv/fadvise/close, scattered straight into a fresh (aligned) buffer per
+        tensor, and the header bytes compared with the known ones. A read on the loader thread so
+        gives the GIL up as seldom as it can, and the tensors' memory is laid out as a resident
+        layer's would be (the GEMM kernels' results can depend on alignment).
+        """
         path = self.path(layer, expert)
         try:
-            with open(path, "rb") as f:
-                data = f.read()
-            tensors = load(data)
-        except (OSError, SafetensorError, ValueError) as e:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise ExpertReadError(f"cannot read expert {expert} of layer {layer!r} from {path}: {e}") from e
+        try:
+            out = self._scatter_read(fd, layer, expert, manifest)
+            if out is None:  # the layer's first read, or a header unlike the layer's: read it whole
+                data = _read_whole(fd, path)
+            if self.drop_page_cache and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError as e:
             raise ExpertReadError(f"cannot read expert {expert} of layer {layer!r} from {path}: {e}") from e
         finally:
-            if self.drop_page_cache and os.path.exists(path):
-                _drop_page_cache(path)
-        _check_layout(path, {n: (t.dtype, list(t.shape)) for n, t in tensors.items()}, manifest)
-        if _crc(tensors) != manifest["crc32"][expert]:
-            raise ExpertReadError(f"{path} is corrupt: its CRC32 does not match the one written with it")
-        return tensors
+            os.close(fd)
+        if out is None:
+            return self.tensors_from_file_bytes(layer, expert, manifest, data, check_crc=True)
+        if _crc(out) != manifest["crc32"][expert]:
+            raise ExpertReadError(f"expert {expert} of layer {layer!r}: {path} is corrupt: its CRC32 does not "
+                                  "match the one written with it")
+        return out
 
-    def tensors_from_file_bytes(self, layer: str, expert: int, manifest: dict, data: torch.Tensor) -> dict:
-        """name -> tensor of one expert from the bytes of its file (uint8 [file bytes], already checked
-        against the manifest's CRC32, e.g. by the loader process): copies, so ``data`` may be reused."""
+    def _scatter_read(self, fd: int, layer: str, expert: int, manifest: dict):
+        """One preadv of the file into the header bytes and a buffer per tensor, when the layer's
+        header is known and the file has it; else None (nothing is trusted from a partial read)."""
+        known = self._headers.get(layer)
+        if known is None:
+            return None
+        head, spans, need = known
+        prefix = bytearray(8 + len(head))
+        bufs = {n: torch.empty(end - start, dtype=torch.uint8) for n, (_, _, start, end) in spans.items()}
+        iov, pos = [prefix], 0
+        for n in sorted(spans, key=lambda n: spans[n][2]):
+            start, end = spans[n][2], spans[n][3]
+            if start > pos:
+                iov.append(bytearray(start - pos))
+            iov.append(bufs[n].numpy())
+            pos = max(pos, end)
+        if os.preadv(fd, iov, 0) != len(prefix) + pos or prefix[:8] != len(head).to_bytes(8, "little") \
+                or prefix[8:] != head:
+            return None
+        return {n: bufs[n].view(dtype).view(shape) for n, (dtype, shape, _, _) in spans.items()}
+
+    def tensors_from_file_bytes(self, layer: str, expert: int, manifest: dict, data: torch.Tensor, *,
+                                copy: bool = True, check_crc: bool = False) -> dict:
+        """name -> tensor of one expert from the bytes of its file (uint8 [file bytes]). ``copy``: the
+        tensors own their memory (so ``data`` may be reused), else they are views of ``data``.
+        ``check_crc``: compare with the manifest's CRC32 (the loader process has already done so).
+        Raises ExpertReadError naming the file when the header or the bytes are not what was written."""
         path = self.path(layer, expert)
         raw = data.numpy()  # the same memory; bytes() of a tensor would go element by element
-        base = 8 + int.from_bytes(raw[:8].tobytes(), "little")
-        header = json.loads(raw[8:base].tobytes())
-        layout = {}
-        for n, info in header.items():
-            if n == "__metadata__":
-                continue
-            if info.get("dtype") not in _SAFETENSORS_DTYPES:
-                raise ExpertReadError(f"{path}: tensor {n!r} has dtype {info.get('dtype')!r}, which this reader "
-                                      f"does not know (known: {sorted(_SAFETENSORS_DTYPES)})")
-            layout[n] = (_SAFETENSORS_DTYPES[info["dtype"]], list(info["shape"]))
-        _check_layout(path, layout, manifest)
+        size = raw.shape[0]
+        base = 8 + int.from_bytes(raw[:8].tobytes(), "little") if size >= 8 else size + 1
+        if base > size:
+            raise ExpertReadError(f"cannot read expert {expert} of layer {layer!r} from {path}: the file is too "
+                                  "short for its safetensors header")
+        head = raw[8:base].tobytes()
+        known = self._headers.get(layer)
+        if known is not None and known[0] == head:  # the layer's files share one header: parsed once
+            spans, need = known[1], known[2]
+            if size - base < need:
+                raise ExpertReadError(f"cannot read expert {expert} of layer {layer!r} from {path}: the file "
+                                      f"ends {need - (size - base)} bytes before its last tensor does")
+        else:
+            spans = _spans(f"expert {expert} of layer {layer!r}: {path}", head, manifest, size - base)
+            self._headers[layer] = (head, spans, max((end for *_, end in spans.values()), default=0))
+        if check_crc:
+            crc = 0
+            for n in sorted(spans):
+                crc = zlib.crc32(raw[base + spans[n][2]:base + spans[n][3]], crc)
+            if crc != manifest["crc32"][expert]:
+                raise ExpertReadError(f"expert {expert} of layer {layer!r}: {path} is corrupt: its CRC32 does "
+                                      "not match the one written with it")
         out = {}
-        for n, (dtype, shape) in layout.items():
-            start, end = header[n]["data_offsets"]
-            t = torch.empty(shape, dtype=dtype)
-            if t.numel():
-                t.reshape(-1).view(torch.uint8).copy_(data[base + start:base + end])
-            out[n] = t
+        for n, (dtype, shape, start, end) in spans.items():
+            piece = data[base + start:base + end]
+            out[n] = piece.clone().view(dtype).view(shape) if copy else piece.view(dtype).view(shape)
         return out
+
+
+def _read_whole(fd: int, path: str) -> torch.Tensor:
+    """uint8 [file bytes] of an open file."""
+    size = os.fstat(fd).st_size
+    data = torch.empty(size, dtype=torch.uint8)
+    raw, got = data.numpy(), 0
+    while got < size:
+        n = os.preadv(fd, [raw[got:]], got)
+        if n == 0:
+            raise ExpertReadError(f"{path}: short read ({got} of {size} bytes)")
+        got += n
+    return data
+
+
+def _spans(where: str, head: bytes, manifest: dict, data_bytes: int) -> dict:
+    """A safetensors header -> name -> (dtype, shape, start, end) of each tensor's bytes after the header,
+    checked against the manifest and the file's size (ExpertReadError naming the file otherwise)."""
+    try:
+        header = json.loads(head)
+        items = {n: (info["dtype"], list(info["shape"]), *info["data_offsets"])
+                 for n, info in header.items() if n != "__metadata__"}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ExpertReadError(f"{where}: its safetensors header cannot be parsed ({e})") from e
+    spans = {}
+    for n, (dt, shape, start, end) in items.items():
+        if dt not in _SAFETENSORS_DTYPES:
+            raise ExpertReadError(f"{where}: tensor {n!r} has dtype {dt!r}, which this reader does not know "
+                                  f"(known: {sorted(_SAFETENSORS_DTYPES)})")
+        dtype = _SAFETENSORS_DTYPES[dt]
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_bytes
+                and end - start == torch.Size(shape).numel() * dtype.itemsize and start % dtype.itemsize == 0):
+            raise ExpertReadError(f"{where}: tensor {n!r} ({dt}{shape}) does not lie inside the file as its "
+                                  f"header says (bytes {start}..{end} of {data_bytes})")
+        spans[n] = (dtype, shape, start, end)
+    _check_layout(where, {n: (dtype, shape) for n, (dtype, shape, _, _) in spans.items()}, manifest)
+    return spans
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -10,7 +10,11 @@ Loads are asynchronous (demand loads before prefetches). ``loader="thread"``: on
 reads and prepares experts, and on CUDA copies them to the device on a side stream.
 ``loader="process"`` (CPU layers; CUDA layers keep the thread): a child process reads and checks the
 files into shared staging slots (runtime.loader_process), so reads cost the model thread no GIL
-time; the model thread collects finished reads whenever it calls the store.
+time; the model thread collects finished reads whenever it calls the store. ``loader="readahead"`` (CPU
+layers; CUDA layers keep the thread): no loader at all; a load only asks the kernel to read the file
+into the page cache in the background (posix_fadvise WILLNEED) and the layer that uses the expert
+copies it in from there (its first use claims it), so loading costs the model thread no GIL
+hand-offs, only a short read from memory.
 
 ``quantize="int8"``: the fast tier holds int8 copies of the expert weight matrices (runtime.quantize;
 changes results, so off by default) and is charged their bytes; ``use`` yields dequantized tensors.
@@ -47,7 +51,7 @@ from moe_compiler.runtime.quantize import MODES as QUANTIZE_MODES
 from moe_compiler.runtime.quantize import dequantize_rows, int8_bytes, quantizable, quantize_rows
 
 _DEMAND, _PREFETCH = 0, 1
-LOADERS = ("thread", "process")
+LOADERS = ("thread", "process", "readahead")
 
 
 @dataclass
@@ -357,15 +361,23 @@ class ExpertStore:
         while True:
             if self._used + nbytes <= self.budget:
                 return True
-            evictable = [k for k, en in self._entries.items()
-                         if en.done and not en.pins and k not in protect and k != key]
-            for victim in self.policy.victims(evictable, key):
+            def evictable(k):  # loaded and unpinned, or a readahead nobody has claimed (nothing read yet)
+                en = self._entries.get(k)
+                return (en is not None and not en.pins and k not in protect and k != key
+                        and (en.done or (not en.started and self._by_readahead(k[0]))))
+
+            # the policy's ranking, then (defensively) any entry it does not hold
+            for victim in itertools.chain(self.policy.order(key), list(self._entries)):
+                if not evictable(victim):
+                    continue
                 self._evict(victim)
                 if self._used + nbytes <= self.budget:
                     return True
             if not wait:
                 return False
-            if not any(not en.done or en.pins for en in self._entries.values()):
+            # room comes back only from a load that finishes (an unclaimed readahead was evictable) or a pin
+            if not any((not en.done and (en.started or not self._by_readahead(k[0]))) or en.pins
+                       for k, en in self._entries.items()):
                 raise RuntimeError(f"offload budget {self.budget} bytes cannot hold expert {key} ({nbytes} bytes)")
             if self._unsent or (self._proc is not None and self._proc.in_flight()):
                 self._collect(timeout=0.05)  # the loader process's reads are published by its callers only
@@ -385,11 +397,12 @@ class ExpertStore:
 
     def _issue(self, key, priority, protect=(), wait=False, send=True) -> bool:
         """Start loading key unless it is cached or loading; caller holds the lock. With the loader
-        process, ``send=False`` leaves a new entry for the caller to claim and read itself."""
+        process or readahead, ``send=False`` leaves a new entry for the caller to claim and read itself."""
         entry = self._entries.get(key)
         by_process = self._by_process(key[0])
         if entry is not None:
-            if priority == _DEMAND and not entry.started:  # a queued prefetch is needed now: jump the queue
+            if priority == _DEMAND and not entry.started and not self._by_readahead(key[0]):
+                # a queued prefetch is needed now: jump the queue
                 if by_process:
                     self._unsent = [(_DEMAND if k == key else p, n, k) for p, n, k in self._unsent]
                 else:
@@ -403,7 +416,10 @@ class ExpertStore:
         self._used += nbytes
         self.peak_bytes = max(self.peak_bytes, self._used)
         self.policy.on_insert(key)
-        if not by_process:
+        if self._by_readahead(key[0]):
+            if send:  # (a load its caller reads at once gains nothing from a readahead)
+                self.files.readahead(layer.folder, key[1])  # the first use claims and reads it
+        elif not by_process:
             self._ensure_thread()
             self._queue.put((priority, next(self._seq), key))
         elif key in self._host:  # a copy in host memory: no read to hand off
@@ -416,6 +432,9 @@ class ExpertStore:
     # ------------------------------------------------------------------ the loader process (CPU layers)
     def _by_process(self, layer: int) -> bool:
         return self.loader == "process" and self.layers[layer].device.type == "cpu"
+
+    def _by_readahead(self, layer: int) -> bool:
+        return self.loader == "readahead" and self.layers[layer].device.type == "cpu"
 
     def _send(self, key, priority) -> bool:
         """Hand an unclaimed entry to the loader process (started, lazily); False when no staging slot
@@ -571,6 +590,22 @@ class ExpertStore:
     def use(self, layer: int, expert: int):
         """Pin one expert for the duration of the block and yield its tensors (loading it if needed)."""
         key = (layer, int(expert))
+        with self._lock:  # the usual case, a loaded expert: pin it and go
+            entry = self._entries.get(key)
+            ready = entry is not None and entry.done and entry.error is None
+            if ready:
+                entry.pins += 1
+        if ready and self.layers[layer].device.type == "cpu":
+            try:
+                yield self._computable(self.layers[layer], entry.tensors)
+            finally:
+                with self._lock:
+                    entry.pins -= 1
+                    self._lock.notify_all()
+            return
+        if ready:
+            with self._lock:
+                entry.pins -= 1
         start = time.perf_counter()
         with self._lock:
             self._issue(key, _DEMAND, wait=True, send=False)
@@ -711,7 +746,12 @@ class ExpertStore:
             with self._lock:
                 self._collect()
                 pending = [(key, en) for key, en in self._entries.items() if not en.done]
+                claimed = bool(pending) and not pending[0][1].started  # a readahead: nobody else reads it
+                if claimed:
+                    pending[0][1].started = True
             if not pending:
                 return
             key, entry = pending[0]
+            if claimed:
+                self._load(key, entry)
             self._wait_loaded(entry, self._by_process(key[0]))

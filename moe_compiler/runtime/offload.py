@@ -13,7 +13,9 @@
         "prefetch_extra": 1,       # experts predicted per token beyond top-k (more recall, more wasted loads)
         "shallow_layers": 1,       # policy "shallow": leading layers that keep all their experts
         "loader": "thread",        # "thread": a background thread reads experts; "process": a child process
-                                   # does (CPU layers), so reads cost the model thread no GIL time
+                                   # does (CPU layers), so reads cost the model thread no GIL time;
+                                   # "readahead" (CPU layers): the kernel reads files into the page cache in
+                                   # the background (posix_fadvise WILLNEED), the first use copies them in
         "quantize": None,          # "int8": the fast tier holds int8 copies (one fp32 scale per row), so it
                                    # holds ~4x the fp32 experts; CHANGES RESULTS, hence off by default
         "release_parameters": True,  # free the module's expert weights once they are on disk
