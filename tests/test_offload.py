@@ -641,6 +641,27 @@ def test_loader_process_reads_in_flight_free_room_for_a_demand_load(tmp_path):
     store.close()
 
 
+def test_readahead_entries_are_read_by_their_first_use_and_evictable_until_then(tmp_path):
+    """loader "readahead": a prefetch only starts the kernel's read; the entry counts against the budget
+    but holds nothing until a use reads it, so a demand load evicts it instead of waiting for it, and
+    drain() reads whatever is still unclaimed."""
+    layer = _layer(6)
+    store = _store(tmp_path, [layer], budget=2 / 6, policy="lru", loader="readahead")
+    assert store.prefetch(0, [0, 1, 2]) == [0, 1]
+    assert store.stats()["bytes_loaded"] == 0 and store.resident() == []  # nothing read yet
+    assert store.begin_step(0, [1]) == [1]  # a hit, in flight
+    with store.use(0, 1) as w:
+        assert torch.equal(w["w1"], layer["w1"][1])
+    with store.use(0, 4) as w:  # the budget is full: the unclaimed readahead of 0 makes room
+        assert torch.equal(w["w1"], layer["w1"][4])
+    assert store.resident() == [(0, 1), (0, 4)] and store.cached_bytes() <= store.budget
+    store.prefetch(0, [5])
+    store.drain()
+    assert (0, 5) in store.resident() and store._thread is None  # no loader thread was started
+    assert store.stats()["bytes_loaded"] == 3 * store.layers[0].expert_bytes
+    store.close()
+
+
 @given(tokens=st.integers(0, 40), experts=st.integers(2, 12), k=st.integers(1, 3), bias=st.booleans(),
        func=st.sampled_from(["softmax", "sigmoid"]), nan_rows=st.integers(0, 2), seed=st.integers(0, 99))
 @settings(max_examples=30, deadline=None)

@@ -356,15 +356,16 @@ class ExpertStore:
             self._streams[device] = torch.cuda.Stream(device)
         return self._streams[device]
 
-    def _make_room(self, key, nbytes, protect, wait: bool) -> bool:
-        """Evict (policy order, unpinned and ready only) until nbytes fit; caller holds the lock."""
+    def _make_room(self, key, nbytes, protect, wait: bool, demand: bool = True) -> bool:
+        """Evict (policy order, unpinned and ready only; for a demand load also readaheads nobody has
+        claimed) until nbytes fit; caller holds the lock."""
         while True:
             if self._used + nbytes <= self.budget:
                 return True
-            def evictable(k):  # loaded and unpinned, or a readahead nobody has claimed (nothing read yet)
+            def evictable(k):  # loaded and unpinned, or (demand) a readahead nobody has claimed: nothing read
                 en = self._entries.get(k)
                 return (en is not None and not en.pins and k not in protect and k != key
-                        and (en.done or (not en.started and self._by_readahead(k[0]))))
+                        and (en.done or (demand and not en.started and self._by_readahead(k[0]))))
 
             # the policy's ranking, then (defensively) any entry it does not hold
             for victim in itertools.chain(self.policy.order(key), list(self._entries)):
@@ -410,7 +411,7 @@ class ExpertStore:
             return True
         layer = self.layers[key[0]]
         nbytes = layer.cached_bytes if layer.quantized else layer.manifest["bytes"][key[1]]
-        if not self._make_room(key, nbytes, protect, wait):
+        if not self._make_room(key, nbytes, protect, wait, demand=priority == _DEMAND):
             return False
         entry = self._entries[key] = _Entry(nbytes, by_prefetch=priority == _PREFETCH)
         self._used += nbytes
