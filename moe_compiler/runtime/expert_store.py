@@ -591,12 +591,13 @@ class ExpertStore:
     def use(self, layer: int, expert: int):
         """Pin one expert for the duration of the block and yield its tensors (loading it if needed)."""
         key = (layer, int(expert))
-        with self._lock:  # the usual case, a loaded expert: pin it and go
+        with self._lock:  # the usual case, an expert loaded on the CPU: pin it and go
             entry = self._entries.get(key)
-            ready = entry is not None and entry.done and entry.error is None
+            ready = (entry is not None and entry.done and entry.error is None
+                     and self.layers[layer].device.type == "cpu")
             if ready:
                 entry.pins += 1
-        if ready and self.layers[layer].device.type == "cpu":
+        if ready:
             try:
                 yield self._computable(self.layers[layer], entry.tensors)
             finally:
@@ -604,9 +605,6 @@ class ExpertStore:
                     entry.pins -= 1
                     self._lock.notify_all()
             return
-        if ready:
-            with self._lock:
-                entry.pins -= 1
         start = time.perf_counter()
         with self._lock:
             self._issue(key, _DEMAND, wait=True, send=False)
