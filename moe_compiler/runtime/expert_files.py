@@ -62,6 +62,7 @@ class ExpertFiles:
 
         d = self.layer_dir(layer)
         os.makedirs(d, exist_ok=True)
+        self._headers.pop(layer, None)
         num = {t.shape[0] for t in stacked.values()}
         if len(num) != 1:
             raise ValueError(f"layer {layer!r}: expert tensors disagree on the expert count: "
@@ -158,10 +159,10 @@ class ExpertFiles:
         return {n: bufs[n].view(dtype).view(shape) for n, (dtype, shape, _, _) in spans.items()}
 
     def tensors_from_file_bytes(self, layer: str, expert: int, manifest: dict, data: torch.Tensor, *,
-                                copy: bool = True, check_crc: bool = False) -> dict:
-        """name -> tensor of one expert from the bytes of its file (uint8 [file bytes]). ``copy``: the
-        tensors own their memory (so ``data`` may be reused), else they are views of ``data``.
-        ``check_crc``: compare with the manifest's CRC32 (the loader process has already done so).
+                                check_crc: bool = False) -> dict:
+        """name -> tensor of one expert from the bytes of its file (uint8 [file bytes]), copied into
+        fresh aligned memory (so ``data`` may be reused). ``check_crc``: compare with the manifest's
+        CRC32 (the loader process has already done so).
         Raises ExpertReadError naming the file when the header or the bytes are not what was written."""
         path = self.path(layer, expert)
         raw = data.numpy()  # the same memory; bytes() of a tensor would go element by element
@@ -190,7 +191,7 @@ class ExpertFiles:
         out = {}
         for n, (dtype, shape, start, end) in spans.items():
             piece = data[base + start:base + end]
-            out[n] = piece.clone().view(dtype).view(shape) if copy else piece.view(dtype).view(shape)
+            out[n] = piece.clone().view(dtype).view(shape)
         return out
 
 
