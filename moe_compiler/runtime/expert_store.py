@@ -359,14 +359,14 @@ class ExpertStore:
     def _make_room(self, key, nbytes, protect, wait: bool, demand: bool = True) -> bool:
         """Evict (policy order, unpinned and ready only; for a demand load also readaheads nobody has
         claimed) until nbytes fit; caller holds the lock."""
+        def evictable(k):  # loaded and unpinned, or (demand) a readahead nobody has claimed: nothing read
+            en = self._entries.get(k)
+            return (en is not None and not en.pins and k not in protect and k != key
+                    and (en.done or (demand and not en.started and self._by_readahead(k[0]))))
+
         while True:
             if self._used + nbytes <= self.budget:
                 return True
-            def evictable(k):  # loaded and unpinned, or (demand) a readahead nobody has claimed: nothing read
-                en = self._entries.get(k)
-                return (en is not None and not en.pins and k not in protect and k != key
-                        and (en.done or (demand and not en.started and self._by_readahead(k[0]))))
-
             # the policy's ranking, then (defensively) any entry it does not hold
             for victim in itertools.chain(self.policy.order(key), list(self._entries)):
                 if not evictable(victim):
@@ -418,7 +418,7 @@ class ExpertStore:
         self.peak_bytes = max(self.peak_bytes, self._used)
         self.policy.on_insert(key)
         if self._by_readahead(key[0]):
-            if send:  # (a load its caller reads at once gains nothing from a readahead)
+            if send and key not in self._host:  # (nothing to gain for a load read at once or from host memory)
                 self.files.readahead(layer.folder, key[1])  # the first use claims and reads it
         elif not by_process:
             self._ensure_thread()
