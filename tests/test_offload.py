@@ -688,3 +688,22 @@ def test_prediction_ranks_small_steps_in_python_as_topk_does(tokens, experts, k,
     assert torch.equal(small[0], large[0]) and small[1] == large[1] and small[2] == large[2]
     assert small[0].shape == (tokens, offload_ops.predicted_per_token(spec))
     assert offload_ops.used_experts(small[0]) == torch.unique(small[0]).tolist()
+
+
+@pytest.mark.parametrize("threads_below_cores", [False, True])
+def test_loader_thread_start_notes_cores_taken_by_intra_op_threads(tmp_path, caplog, monkeypatch, threads_below_cores):
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3 if threads_below_cores else 4)
+    store = ExpertStore(str(tmp_path))
+    try:
+        with caplog.at_level("INFO", logger="moe_compiler.runtime.expert_store"):
+            store._ensure_thread()
+    finally:
+        store.close()
+        torch.set_num_threads(before)
+    noted = [r.getMessage() for r in caplog.records if "intra-op threads" in r.getMessage()]
+    if threads_below_cores:
+        assert noted == []
+    else:
+        assert len(noted) == 1 and "torch.set_num_threads(3)" in noted[0], noted

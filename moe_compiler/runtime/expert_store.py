@@ -32,6 +32,7 @@ comes from ``stats()``.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import queue
 import threading
@@ -49,6 +50,8 @@ from moe_compiler.runtime.loader_process import LoaderProcessError, ProcessLoade
 from moe_compiler.runtime.memory import return_freed_memory
 from moe_compiler.runtime.quantize import MODES as QUANTIZE_MODES
 from moe_compiler.runtime.quantize import dequantize_rows, int8_bytes, quantizable, quantize_rows
+
+log = logging.getLogger(__name__)
 
 _DEMAND, _PREFETCH = 0, 1
 LOADERS = ("thread", "process", "readahead")
@@ -268,6 +271,13 @@ class ExpertStore:
     # ------------------------------------------------------------------ loading
     def _ensure_thread(self):
         if self._thread is None or not self._thread.is_alive():
+            cores = os.cpu_count() or 1
+            if cores > 1 and torch.get_num_threads() >= cores:
+                # on 2 cores, one intra-op thread took a prefetching variant of bench/offload.py from
+                # 1.29x to 1.45x on-demand speed: background reads stop preempting OpenMP workers
+                log.info("expert loader thread starts while torch uses %d intra-op threads on %d cores: "
+                         "its reads compete with the model's threads; torch.set_num_threads(%d) leaves it a core",
+                         torch.get_num_threads(), cores, cores - 1)
             self._thread = threading.Thread(target=self._loader, name="moe-expert-loader", daemon=True)
             self._thread.start()
 
