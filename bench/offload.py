@@ -25,8 +25,9 @@ weights). Variants, all on identical teacher-forced tokens from held-out text:
 Every variant is compiled the way users get it (inner backend Inductor; --inner eager compiles ~2x
 faster) and runs with --threads intra-op threads (default: all cores but one, so a background loader
 has a core of its own; the resident bound runs with the same setting). Each repetition runs every
-variant in turn (interleaved): a prompt of --prompt tokens per sequence (prefill), then --decode single-token steps with a KV cache. Expert reads go to disk: the store drops
-each file's page-cache pages after reading it (posix_fadvise DONTNEED). Reported per variant: median
+variant in turn (interleaved): a prompt of --prompt tokens per sequence (prefill), then --decode
+single-token steps with a KV cache. Expert reads go to disk: the store drops each file's page-cache
+pages after reading it (posix_fadvise DONTNEED). Reported per variant: median
 tokens/s for prefill and decode, hit rate (used experts resident or already in flight when the layer
 needed them), ready rate (of those, already loaded: the layer did not wait), prediction recall (used
 experts inside the predicted set), token recall (a token's routed experts inside its own top-(k+1)
