@@ -1,6 +1,6 @@
 """Cost model validation: predicted vs measured on this CPU, and predictions vs published GPU figures.
 
-    python bench/cost_model.py            # all layer variants, forward and forward+backward
+    python bench/cost_model.py            # the CPU-sized layers, forward and forward+backward
     python bench/cost_model.py --quick    # < 1 minute: forward only, fewer repeats; last line is JSON
 
 CPU side (profile: the calibrated one, ``python -m moe_compiler.cost_model.calibrate``; calibrated
@@ -125,11 +125,11 @@ def rank_pairs(items: list) -> list:
         for a, b in (("moe", "dense"), ("experts_prepacked", "experts_plain")):
             if f"{case}/{a}" in by and f"{case}/{b}" in by:
                 pairs.append((by[f"{case}/{a}"], by[f"{case}/{b}"]))
-    names = sorted(ML.LAYERS)
+    names = sorted({i[0].split("/", 1)[0] for i in items if i[1] != "all_to_all"})
     for key in sorted({i[0].split("/", 1)[1] for i in items if i[1] != "all_to_all"}):
-        a, b = (by.get(f"{n}/{key}") for n in names)
-        if a and b:
-            pairs.append((a, b))
+        for a, b in itertools.combinations([by.get(f"{n}/{key}") for n in names], 2):
+            if a and b:
+                pairs.append((a, b))
     return [(a[0], b[0], (a[2] < b[2]) == (a[3] < b[3]), abs(a[3] - b[3]) / min(a[3], b[3])) for a, b in pairs]
 
 
@@ -158,11 +158,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--layers", default=",".join(ML.CPU_LAYERS),
+                    help=f"comma-separated, from {list(ML.LAYERS)} (the full-size ones need tens of GB)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for calibration and measurement (1: robust on a shared machine)")
     ap.add_argument("--cached-profile", action="store_true",
                     help="predict with the cached CPU profile instead of calibrating now")
     args = ap.parse_args(argv)
+    layers = args.layers.split(",")
+    unknown = [n for n in layers if n not in ML.LAYERS]
+    if unknown:
+        ap.error(f"unknown layers {unknown}; known: {list(ML.LAYERS)}")
     repeats = args.repeats or (5 if args.quick else 15)
     torch.set_num_threads(args.threads)
     if args.cached_profile:
@@ -176,7 +182,7 @@ def main(argv=None) -> int:
         profile = validate(calibrate(log=lambda s: print("calibrate:", s)), where="in-process calibration")
     print(f"profile: {profile.name} ({profile.device}); {profile.source}")
     t0 = time.perf_counter()
-    cases = [(n, t, tr) for n in ML.LAYERS for t in (1024, 64) for tr in ((False,) if args.quick else (False, True))]
+    cases = [(n, t, tr) for n in layers for t in (1024, 64) for tr in ((False,) if args.quick else (False, True))]
     items = []
     for name, tokens, train in cases:
         items += layer_items(name, tokens, train, repeats, args.quick, profile)

@@ -30,6 +30,7 @@ LAYERS = {
     "mixtral_8x7b": dict(family="mixtral", E=8, k=2, H=4096, I=14336, shared=0),
     "qwen_moe_a2_7b": dict(family="qwen2_moe", E=60, k=4, H=2048, I=1408, shared=5632),
 }
+CPU_LAYERS = ("mixtral_like", "fine_grained")  # what a 2-core CPU runs in minutes (the defaults)
 
 
 def build_block(spec: dict, seed: int = 0):
@@ -161,7 +162,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    ap.add_argument("--layers", default="mixtral_like,fine_grained", help=f"comma-separated, from {list(LAYERS)}")
+    ap.add_argument("--layers", default=",".join(CPU_LAYERS), help=f"comma-separated, from {list(LAYERS)}")
     ap.add_argument("--tokens", default="1024,64", help="comma-separated token counts")
     ap.add_argument("--no-train", action="store_true", help="forward only")
     args = ap.parse_args(argv)
