@@ -7,8 +7,9 @@ CPU side (profile: the calibrated one, ``python -m moe_compiler.cost_model.calib
 first when none is cached). Items, each predicted by moe_compiler.cost_model and measured here:
   - the layers of bench/moe_layer.py (built with its builders): the backend "moe" side
     (torch.compile(backend="moe"), inner backend eager in --quick, Inductor in full) and the dense
-    bound (bench/moe_layer.DenseBound, eager): Mixtral-like 8x top-2 H512 I1792 and fine-grained 64x
-    top-6 I256 + shared expert 512, at 1024 and 64 tokens, forward (and forward+backward in full)
+    bound (bench/moe_layer.DenseBound, eager): Mixtral-like 8x top-2 H512 I1792, fine-grained 64x
+    top-6 I256 + shared expert 512, and the reference model's layer (16x top-2 H64 I64, 48 KiB
+    experts), at 1024, 64 and 1 tokens, forward (and forward+backward in full)
   - the routed experts alone (codegen.torch_experts.experts_forward) with oneDNN-prepacked and plain
     GEMMs: the single-device alternative the cpu_gemm decision picks between
   - gloo all_to_all_single between 2 processes on 127.0.0.1 at sizes other than calibration's
@@ -125,7 +126,9 @@ def rank_pairs(items: list) -> list:
         for a, b in (("moe", "dense"), ("experts_prepacked", "experts_plain")):
             if f"{case}/{a}" in by and f"{case}/{b}" in by:
                 pairs.append((by[f"{case}/{a}"], by[f"{case}/{b}"]))
-    names = sorted({i[0].split("/", 1)[0] for i in items if i[1] != "all_to_all"})
+    # the two CPU layer variants against each other (the reference-sized layer is orders smaller:
+    # pairing it would only add pairs no model gets wrong)
+    names = sorted({i[0].split("/", 1)[0] for i in items if i[1] != "all_to_all"} & set(ML.CPU_LAYERS))
     for key in sorted({i[0].split("/", 1)[1] for i in items if i[1] != "all_to_all"}):
         for a, b in itertools.combinations([by.get(f"{n}/{key}") for n in names], 2):
             if a and b:
@@ -158,7 +161,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--layers", default=",".join(ML.CPU_LAYERS),
+    ap.add_argument("--layers", default=",".join(ML.CPU_LAYERS + ("reference_sized",)),
                     help=f"comma-separated, from {list(ML.LAYERS)} (the full-size ones need tens of GB)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for calibration and measurement (1: robust on a shared machine)")
@@ -182,7 +185,7 @@ def main(argv=None) -> int:
         profile = validate(calibrate(log=lambda s: print("calibrate:", s)), where="in-process calibration")
     print(f"profile: {profile.name} ({profile.device}); {profile.source}")
     t0 = time.perf_counter()
-    cases = [(n, t, tr) for n in layers for t in (1024, 64) for tr in ((False,) if args.quick else (False, True))]
+    cases = [(n, t, tr) for n in layers for t in (1024, 64, 1) for tr in ((False,) if args.quick else (False, True))]
     items = []
     for name, tokens, train in cases:
         items += layer_items(name, tokens, train, repeats, args.quick, profile)

@@ -29,6 +29,8 @@ LAYERS = {
     # full-size layers for a GPU: Mixtral-8x7B's and Qwen1.5-MoE-A2.7B's MoE blocks
     "mixtral_8x7b": dict(family="mixtral", E=8, k=2, H=4096, I=14336, shared=0),
     "qwen_moe_a2_7b": dict(family="qwen2_moe", E=60, k=4, H=2048, I=1408, shared=5632),
+    # the reference model's MoE layer (moe_compiler.reference_lm; bench/offload.py): 48 KiB experts
+    "reference_sized": dict(family="mixtral", E=16, k=2, H=64, I=64, shared=0),
 }
 CPU_LAYERS = ("mixtral_like", "fine_grained")  # what a 2-core CPU runs in minutes (the defaults)
 

@@ -10,7 +10,12 @@ with several OpenMP threads otherwise swings the fit by 10x; the rest: medians):
     8 distinct weights (as a layer's experts: none stays in cache), plain ``torch.mm`` and oneDNN
     prepacked (``mkldnn._linear_pointwise`` on a ``_reorder_linear_weight`` weight); fits
     t = overhead + 2 N K (m + m_half) / peak (least squares on relative error), giving peak FLOP/s,
-    ``small_m_rows`` (m_half) and ``gemm_overhead_s`` per variant; bf16 peak at m = 512
+    ``small_m_rows`` (m_half) and, for plain, ``gemm_overhead_s``; bf16 peak at m = 512
+  - what a call of each other variant costs beyond a plain one: one [1, 64] x [64, 64] GEMM on a weight
+    in cache, where the call is all there is (~11 us more for oneDNN's prepacked call than ``torch.mm``
+    here). A variant's overhead is plain's plus that; its peak and m_half are fitted with it fixed.
+    Fitted freely on the large shapes, where a call's cost is lost in the noise, prepacked's overhead
+    came out below plain's and the model chose prepacked for a decode-sized expert, 5x slower.
   - page faults: filling a fresh 64 MiB buffer minus filling a reused one (glibc gives buffers over
     32 MiB fresh pages on every allocation, so training's stacked expert gradients pay them each step)
   - memory bandwidth: a streaming read (sum) of 96 MB (also recorded: a 32 MB copy); op overhead: a small
@@ -96,6 +101,30 @@ def measure_gemms(repeats: int = 9, budget_s: float = 25.0) -> dict:
                     fn()
                     out.setdefault(v, {}).setdefault(key, []).append((time.perf_counter() - t0) / n_calls[key])
     return {v: {key: min(ts) for key, ts in d.items()} for v, d in out.items()}
+
+
+def measure_gemm_overhead(repeats: int = 400) -> dict:
+    """{variant: seconds} of one GEMM too small to cost anything but the call: [1, 64] x [64, 64]
+    fp32 on a cache-resident weight, plain and (with oneDNN) prepacked; fastest of interleaved repeats.
+    Differences between variants are what the calibration uses (the absolute figure depends on the
+    caller: Python, a compiled graph)."""
+    import torch
+
+    x, w = torch.randn(1, 64), torch.randn(64, 64)
+    fns = {"plain": lambda: torch.mm(x, w.t())}
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        fns["prepacked"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    best = {v: float("inf") for v in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()
+        for _ in range(repeats):
+            for v, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                best[v] = min(best[v], time.perf_counter() - t0)
+    return best
 
 
 def fit_gemm(times: dict, overhead: float | None = None) -> dict:
@@ -223,8 +252,13 @@ def _calibrate(all_to_all: bool, log) -> dict:
     t0 = time.perf_counter()
     mem = measure_memory()
     log(f"memory: {mem['page_fault_bandwidth'] / 1e9:.1f} GB/s fresh pages, {mem['mem_bandwidth'] / 1e9:.1f} GB/s read, {mem['copy_bandwidth'] / 1e9:.1f} GB/s copy, op overhead {mem['op_overhead_s'] * 1e6:.1f} us")
+    overheads = measure_gemm_overhead()
     gemms = measure_gemms()
-    fits = {v: fit_gemm(ts) for v, ts in gemms.items()}
+    fits = {"plain": fit_gemm(gemms["plain"])}
+    for v, ts in gemms.items():
+        if v != "plain":
+            extra = max(0.0, overheads[v] - overheads["plain"])
+            fits[v] = fit_gemm(ts, fits["plain"]["gemm_overhead_s"] + extra)
     for v, f in fits.items():
         log(f"gemm {v}: peak {f['peak'] / 1e9:.1f} GFLOP/s, half rate at {f['small_m_rows']:.1f} rows, "
             f"overhead {f['gemm_overhead_s'] * 1e6:.1f} us")
@@ -262,6 +296,7 @@ def _calibrate(all_to_all: bool, log) -> dict:
         "calibration": {"seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
                         "gemm_seconds": {v: {f"{n}x{k}x{m}": s for (n, k, m), s in ts.items()}
                                          for v, ts in gemms.items()},
+                        "gemm_overhead_seconds": overheads,
                         "all_to_all_seconds": {str(n): s for n, s in a2a.items()}, **mem},
     }
     # a variant faster than plain at large M keeps plain's peak as reference: efficiency capped at 1

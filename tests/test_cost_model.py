@@ -176,6 +176,30 @@ def test_calibration_fits_recover_parameters():
     assert ab["latency"] == pytest.approx(alpha, rel=1e-6) and ab["bandwidth"] == pytest.approx(beta, rel=1e-6)
 
 
+def test_calibration_charges_a_variant_its_extra_cost_per_call(monkeypatch):
+    """A variant's overhead is plain's fitted one plus what its call costs beyond plain's on a GEMM too
+    small to cost anything else; its peak and m_half are fitted with that overhead fixed."""
+    from moe_compiler.cost_model import calibrate as C
+
+    def synthetic(peak, m_half, ovh):
+        return {(n, k, m): ovh + 2 * n * k * (m + m_half) / peak for n, k in C.GEMM_SHAPES for m in C.GEMM_ROWS}
+
+    # fitted freely on these shapes the prepacked call would look cheaper than plain's (20 vs 25 us)
+    monkeypatch.setattr(C, "measure_gemms", lambda: {"plain": synthetic(100e9, 20.0, 25e-6),
+                                                     "prepacked": synthetic(120e9, 12.0, 20e-6)})
+    monkeypatch.setattr(C, "measure_gemm_overhead", lambda: {"plain": 3e-6, "prepacked": 15e-6})
+    monkeypatch.setattr(C, "measure_memory", lambda: {"page_fault_bandwidth": 3e9, "copy_bandwidth": 30e9,
+                                                      "mem_bandwidth": 30e9, "op_overhead_s": 2e-6,
+                                                      "tiny_gemm_s": 3e-6})
+    prof = C.calibrate(all_to_all=False, log=lambda _s: None)
+    assert prof["gemm_overhead_s"] == pytest.approx(25e-6, rel=1e-6)
+    assert prof["gemm_variants"]["prepacked"]["gemm_overhead_s"] == pytest.approx(37e-6, rel=1e-6)
+    assert prof["calibration"]["gemm_overhead_seconds"] == {"plain": 3e-6, "prepacked": 15e-6}
+    cpu = validate(prof)
+    assert D.decide_cpu_gemm(LayerShape(16, 2, 64, 64), cpu, 64).choice == "plain"
+    assert D.decide_cpu_gemm(LayerShape(8, 2, 512, 1792), cpu, 64).choice == "prepacked"
+
+
 def test_calibrated_profile_round_trips(tmp_path, monkeypatch):
     from moe_compiler.cost_model.calibrate import write_profile
 
@@ -201,6 +225,10 @@ def test_decisions_follow_the_trade_offs():
     cpu = load_profile("cpu_generic")
     assert D.decide_cpu_gemm(LayerShape(8, 2, 512, 1792), cpu, 64).choice == "prepacked"
     assert D.decide_cpu_gemm(LayerShape(8, 2, 512, 1792), cpu, 64, training=True).choice == "plain"
+    # the reference model's 48 KiB experts: a oneDNN prepacked call costs more than the GEMM itself
+    # ([1, 64] x [64, 128]: ~3 us plain, ~15 us prepacked), at decode and at prefill sizes
+    for tokens in (1, 64, 1024):
+        assert D.decide_cpu_gemm(LayerShape(16, 2, 64, 64), cpu, tokens).choice == "plain"
     small, big = D.decide_cuda_tile(layer, h, 16), D.decide_cuda_tile(layer, h, 65536)
     assert int(small.choice.split("=")[1]) < int(big.choice.split("=")[1])
     assert all(d.why for d in (small, big))
