@@ -267,39 +267,56 @@ def main(argv=None):
     by = {r["variant"]: r for r in rows}
     at50 = [r for r in rows if r["variant"].startswith(("pred", "res+")) and r["variant"].endswith("@50")
             and not r["quantized"]]
-    int8 = by.get("res+shallow+int8@50")
+    first = LOADER_SUFFIX[args.loaders.split(",")[0]]   # the first loader's variants stand for plain names
+    int8 = by.get("res+shallow+int8@50" + first)
     best = max(at50, key=lambda r: r["decode"]["hit_rate"] or 0) if at50 else None
 
-    def on_demand_for(r):  # on-demand loading with the variant's own loader (readahead speeds up on-demand too)
-        return by.get("on_demand@50" + r["variant"].split("@50", 1)[1], by.get("on_demand@50"))
+    def on_demand_for(r):
+        """On-demand loading in the variant's run of budgets with its own loader (readahead also speeds up
+        on-demand loads); on-demand keeps room for one expert whatever the budget."""
+        tail = r["variant"].split("@", 1)[1]                 # "50" or "50/r"
+        return by.get("on_demand@" + tail, by.get("on_demand@" + tail.split("/")[0]))
+
+    def fastest_exact(pct: int):
+        """The exact variant at budget pct fastest against on-demand loading (prediction or not)."""
+        exact = [r for r in rows if r["variant"].split("/")[0].endswith(f"@{pct}")
+                 and not r["variant"].startswith("on_demand") and not r["quantized"] and r["equal_to_resident"]
+                 and on_demand_for(r) is not None]
+        return max(exact, key=lambda r: r["decode_tok_s"] / on_demand_for(r)["decode_tok_s"]) if exact else None
 
     on_demand = on_demand_for(best) if best else None
-    exact50 = [r for r in rows if "@50" in r["variant"] and not r["variant"].startswith("on_demand")
-               and not r["quantized"] and r["equal_to_resident"] and on_demand_for(r) is not None]
-    fastest = max(exact50, key=lambda r: r["decode_tok_s"] / on_demand_for(r)["decode_tok_s"]) if exact50 else None
+    od50, lru50 = by.get("on_demand@50" + first), by.get("lru@50" + first)
+    fastest = fastest_exact(50)
+    by_budget = {}
+    for b in budgets:
+        r = fastest_exact(int(round(100 * b)))
+        if r is not None:
+            by_budget[f"{int(round(100 * b))}pct"] = {
+                "variant": r["variant"], "decode_speedup_vs_on_demand": round(
+                    r["decode_tok_s"] / on_demand_for(r)["decode_tok_s"], 3)}
     headline = {
         "hit_rate_at_50pct": best["decode"]["hit_rate"] if best else None,  # decode; prefill in the table
         "ready_rate_at_50pct": best["decode"]["ready_rate"] if best else None,
         "best_policy_at_50pct": best["variant"] if best else None,
         "decode_speedup_vs_on_demand": best["decode_tok_s"] / on_demand["decode_tok_s"] if on_demand else None,
-        "decode_speedup_lru_vs_on_demand": (by["lru@50"]["decode_tok_s"] / by["on_demand@50"]["decode_tok_s"]
-                                            if "lru@50" in by and "on_demand@50" in by else None),
+        "decode_speedup_lru_vs_on_demand": (lru50["decode_tok_s"] / on_demand_for(lru50)["decode_tok_s"]
+                                            if lru50 and on_demand_for(lru50) else None),
         "decode_vs_resident": best["decode_tok_s"] / by["resident"]["decode_tok_s"] if best else None,
         # the exact variant at 50% fastest against on-demand loading by its own loader (prediction or not)
         "fastest_exact_at_50pct": fastest["variant"] if fastest else None,
         "fastest_decode_speedup_vs_on_demand": (fastest["decode_tok_s"] / on_demand_for(fastest)["decode_tok_s"]
                                                 if fastest else None),
+        "fastest_exact_by_budget": by_budget,
         "prediction_recall": best["decode"]["prediction_recall"] if best else None,
         "outputs_equal": all(r["equal_to_resident"] for r in rows if not r["quantized"]),
         "int8_hit_rate_at_50pct": int8["decode"]["hit_rate"] if int8 else None,
-        "int8_decode_speedup_vs_on_demand": (int8["decode_tok_s"] / by["on_demand@50"]["decode_tok_s"]
-                                             if int8 and "on_demand@50" in by else None),
+        "int8_decode_speedup_vs_on_demand": (int8["decode_tok_s"] / on_demand_for(int8)["decode_tok_s"]
+                                             if int8 and on_demand_for(int8) else None),
         "int8_max_logit_diff": int8.get("max_logit_diff") if int8 else None,
         "int8_top1_agreement": int8.get("top1_agreement") if int8 else None,
         "within_budget": all(r.get("within_budget", True) for r in rows),
         # the ceiling of any offloading scheme against on-demand loading on this machine
-        "resident_over_on_demand": (by["resident"]["decode_tok_s"] / by["on_demand@50"]["decode_tok_s"]
-                                    if "on_demand@50" in by else None),
+        "resident_over_on_demand": (by["resident"]["decode_tok_s"] / od50["decode_tok_s"] if od50 else None),
         "inner_backend": args.inner, "threads": args.threads,
     }
     shutil.rmtree(root, ignore_errors=True)

@@ -14,8 +14,9 @@ After:
         #   -> reverse all_to_all_single -> fp32 weighted combine
 
 Inference graphs (option release_parameters, default on): each layer whose expert weights are whole
-module tensors reads this rank's rows, kept by runtime/ep_weights (spec note ("ep_weights", key)),
-and the whole tensors are released once the graph is compiled (counter expert_weights_released).
+module tensors reads this rank's rows (its placement's experts; under FSSDP the experts it owns),
+kept by runtime/ep_weights (spec note ("ep_weights", key)), and the whole tensors are released once
+the graph is compiled (counter expert_weights_released).
 
 With movement "weights" (or "auto" where the cost model's movement decision says so) a layer becomes
 Hecate's FSSDP instead (codegen/comm/fssdp.py): experts move to the tokens.
@@ -107,7 +108,7 @@ class SparseCollectives:
         layers = [n for n in graph.nodes if n.op == "call_function" and n.target is MOE_OP]
         not_coherent: dict = {}
         chained = 0
-        kept = _KeptRows(gm, ctx, opts["release_parameters"], dist.get_rank(pg), opts["movement"])
+        kept = _KeptRows(gm, ctx, opts["release_parameters"], dist.get_rank(pg))
         if mode in ("coherent", "auto"):
             chained, not_coherent = self._emit_chains(gm, ctx, layers, opts, placement, gname, size, schedule, kept)
         index_of = {n: i for i, n in enumerate(layers)}   # a layer's index in the graph (placement rows)
@@ -126,7 +127,7 @@ class SparseCollectives:
                             why)
             if moves_weights:
                 plan = _fssdp_plan(spec, i, rows, gname, size, opts)
-                self._emit_fssdp(graph, node, spec, plan)
+                self._emit_fssdp(graph, node, spec, plan, kept)
                 for r in reports[:1]:
                     r.strategy = (f"FSSDP over {size} ranks: experts move to the tokens (materialize {plan.materialize}"
                                   + (f", top {plan.replicate} by load" if plan.materialize == "sparse" else "")
@@ -143,7 +144,7 @@ class SparseCollectives:
             for r in reports[:1]:
                 r.strategy = f"expert parallel over {size} ranks: tokens move to the experts (mode {layer_mode}; {why})"
             new_spec = spec.replace(notes=spec.notes + ((NOTE, plan.to_json()),))
-            new_spec = kept.note(new_spec, node.args[3:9], plan)
+            new_spec = kept.note(new_spec, node.args[3:9], plan.local_experts(kept.rank))
             with graph.inserting_before(node):
                 ep = graph.call_function(EP_MOE_OP, (*node.args[:-1], new_spec.to_json()))
             ep.meta["val"] = node.meta["val"]
@@ -203,7 +204,8 @@ class SparseCollectives:
                 schedule.layers.append(plan_coherent_layer(spec.path or layer.moe.name, size, per_rank,
                                                            last=layer is chain.layers[-1],
                                                            overlap_degree=opts["overlap_degree"]))
-            chain_specs = [kept.note(specs[l.moe], l.moe.args[3:9], p) for l, p in zip(chain.layers, plans)]
+            chain_specs = [kept.note(specs[l.moe], l.moe.args[3:9], p.local_experts(kept.rank))
+                           for l, p in zip(chain.layers, plans)]
             key, emitted[chain.end] = self._emit_chain(gm.graph, chain, plans, chain_specs)
             self._dump_chain(ctx, key, chain)
             chained += len(chain.layers)
@@ -272,8 +274,9 @@ class SparseCollectives:
                 text.append(prog.module.code.strip() + "\n")
         DumpWriter(_dump_root(ctx.config), ctx.graph_id).write(f"coherent_{key}.py", "\n".join(text))
 
-    def _emit_fssdp(self, graph, node, spec: MoESpec, plan: "fssdp.FSSDPPlan") -> None:
+    def _emit_fssdp(self, graph, node, spec: MoESpec, plan: "fssdp.FSSDPPlan", kept: "_KeptRows") -> None:
         new_spec = spec.replace(notes=spec.notes + ((fssdp.NOTE, plan.to_json()),))
+        new_spec = kept.note(new_spec, node.args[3:9], plan.owned(kept.rank))
         with graph.inserting_before(node):
             op = graph.call_function(fssdp.FSSDP_MOE_OP, (*node.args[:-1], new_spec.to_json()))
             out = graph.call_function(operator.getitem, (op, 0))
@@ -292,18 +295,18 @@ class _KeptRows:
     tensors reads this rank's rows from runtime/ep_weights instead; once the graph is compiled the whole
     tensors are released, so the rank holds only its placement's experts."""
 
-    def __init__(self, gm, ctx, enabled: bool, rank: int, movement: str):
+    def __init__(self, gm, ctx, enabled: bool, rank: int):
         self.ctx, self.rank, self.sources = ctx, rank, {}   # sources: placeholder node -> its whole tensor
-        # FSSDP layers ("weights"/"auto" movement) read whole tensors: no copies beside them
-        self.on = enabled and not ctx.training and movement == "tokens"
+        self.on = enabled and not ctx.training
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.value = {n: ctx.example_inputs[i] for i, n in enumerate(placeholders)
                       if ctx.placeholder_paths[i] is not None}   # module parameters and buffers
         self.why = ("option release_parameters is False" if not enabled else "a training graph" if ctx.training
-                    else f"movement {movement!r} (FSSDP reads whole tensors)" if movement != "tokens" else "")
+                    else "")
 
-    def note(self, spec: MoESpec, weight_nodes, plan) -> MoESpec:
-        """spec, with the ("ep_weights", key) note when this layer's rows are kept."""
+    def note(self, spec: MoESpec, weight_nodes, experts) -> MoESpec:
+        """spec, with the ("ep_weights", key) note when the rows of ``experts`` (this rank's: its
+        placement's under EP, its owned ones under FSSDP) are kept."""
         if not self.on:
             return spec
         nodes = list(weight_nodes)
@@ -315,7 +318,7 @@ class _KeptRows:
             log.info("sparse_collectives: %s keeps its expert weights as given (computed in the graph, already "
                      "sharded, views of a larger tensor, or read by other ops too)", spec.path or "a layer")
             return spec
-        key = ep_weights.keep(values, plan.local_experts(self.rank))
+        key = ep_weights.keep(values, experts)
         self.sources.update({a: v for a, v in zip(nodes, values) if a is not None})
         return spec.replace(notes=spec.notes + ((ep_weights.NOTE, key),))
 
@@ -332,14 +335,14 @@ class _KeptRows:
         return len(free)
 
 
-_MOE_TARGETS = (MOE_OP, EP_MOE_OP, coherent.COHERENT_CHAIN_OP)   # a layer's op before and after this pass
+_MOE_TARGETS = (MOE_OP, EP_MOE_OP, coherent.COHERENT_CHAIN_OP, fssdp.FSSDP_MOE_OP)   # a layer's op before and after this pass
 
 
 def reads_kept_rows(node) -> bool:
     """Is node an expert-parallel op that computes with kept rows (never its whole weight operands)?"""
     if node.op != "call_function":
         return False
-    if node.target is EP_MOE_OP:
+    if node.target in (EP_MOE_OP, fssdp.FSSDP_MOE_OP):
         return MoESpec.from_json(node.args[-1]).note(ep_weights.NOTE) is not None
     if node.target is coherent.COHERENT_CHAIN_OP:
         return all(lp.spec.note(ep_weights.NOTE) is not None for lp in coherent.program_of(node.args[-1]).layers)

@@ -522,6 +522,15 @@ def release_worker(rank, world):
     except Exception as e:
         out["train_error"] = str(e)
 
+    for materialize in ("needed", "sparse"):   # FSSDP keeps the experts this rank owns; it gathers the rest
+        model = make_model("mixtral", seed=1)
+        cm = compiled(model, movement="weights", materialize=materialize, replicate=1)
+        with torch.no_grad():
+            y7 = _rel(cm(ids[7]).logits, refs[7])
+            y12 = _rel(cm(ids[12]).logits, refs[12])
+        out[f"fssdp_{materialize}"] = dict(y=max(y7, y12), held=expert_bytes_held(model),
+                                           released=all(ep_weights.is_released(p) for p in expert_tensors(model)))
+
     model = make_model("mixtral", seed=1)
     cm = compiled(model, release_parameters=False)
     with torch.no_grad():
@@ -555,7 +564,8 @@ def test_inference_compile_keeps_only_this_ranks_experts():
     """Memory is the point of EP: an inference compile of a transformers Mixtral keeps this rank's
     expert rows and releases the module's whole tensors; outputs equal eager, a recompile for a new
     length still does, a training graph on the released tensors fails with a clear error, and
-    release_parameters False keeps them whole. Coherent chains read the kept rows too."""
+    release_parameters False keeps them whole. Coherent chains and FSSDP (its owned experts) read the
+    kept rows too."""
     results = run_ranks("test_ep_distributed:release_worker", 2, {}, timeout=300, pg_timeout=120,
                         python_path=(HERE,))
     for rank, r in enumerate(results):
@@ -564,6 +574,9 @@ def test_inference_compile_keeps_only_this_ranks_experts():
         assert r["held"] * 2 == r["whole"], (rank, r)   # contiguous placement: 2 of 4 experts per layer
         assert "release_parameters" in r["train_error"] and "released" in r["train_error"], (rank, r["train_error"])
         assert r["kept_whole_y"] < 1e-5 and r["kept_whole"] == (r["whole"], False), (rank, r)
+        for m in ("needed", "sparse"):
+            f = r[f"fssdp_{m}"]
+            assert f["y"] < 1e-5 and f["released"] and f["held"] * 2 == r["whole"], (rank, m, f)
         c = r["coherent"]
         assert c["chained"] == 6 and c["released"] and c["y"] < 1e-5, (rank, c)   # 3 layers, two compiles
         assert "called eagerly" in r["eager_error"] and "release_parameters" in r["eager_error"], r["eager_error"]

@@ -383,6 +383,28 @@ def test_chunks_roundtrip_and_gather_order():
     assert gathered_experts(need, plan, 0) == [2]
 
 
+def test_kept_owned_rows_replace_released_weights():
+    """An inference compile keeps the rows of the experts a rank owns (ep_weights) and releases the whole
+    tensors: the op reads the kept rows, and says so clearly when reshard has moved the owners since."""
+    from moe_compiler.codegen.comm.fssdp import layer_owned_weights
+    from moe_compiler.ir import ExpertSpec, MoESpec, RouterSpec
+    from moe_compiler.runtime import ep_weights
+
+    w = dict(w1=torch.randn(5, 6, 4), w3=None, w2=torch.randn(5, 4, 3), b1=None, b3=None, b2=None)
+    spec = MoESpec(RouterSpec(5, 2), ExpertSpec(4, 3), path="layer")
+    key = ep_weights.keep(tuple(w[n] for n in ep_weights.WEIGHT_NAMES), (1, 3))
+    kept = spec.replace(notes=((ep_weights.NOTE, key),))
+    expect = {n: w[n][[1, 3]] for n in ("w1", "w2")}
+    for t in (w["w1"], w["w2"]):
+        ep_weights.release(t)
+    got = layer_owned_weights(w, [1, 3], kept)
+    assert got.keys() == expect.keys() and all(torch.equal(got[n], expect[n]) for n in got)
+    with pytest.raises(ep_weights.ReleasedWeightsError, match=r"owns experts \[1, 4\].*kept only experts \[1, 3\]"):
+        layer_owned_weights(w, [1, 4], kept)
+    with pytest.raises(ep_weights.ReleasedWeightsError, match="released"):
+        layer_owned_weights(w, [1, 3], spec)   # no kept rows: the whole tensors are gone
+
+
 def test_schedule_of_an_fssdp_layer():
     from moe_compiler.codegen.comm.schedule import plan_fssdp_layer
 

@@ -134,6 +134,21 @@ def owned_weights(weights: dict, owned: list, num_experts: int) -> dict:
     return out
 
 
+def layer_owned_weights(weights: dict, owned: list, spec: MoESpec) -> dict:
+    """owned_weights, or the rows an inference compile kept on this rank (spec note ("ep_weights", key);
+    the module's whole tensors are then released)."""
+    key = spec.note(ep_weights.NOTE)
+    if key is None:
+        return owned_weights(weights, owned, spec.num_experts)
+    kept = list(ep_weights.experts_of(key))
+    if kept != list(owned):
+        raise ep_weights.ReleasedWeightsError(
+            f"fssdp: {spec.path or 'a layer'} owns experts {owned} on this rank now, but its inference compile kept "
+            f"only experts {kept} here and released the rest (runtime.fssdp.reshard moved the owners since). "
+            "Compile with expert_parallel release_parameters False to reshard in inference")
+    return {n: r for n, r in zip(ep_weights.WEIGHT_NAMES, ep_weights.rows(key)) if weights[n] is not None}
+
+
 def chunks_of(rows: dict) -> torch.Tensor:
     """{name: [n, ...]} in chunk order -> [n, C] (a copy; differentiable in the rows)."""
     return torch.cat([w.reshape(w.shape[0], math.prod(w.shape[1:])) for w in rows.values()], 1)
@@ -355,7 +370,7 @@ def fssdp_forward(hidden, router_logits, score_bias, weights: dict, spec: MoESpe
     gate_w = gating_weights(router_logits.reshape(T, E), ids, spec)
     hop = _hop(plan)
     owned = plan.owned(hop.rank)
-    owned_rows = owned_weights(weights, owned, E)
+    owned_rows = layer_owned_weights(weights, owned, spec)
     shard = chunks_of(owned_rows)
     if need is None:
         with torch.no_grad():

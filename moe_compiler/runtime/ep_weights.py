@@ -1,6 +1,7 @@
 """The expert rows a rank keeps under expert parallelism; the module's whole expert tensors are released.
 
-An inference graph compiled with ``expert_parallel`` reads only this rank's experts. sparse_collectives
+An inference graph compiled with ``expert_parallel`` reads only this rank's experts (its placement's
+under expert parallelism, the experts it owns under FSSDP, which gathers the others). sparse_collectives
 copies those rows into a process-wide table (``keep``: [E_local, ...] per weight, ascending expert
 order), names them in the layer's spec note ("ep_weights", key), and once the graph is compiled frees
 the module's whole tensors (``release``: storage resized to 0; shape, dtype and identity stay, as for
@@ -28,6 +29,7 @@ WEIGHT_NAMES = ("w1", "w3", "w2", "b1", "b3", "b2")
 
 _KEYS = itertools.count()
 _KEPT: dict = {}        # key -> tuple of 6 tensors or None ([E_local, ...] rows of w1, w3, w2, b1, b3, b2)
+_EXPERTS: dict = {}     # key -> the experts those rows are, ascending
 _BY_SOURCE: dict = {}   # (id(whole tensors)..., local) -> key, while the sources live
 _ROWS: dict = {}        # id(whole tensor) -> (weakref, {expert: row [..]}) rows with their true values
 _RELEASED: dict = {}    # id(whole tensor) -> weakref, for tensors whose storage this module freed
@@ -62,7 +64,7 @@ def keep(weights, local: tuple) -> str:
         return key
     rows = tuple(None if w is None else _rows_of(w, local) for w in weights)
     key = f"epw{next(_KEYS)}"
-    _KEPT[key] = rows
+    _KEPT[key], _EXPERTS[key] = rows, local
     _BY_SOURCE[ident] = key
     # the rows live as long as the model's tensor: a compiled graph cannot run without its model
     weakref.finalize(next(w for w in weights if w is not None), _drop, key, ident)
@@ -71,6 +73,7 @@ def keep(weights, local: tuple) -> str:
 
 def _drop(key: str, ident: tuple) -> None:
     _KEPT.pop(key, None)
+    _EXPERTS.pop(key, None)
     if _BY_SOURCE.get(ident) == key:
         del _BY_SOURCE[ident]
 
@@ -104,6 +107,12 @@ def rows(key: str) -> tuple:
     except KeyError:
         raise ReleasedWeightsError(f"no kept expert rows {key!r} in this process (the op is only valid in the process "
                                    "that compiled it)") from None
+
+
+def experts_of(key: str) -> tuple:
+    """The experts whose rows ``rows(key)`` holds, ascending."""
+    rows(key)  # a clear error for an unknown key
+    return _EXPERTS[key]
 
 
 def release(t: torch.Tensor) -> None:
@@ -169,5 +178,6 @@ def restored(tensors):
 def forget() -> None:
     """Drop every table (tests); tensors already released stay released."""
     _KEPT.clear()
+    _EXPERTS.clear()
     _BY_SOURCE.clear()
     _ROWS.clear()
