@@ -28,14 +28,15 @@ weights). Variants, all on identical teacher-forced tokens from held-out text:
 Every variant is compiled the way users get it (inner backend Inductor; --inner eager compiles ~2x
 faster) and runs with --threads intra-op threads (default: all cores but one, so a background loader
 has a core of its own; the resident bound runs with the same setting). Each repetition runs every
-variant in turn (interleaved): a prompt of --prompt tokens per sequence (prefill), then --decode
-single-token steps with a KV cache. Expert reads go to disk: the store drops each file's page-cache
+variant in turn (interleaved) on the next stretch of held-out text (the same for every variant; a
+new one each repetition, so a cache never meets text it has seen): a prompt of --prompt tokens per
+sequence (prefill), then --decode single-token steps with a KV cache. Expert reads go to disk: the store drops each file's page-cache
 pages after reading it (posix_fadvise DONTNEED). Reported per variant: median
 tokens/s for prefill and decode, hit rate (used experts resident or already in flight when the layer
 needed them), ready rate (of those, already loaded: the layer did not wait), prediction recall (used
 experts inside the predicted set), token recall (a token's routed experts inside its own top-(k+1)
 prediction), MiB loaded, stall time and the store's peak bytes against its budget; outputs are
-compared with the resident model's bit for bit (torch.equal).
+compared with the resident model's bit for bit (torch.equal), repetition by repetition.
 """
 from __future__ import annotations
 
@@ -65,11 +66,14 @@ _CFG = json.load(open(os.path.join(MODEL_DIR, "config.json")))
 EXPERT_BYTES = 4 * 3 * _CFG["dim"] * _CFG["ffn"]
 
 
-def heldout_tokens(batch: int, length: int) -> torch.Tensor:
+def heldout_tokens(batch: int, length: int, start: int = 0) -> torch.Tensor:
+    """[batch, length] bytes of held-out text: sequence i from position i * (len / batch) + start."""
     files = corpus_files()
     held = corpus_bytes(files[int(len(files) * 0.95):])
     stride = len(held) // batch
-    return torch.stack([held[i * stride: i * stride + length] for i in range(batch)])
+    if start + length > stride:
+        raise ValueError(f"held-out text has {stride} bytes per sequence, fewer than {start + length}")
+    return torch.stack([held[i * stride + start: i * stride + start + length] for i in range(batch)])
 
 
 class Variant:
@@ -90,6 +94,7 @@ class Variant:
             self.store_id, self.store = offload.store_for(offload.normalize_options(options["offload"]))
         self.fn = torch.compile(self.model, backend="moe", options=options, dynamic=False)
         self.prefill_s, self.decode_s, self.decode_cpu_s, self.outputs = [], [], [], None
+        self.outputs_by_rep = []  # logits of each measured repetition (compared with resident's, rep by rep)
         self.phase = {"prefill": {}, "decode": {}}  # summed store counters per phase
 
     def _count(self, phase: str, before: dict | None):
@@ -161,7 +166,10 @@ def main(argv=None):
     budgets = [float(b) for b in (args.budgets or ("0.5" if args.quick else "0.25,0.5,0.75")).split(",")]
     torch.manual_seed(0)
     torch._dynamo.config.cache_size_limit = 256
-    tokens = heldout_tokens(args.batch, args.prompt + decode).to(args.device)
+    # a new stretch of text every repetition: caches that learn what a text uses (frequency policies)
+    # must not be measured on text they have already seen
+    length = args.prompt + decode
+    tokens = [heldout_tokens(args.batch, length, rep * length).to(args.device) for rep in range(reps + 1)]
     root = tempfile.mkdtemp(prefix="moe_offload_bench_")
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
@@ -192,13 +200,17 @@ def main(argv=None):
         # int8 cached copies (results change): about four times the experts fit the same budget
         variant(f"lru+int8@{pct}", b, "lru", False, quantize="int8")
         variant(f"res+shallow+int8@{pct}", b, "shallow", True, source="residual", quantize="int8")
+    # dynamic=False compiles a graph per decode length, for every variant: dynamo's limit on all
+    # recompilations together (256) would otherwise end a larger sweep with the model run eagerly
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                           len(variants) * (decode + 4))
     print(f"reference model on {args.device}, batch {args.batch}, prompt {args.prompt}, {decode} decode steps, {reps} reps "
           f"(+1 warm-up), {len(variants)} variants, inner backend {args.inner}, {args.threads} torch threads", flush=True)
 
     for rep in range(reps + 1):  # rep 0 compiles and warms the caches
         started = time.perf_counter()
         for v in variants:
-            out, pre, dec = v.run(tokens, args.prompt)
+            out, pre, dec = v.run(tokens[rep], args.prompt)
             if rep == 0:
                 v.phase = {"prefill": {}, "decode": {}}
                 continue
@@ -207,10 +219,9 @@ def main(argv=None):
             v.decode_cpu_s.append(v.last_decode_cpu)
             # the resident model packs its expert weights (oneDNN) from its second call on, so its
             # outputs are compared from the first measured repetition
+            v.outputs_by_rep.append(out)
             if rep == 1:
                 v.outputs = out
-            elif v.outputs is not None and not torch.equal(out, v.outputs):
-                v.outputs = None  # not deterministic across runs: recorded as unequal
         print(f"repetition {rep}/{reps}{' (compile and warm-up)' if rep == 0 else ''}: "
               f"{time.perf_counter() - started:.1f} s", flush=True)
     resident = variants[0]
@@ -222,8 +233,8 @@ def main(argv=None):
                "decode_tok_s": args.batch * decode / statistics.median(v.decode_s),
                # CPU time of the model's own thread per decode step (loader thread and OpenMP workers excluded)
                "decode_cpu_ms": 1e3 * statistics.median(v.decode_cpu_s) / decode,
-               "equal_to_resident": v.outputs is not None and resident.outputs is not None
-               and torch.equal(v.outputs, resident.outputs),
+               "equal_to_resident": len(v.outputs_by_rep) == len(resident.outputs_by_rep) and all(
+                   torch.equal(a, b) for a, b in zip(v.outputs_by_rep, resident.outputs_by_rep)),
                "quantized": "+int8" in v.name}
         if row["quantized"] and v.outputs is not None and resident.outputs is not None:
             row["max_logit_diff"] = float((v.outputs.float() - resident.outputs.float()).abs().max())
@@ -265,7 +276,7 @@ def main(argv=None):
           f"while {len(variants)} compiled copies ran (the model is far below RSS noise: the store's peak bytes "
           "above are the memory figure)")
     by = {r["variant"]: r for r in rows}
-    at50 = [r for r in rows if r["variant"].startswith(("pred", "res+")) and r["variant"].endswith("@50")
+    at50 = [r for r in rows if r["variant"].startswith(("pred", "res+")) and r["variant"].split("/")[0].endswith("@50")
             and not r["quantized"]]
     first = LOADER_SUFFIX[args.loaders.split(",")[0]]   # the first loader's variants stand for plain names
     int8 = by.get("res+shallow+int8@50" + first)
