@@ -25,8 +25,9 @@ weights). Variants, all on identical teacher-forced tokens from held-out text:
     <v>/p, <v>/r      (--loaders thread,process,readahead) the same with the loader process or kernel
                       readahead instead of the loader thread
 
-Every variant is compiled the way users get it (inner backend Inductor; --inner eager compiles ~2x
-faster) and runs with --threads intra-op threads (default: all cores but one, so a background loader
+Every variant is compiled the way users get it (inner backend Inductor, torch.compile's default
+dynamic=None; --inner eager compiles ~2x faster, --shapes static compiles a graph per decode length
+as before session 12) and runs with --threads intra-op threads (default: all cores but one, so a background loader
 has a core of its own; the resident bound runs with the same setting). Each repetition runs every
 variant in turn (interleaved) on the next stretch of held-out text (the same for every variant; a
 new one each repetition, so a cache never meets text it has seen): a prompt of --prompt tokens per
@@ -79,7 +80,7 @@ def heldout_tokens(batch: int, length: int, start: int = 0) -> torch.Tensor:
 class Variant:
     def __init__(self, name: str, budget, policy: str | None, prefetch: bool, root: str, extra: int = 1,
                  source: str = "gate", device: str = "cpu", loader: str = "thread", quantize: str | None = None,
-                 inner: str = "inductor"):
+                 inner: str = "inductor", dynamic: bool | None = False):
         self.name, self.budget, self.policy, self.prefetch, self.extra = name, budget, policy, prefetch, extra
         self.model = ReferenceLM.load(MODEL_DIR).to(device)
         self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -92,7 +93,7 @@ class Variant:
                                   "prefetch_extra": extra, "prefetch_source": source, "loader": loader,
                                   "quantize": quantize}
             self.store_id, self.store = offload.store_for(offload.normalize_options(options["offload"]))
-        self.fn = torch.compile(self.model, backend="moe", options=options, dynamic=False)
+        self.fn = torch.compile(self.model, backend="moe", options=options, dynamic=dynamic)
         self.prefill_s, self.decode_s, self.decode_cpu_s, self.outputs = [], [], [], None
         self.outputs_by_rep = []  # logits of each measured repetition (compared with resident's, rep by rep)
         self.phase = {"prefill": {}, "decode": {}}  # summed store counters per phase
@@ -157,9 +158,13 @@ def main(argv=None):
                          "process and readahead variants are named <variant>@<pct>/p and /r)")
     ap.add_argument("--inner", default="inductor", choices=("inductor", "eager"),
                     help="the moe backend's inner backend for the graph around the MoE ops")
+    ap.add_argument("--shapes", default="auto", choices=("auto", "static"),
+                    help="auto: torch.compile's default (dynamic=None: symbolic lengths from the first "
+                         "recompile on, a few graphs per variant); static: dynamic=False, a graph per decode length")
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                     help="torch intra-op threads for every variant (default: all cores but one)")
     args = ap.parse_args(argv)
+    dynamic = {"static": False, "auto": None}[args.shapes]
     torch.set_num_threads(args.threads)
     decode = args.decode or (24 if args.quick else 48)
     reps = args.reps or (3 if args.quick else 5)
@@ -181,9 +186,9 @@ def main(argv=None):
         if wanted is None or any(name.startswith(w + "@") for w in wanted):
             for loader in loaders:
                 variants.append(Variant(name + LOADER_SUFFIX[loader], *a, root=root,
-                                        device=args.device, loader=loader, inner=args.inner, **kw))
+                                        device=args.device, loader=loader, inner=args.inner, dynamic=dynamic, **kw))
 
-    variants = [Variant("resident", None, None, False, root, device=args.device, inner=args.inner)]
+    variants = [Variant("resident", None, None, False, root, device=args.device, inner=args.inner, dynamic=dynamic)]
     for b in budgets:
         pct = int(round(100 * b))
         variant(f"on_demand@{pct}", EXPERT_BYTES, "lru", False)  # room for one expert
@@ -200,7 +205,7 @@ def main(argv=None):
         # int8 cached copies (results change): about four times the experts fit the same budget
         variant(f"lru+int8@{pct}", b, "lru", False, quantize="int8")
         variant(f"res+shallow+int8@{pct}", b, "shallow", True, source="residual", quantize="int8")
-    # dynamic=False compiles a graph per decode length, for every variant: dynamo's limit on all
+    # --shapes static compiles a graph per decode length, for every variant: dynamo's limit on all
     # recompilations together (256) would otherwise end a larger sweep with the model run eagerly
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
                                                            len(variants) * (decode + 4))
