@@ -20,6 +20,7 @@ weights). Variants, all on identical teacher-forced tokens from held-out text:
     pred2+shallow     the same with top-(k+2) per token (option prefetch_extra=2)
     res+<policy>      prefetch_source "residual": each layer predicted from the residual stream entering
                       its block, through its own norm and router (loads overlap the block's attention)
+    res2+predicted    the same with top-(k+2) per token and the predicted-demand policy
     <v>+int8          the same with quantize "int8": the fast tier holds int8 copies (results change:
                       reported as the largest logit difference and the top-1 agreement with resident)
     <v>/p, <v>/r      (--loaders thread,process,readahead) the same with the loader process or kernel
@@ -200,8 +201,9 @@ def main(argv=None):
         # a wider prediction (top-(k+2) per token): more recall for more wasted loads
         variant(f"pred2+shallow@{pct}", b, "shallow", True, extra=2)
         # predicted from the residual stream entering each block (prefetch_source "residual")
-        for p in ("lru", "shallow"):
+        for p in ("lru", "shallow", "predicted"):
             variant(f"res+{p}@{pct}", b, p, True, source="residual")
+        variant(f"res2+predicted@{pct}", b, "predicted", True, source="residual", extra=2)
         # int8 cached copies (results change): about four times the experts fit the same budget
         variant(f"lru+int8@{pct}", b, "lru", False, quantize="int8")
         variant(f"res+shallow+int8@{pct}", b, "shallow", True, source="residual", quantize="int8")
@@ -281,7 +283,7 @@ def main(argv=None):
           f"while {len(variants)} compiled copies ran (the model is far below RSS noise: the store's peak bytes "
           "above are the memory figure)")
     by = {r["variant"]: r for r in rows}
-    at50 = [r for r in rows if r["variant"].startswith(("pred", "res+")) and r["variant"].split("/")[0].endswith("@50")
+    at50 = [r for r in rows if r["variant"].startswith(("pred", "res")) and r["variant"].split("/")[0].endswith("@50")
             and not r["quantized"]]
     first = LOADER_SUFFIX[args.loaders.split(",")[0]]   # the first loader's variants stand for plain names
     int8 = by.get("res+shallow+int8@50" + first)
