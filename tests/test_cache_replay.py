@@ -89,16 +89,17 @@ def test_replay_counts_what_the_expert_store_counts(tmp_path, policy):
     g = torch.Generator().manual_seed(0)
     expert_bytes = (6 * 4 + 4 * 3) * 4  # w1 [6, 4] + w2 [4, 3], fp32
     store = ExpertStore(str(tmp_path), budget=capacity * expert_bytes, policy=policy, loader="thread")
-    for layer in range(layers):
-        store.add_layer(f"l{layer}", {"w1": torch.randn(experts, 6, 4, generator=g),
-                                      "w2": torch.randn(experts, 4, 3, generator=g)}, transposed=False)
+    weights = [{"w1": torch.randn(experts, 6, 4, generator=g), "w2": torch.randn(experts, 4, 3, generator=g)}
+               for _ in range(layers)]
+    for layer, w in enumerate(weights):
+        store.add_layer(f"l{layer}", w, transposed=False)
     assert store.layers[0].expert_bytes == expert_bytes
     try:
         for step in ids:
             for layer, row in enumerate(step):
                 for e in store.begin_step(layer, sorted(set(row.tolist()))):
-                    with store.use(layer, e):
-                        pass
+                    with store.use(layer, e) as w:   # the layer computes with expert e: it must be e's weights
+                        assert torch.equal(w["w2"], weights[layer]["w2"][e])
         stats = store.stats()
     finally:
         store.close()
