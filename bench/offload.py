@@ -27,13 +27,14 @@ weights). Variants, all on identical teacher-forced tokens from held-out text:
                       readahead instead of the loader thread
 
 Every variant is compiled the way users get it (inner backend Inductor, torch.compile's default
-dynamic=None; --inner eager compiles ~2x faster, --shapes static compiles a graph per decode length
-as before session 12) and runs with --threads intra-op threads (default: all cores but one, so a background loader
-has a core of its own; the resident bound runs with the same setting). Each repetition runs every
-variant in turn (interleaved) on the next stretch of held-out text (the same for every variant; a
-new one each repetition, so a cache never meets text it has seen): a prompt of --prompt tokens per
-sequence (prefill), then --decode single-token steps with a KV cache. Expert reads go to disk: the store drops each file's page-cache
-pages after reading it (posix_fadvise DONTNEED). Reported per variant: median
+dynamic=None; --inner eager compiles ~2x faster, --shapes static compiles a graph per decode
+length as before session 12) and runs with --threads intra-op threads (default: all cores but one,
+so a background loader has a core of its own; the resident bound runs with the same setting). Each
+repetition runs every variant in turn (interleaved) on the next stretch of held-out text (the same
+for every variant; a new one each repetition, so a cache never meets text it has seen): a prompt of
+--prompt tokens per sequence (prefill), then --decode single-token steps with a KV cache. Expert
+reads go to disk: the store drops each file's page-cache pages after reading it (posix_fadvise
+DONTNEED). Reported per variant: median
 tokens/s for prefill and decode, hit rate (used experts resident or already in flight when the layer
 needed them), ready rate (of those, already loaded: the layer did not wait), prediction recall (used
 experts inside the predicted set), token recall (a token's routed experts inside its own top-(k+1)
@@ -295,41 +296,38 @@ def main(argv=None):
         tail = r["variant"].split("@", 1)[1]                 # "50" or "50/r"
         return by.get("on_demand@" + tail, by.get("on_demand@" + tail.split("/")[0]))
 
+    def speedup(r):
+        """Decode speed of variant r over on-demand loading (on_demand_for), None when either is missing."""
+        od = on_demand_for(r) if r is not None else None
+        return r["decode_tok_s"] / od["decode_tok_s"] if od is not None else None
+
     def fastest_exact(pct: int):
         """The exact variant at budget pct fastest against on-demand loading (prediction or not)."""
         exact = [r for r in rows if r["variant"].split("/")[0].endswith(f"@{pct}")
                  and not r["variant"].startswith("on_demand") and not r["quantized"] and r["equal_to_resident"]
-                 and on_demand_for(r) is not None]
-        return max(exact, key=lambda r: r["decode_tok_s"] / on_demand_for(r)["decode_tok_s"]) if exact else None
+                 and speedup(r) is not None]
+        return max(exact, key=speedup) if exact else None
 
-    on_demand = on_demand_for(best) if best else None
     od50, lru50 = by.get("on_demand@50" + first), by.get("lru@50" + first)
-    fastest = fastest_exact(50)
-    by_budget = {}
-    for b in budgets:
-        r = fastest_exact(int(round(100 * b)))
-        if r is not None:
-            by_budget[f"{int(round(100 * b))}pct"] = {
-                "variant": r["variant"], "decode_speedup_vs_on_demand": round(
-                    r["decode_tok_s"] / on_demand_for(r)["decode_tok_s"], 3)}
+    fastest_by_pct = {int(round(100 * b)): fastest_exact(int(round(100 * b))) for b in budgets}
+    fastest = fastest_by_pct.get(50)
+    by_budget = {f"{pct}pct": {"variant": r["variant"], "decode_speedup_vs_on_demand": round(speedup(r), 3)}
+                 for pct, r in fastest_by_pct.items() if r is not None}
     headline = {
         "hit_rate_at_50pct": best["decode"]["hit_rate"] if best else None,  # decode; prefill in the table
         "ready_rate_at_50pct": best["decode"]["ready_rate"] if best else None,
         "best_policy_at_50pct": best["variant"] if best else None,
-        "decode_speedup_vs_on_demand": best["decode_tok_s"] / on_demand["decode_tok_s"] if on_demand else None,
-        "decode_speedup_lru_vs_on_demand": (lru50["decode_tok_s"] / on_demand_for(lru50)["decode_tok_s"]
-                                            if lru50 and on_demand_for(lru50) else None),
+        "decode_speedup_vs_on_demand": speedup(best),
+        "decode_speedup_lru_vs_on_demand": speedup(lru50),
         "decode_vs_resident": best["decode_tok_s"] / by["resident"]["decode_tok_s"] if best else None,
         # the exact variant at 50% fastest against on-demand loading by its own loader (prediction or not)
         "fastest_exact_at_50pct": fastest["variant"] if fastest else None,
-        "fastest_decode_speedup_vs_on_demand": (fastest["decode_tok_s"] / on_demand_for(fastest)["decode_tok_s"]
-                                                if fastest else None),
+        "fastest_decode_speedup_vs_on_demand": speedup(fastest),
         "fastest_exact_by_budget": by_budget,
         "prediction_recall": best["decode"]["prediction_recall"] if best else None,
         "outputs_equal": all(r["equal_to_resident"] for r in rows if not r["quantized"]),
         "int8_hit_rate_at_50pct": int8["decode"]["hit_rate"] if int8 else None,
-        "int8_decode_speedup_vs_on_demand": (int8["decode_tok_s"] / on_demand_for(int8)["decode_tok_s"]
-                                             if int8 and on_demand_for(int8) else None),
+        "int8_decode_speedup_vs_on_demand": speedup(int8),
         "int8_max_logit_diff": int8.get("max_logit_diff") if int8 else None,
         "int8_top1_agreement": int8.get("top1_agreement") if int8 else None,
         "within_budget": all(r.get("within_budget", True) for r in rows),
