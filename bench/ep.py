@@ -19,13 +19,18 @@ placement:
               experts at this layer with transition counts of the trace's other tokens (ExpertFlow-
               style path statistics). coherent_nohint: no prediction; coherent_oracle: the true next
               layer's experts (a bound, not a method)
-Placements: contiguous, planned (ILP, one copy per expert) and replicated (the ILP with one extra
-copy per rank and layer: more expert memory, printed as copies per expert).
+Placements: contiguous, planned (ILP, one copy per expert), replicated (the ILP with one extra
+copy per rank and layer: more expert memory, printed as copies per expert) and coh_planned (the ILP
+with a weight per row coherent EP sends, ObjectiveWeights.coherent: one copy per expert, the
+experts a token chooses together kept on one rank, at some cost in load balance, printed).
 
 Bytes are hidden-state payload bytes sent to OTHER ranks, summed over ranks, per layer; routing
 metadata (ids, counts) is reported apart. Every style's output is compared with single-process
 eager on each rank's tokens. The LAST line is one JSON object:
-  bytes_coherent_over_a2a     coherent / two-all-to-all payload bytes, planned placement (target <= 0.55)
+  bytes_coherent_over_a2a     coherent on coh_planned / two all-to-alls on planned: each style on the
+                              one-copy placement planned for it, equal expert memory (target <= 0.55)
+  bytes_coherent_over_a2a_same_placement   both on planned
+  load_max_over_mean_planned, load_max_over_mean_coh_planned   worst layer's max/mean rank load
   bytes_a2a_over_allgather    two-all-to-all / allgather payload bytes, contiguous placement
   bytes_coherent_replicated_over_a2a_replicated, bytes_coherent_replicated_over_a2a
                               coherent on the replicated placement / two all-to-alls on it, and / two
@@ -212,6 +217,9 @@ def main(argv=None) -> dict:
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--trace", default=DEFAULT_TRACE)
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--coherent-weight", type=float, default=None,
+                   help="ILP weight per coherent row for the coh_planned placement (ObjectiveWeights.coherent; "
+                        "default: passes.plan_placement.COHERENT_WEIGHT, what mode 'coherent' plans with)")
     a = p.parse_args(argv)
     if a.ranks % 2:
         p.error("--ranks must be even (the hierarchical style uses 2 ranks per node)")
@@ -219,7 +227,10 @@ def main(argv=None) -> dict:
     tokens -= tokens % a.ranks
     repeats = a.repeats or (1 if a.quick else 3)
     sys.path.insert(0, ROOT)
-    from moe_compiler.passes.placement import Topology, plan
+    from moe_compiler.passes.placement import ObjectiveWeights, Placement, Topology, evaluate, plan
+    from moe_compiler.passes.plan_placement import COHERENT_WEIGHT
+    if a.coherent_weight is None:
+        a.coherent_weight = COHERENT_WEIGHT
     from moe_compiler.routing_trace import RoutingTrace
     from moe_compiler.runtime.expert_parallel import contiguous_rows
     from moe_compiler.runtime.launch import run_ranks
@@ -231,12 +242,19 @@ def main(argv=None) -> dict:
     rest = full.expert_ids[tokens:] if full.expert_ids.shape[0] > 2 * tokens else full.expert_ids
     plan_trace = RoutingTrace(np.ascontiguousarray(rest), None, E)
     t0 = time.perf_counter()
-    planned = plan(plan_trace, Topology(a.ranks, 2), method="ilp", time_limit=10 if a.quick else 60, progress=False)
+    limit = 10 if a.quick else 60
+    planned = plan(plan_trace, Topology(a.ranks, 2), method="ilp", time_limit=limit, progress=False)
     plan_s = time.perf_counter() - t0
-    replicated = plan(plan_trace, Topology(a.ranks, 2), method="ilp", replica_slots=1,
-                      time_limit=10 if a.quick else 60, progress=False)
+    replicated = plan(plan_trace, Topology(a.ranks, 2), method="ilp", replica_slots=1, time_limit=limit,
+                      progress=False)
+    for_coherent = plan(plan_trace, Topology(a.ranks, 2), method="ilp", time_limit=limit, progress=False,
+                        weights=ObjectiveWeights(coherent=a.coherent_weight))
     placements = {"contiguous": [contiguous_rows(E, a.ranks)] * L, "planned": list(planned.placement.layers),
-                  "replicated": list(replicated.placement.layers)}
+                  "replicated": list(replicated.placement.layers),
+                  "coh_planned": list(for_coherent.placement.layers)}
+    run_trace = RoutingTrace(np.ascontiguousarray(ids), None, E)
+    balance = {name: evaluate(run_trace, Placement(a.ranks, rows), Topology(a.ranks, 2))
+               for name, rows in placements.items()}
     copies = sum(len(r) for rows in replicated.placement.layers for r in rows) / (E * L)
     t0 = time.perf_counter()
     res = run_ranks("ep:worker", a.ranks, dict(ids=ids, w=w, num_experts=E, hidden=hidden, ffn=ffn,
@@ -249,6 +267,9 @@ def main(argv=None) -> dict:
     print(f"replicated: the ILP with one extra copy per rank and layer ({copies:.2f} copies per expert)")
     print(f"planned placement: ILP over {plan_trace.expert_ids.shape[0]} other tokens in {plan_s:.1f}s; "
           f"ranks run {run_s:.1f}s")
+    print(f"coh_planned: the ILP with {a.coherent_weight:g} per coherent row (one copy per expert)")
+    print("load max/mean on the measured tokens (worst layer / mean over layers): " + ", ".join(
+        f"{n} {m.load_max_over_mean:.2f} / {m.load_max_over_mean_avg:.2f}" for n, m in balance.items()))
     print(f"{'placement':<11} {'style':<10} {'KiB/layer':>10} {'meta KiB/l':>10} {'ms/layer':>9}  equal")
     agg = {}
     for key in res[0]:
@@ -261,8 +282,13 @@ def main(argv=None) -> dict:
         print(f"{key[0]:<11} {key[1]:<10} {payload / 1024:10.1f} {meta / 1024:10.1f} {ms:9.2f}  {eq} "
               f"(max err {err:.1e})")
     summary = {
-        "bytes_coherent_over_a2a": round(agg[("planned", "coherent")]["payload"]
+        # each style on the one-copy placement planned for it (equal expert memory)
+        "bytes_coherent_over_a2a": round(agg[("coh_planned", "coherent")]["payload"]
                                          / agg[("planned", "a2a")]["payload"], 4),
+        "bytes_coherent_over_a2a_same_placement": round(agg[("planned", "coherent")]["payload"]
+                                                        / agg[("planned", "a2a")]["payload"], 4),
+        "load_max_over_mean_planned": round(balance["planned"].load_max_over_mean, 3),
+        "load_max_over_mean_coh_planned": round(balance["coh_planned"].load_max_over_mean, 3),
         "bytes_a2a_over_allgather": round(agg[("contiguous", "a2a")]["payload"]
                                           / agg[("contiguous", "allgather")]["payload"], 4),
         "bytes_coherent_over_a2a_contiguous": round(agg[("contiguous", "coherent")]["payload"]

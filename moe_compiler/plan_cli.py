@@ -2,16 +2,20 @@
 
     moe-compiler plan TRACE.npz --ranks 8 [--ranks-per-node 4] [--replicas 1]
                       [--method all|contiguous|round_robin|sequential|eplb|ilp]
-                      [--time-limit 60] [--plot DIR] -o placement.json
+                      [--time-limit 60] [--coherent-weight W] [--plot DIR] -o placement.json
 
 Prints one row per method (load max/mean, cross-rank and cross-node transitions per token, max
-rank-pair traffic, replica copies, solve seconds), writes the chosen method's placement as JSON
+rank-pair traffic, rows context-coherent EP would send per token, replica copies, solve seconds), writes the chosen method's placement as JSON
 (see ``moe_compiler.passes.placement.Placement``) and, with ``--plot``, PNG heatmaps.
 
 With ``--method all`` (the default) the written placement is the one with the fewest cross-rank
 transitions among the methods whose load (mean over layers of max/mean rank load) is within
 ``--load-tolerance`` (default 1.05) of the best load any method reached. The cheap methods are
 always run for the comparison; the ILP only with ``--method all`` or ``--method ilp``.
+
+``--coherent-weight W`` adds W per coherent row to the ILP's objective: a placement for
+expert_parallel mode "coherent", which keeps the experts a token chooses together on one rank
+(fewer bytes) at some cost in load balance. Use it with ``--method ilp``.
 """
 from __future__ import annotations
 
@@ -48,6 +52,9 @@ def add_plan_subcommand(subparsers: "argparse._SubParsersAction") -> argparse.Ar
     p.add_argument("--inter-node-cost", type=float, default=2.0)
     p.add_argument("--load-tolerance", type=float, default=1.05,
                    help="load slack for choosing a method and for the ILP objective")
+    p.add_argument("--coherent-weight", type=float, default=0.0,
+                   help="ILP objective weight per row context-coherent EP sends (expert_parallel mode "
+                        "'coherent'; e.g. 10, with --method ilp); 0 = plan for two all-to-alls")
     p.add_argument("--plot", metavar="DIR", default=None, help="write PNG heatmaps into DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-o", "--output", required=True, help="placement JSON to write")
@@ -57,7 +64,7 @@ def add_plan_subcommand(subparsers: "argparse._SubParsersAction") -> argparse.Ar
 
 def format_table(results: Dict[str, "object"]) -> str:
     head = (f"{'method':<12} {'load max/mean':>13} {'(avg)':>7} {'trans/token':>11} "
-            f"{'xnode/token':>11} {'max pair':>9} {'replicas':>8} {'objective':>9} "
+            f"{'xnode/token':>11} {'max pair':>9} {'coh rows':>8} {'replicas':>8} {'objective':>9} "
             f"{'solve s':>8}")
     lines = [head, "-" * len(head)]
     for name, res in results.items():
@@ -65,7 +72,7 @@ def format_table(results: Dict[str, "object"]) -> str:
         lines.append(
             f"{name:<12} {m.load_max_over_mean:>13.3f} {m.load_max_over_mean_avg:>7.3f} "
             f"{m.transitions_per_token:>11.3f} {m.cross_node_per_token:>11.3f} "
-            f"{m.max_pair_traffic:>9.1f} {m.replica_copies:>8d} {m.objective:>9.4f} "
+            f"{m.max_pair_traffic:>9.1f} {m.coherent_rows_per_token:>8.3f} {m.replica_copies:>8d} {m.objective:>9.4f} "
             f"{res.solve_seconds:>8.2f}")  # type: ignore[attr-defined]
     return "\n".join(lines)
 
@@ -95,7 +102,8 @@ def run_plan(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
         topo = Topology(args.ranks, getattr(args, "ranks_per_node", None),
                         getattr(args, "intra_node_cost", 1.0),
                         getattr(args, "inter_node_cost", 2.0))
-        weights = ObjectiveWeights(load_tolerance=getattr(args, "load_tolerance", 1.05))
+        weights = ObjectiveWeights(load_tolerance=getattr(args, "load_tolerance", 1.05),
+                                   coherent=getattr(args, "coherent_weight", 0.0))
     except (OSError, ValueError) as exc:
         print(f"moe-compiler plan: error: {exc}", file=sys.stderr)
         return 2

@@ -28,13 +28,21 @@ Cost model (:func:`evaluate`; all quantities per layer or per consecutive layer 
     cross-node       the same, crossing nodes (no copy of b on the token's node)
     pair traffic     tokens sent from rank i to rank j (i != j) per layer pair, non-local tokens
                      spread evenly over b's copies                    -> max over pairs (MoETuner)
+    coherent rows    the rows context-coherent EP (ExFlow; codegen/comm/coherent.py) sends per
+                     token and layer: a dispatch row to each rank computing one of its experts
+                     other than the rank it sits on (its anchor), and a partial sum from each of
+                     those ranks but one. A token's expert runs on the copy on the rank holding
+                     most of its experts; the anchor is an expert rank of the layer before that
+                     also computes one of this layer's experts when there is one (a perfect
+                     next-layer hint), at layer 0 the token's home (uniform over ranks)
 
 Planner objective (:func:`objective`, lower is better, per token; :class:`ObjectiveWeights`)::
 
     ( sum_l  w_load * (max_r load[l] - mean load[l])
            + w_excess * max(0, max_r load[l] - tolerance * mean load[l])      # soft balance
     + w_trans * sum_l (intra * cross-rank_l + (inter - intra) * cross-node_l)  # ExFlow
-    + w_pair * sum_l max_{i != j} traffic_l[i, j] ) / tokens                   # MoETuner
+    + w_pair * sum_l max_{i != j} traffic_l[i, j]                               # MoETuner
+    + w_coherent * sum_l coherent rows_l ) / tokens      # off by default; for mode "coherent"
 
 Methods (all behind :func:`plan`)::
 
@@ -307,9 +315,12 @@ class ObjectiveWeights:
     load_tolerance: float = 1.05  # max/mean rank load that costs only `load`
     transitions: float = 1.0     # per hop-cost-weighted cross-rank transition
     pair: float = 1.0            # per token of max rank-pair traffic, summed over layer pairs
+    # per row context-coherent EP sends (module docstring). Two all-to-alls send a row per slot
+    # wherever the experts sit; coherent EP sends fewer when a token's experts share a rank
+    coherent: float = 0.0
 
     def __post_init__(self) -> None:
-        for k in ("load", "load_excess", "transitions", "pair"):
+        for k in ("load", "load_excess", "transitions", "pair", "coherent"):
             v = getattr(self, k)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"ObjectiveWeights.{k} must be a finite number >= 0, got {v!r}")
@@ -335,6 +346,7 @@ class Metrics:
     replica_memory: float            # replica_copies / (layers * experts): extra expert memory
     objective: float                 # objective() with default weights
     solve_seconds: float = 0.0
+    coherent_rows_per_token: float = 0.0  # rows context-coherent EP sends per token, all layers
     per_layer_load: Tuple[float, ...] = ()  # max/mean per layer
 
     def to_dict(self) -> Dict[str, Any]:
@@ -402,6 +414,51 @@ class _Stats:
         self.trans = np.stack([trace.transition_counts(l) for l in range(self.L - 1)]
                               ).astype(np.float64) / self.k ** 2 if self.L > 1 else \
             np.zeros((0, self.E, self.E))
+        self.ids = trace.expert_ids.astype(np.int64)          # [T, L, k]
+        self.coact = _coactivation(trace)
+
+
+def _coactivation(trace: RoutingTrace) -> np.ndarray:
+    """[L, E, E] float: tokens whose top-k at layer l holds experts a < b (upper triangle), each of a
+    token's k (k - 1) / 2 pairs weighing 1 / (k - 1); zeros for top-1."""
+    ids = trace.expert_ids.astype(np.int64)
+    T, L, k = ids.shape
+    E = trace.num_experts
+    out = np.zeros((L, E, E))
+    if k < 2:
+        return out
+    i, j = np.triu_indices(k, 1)
+    a, b = ids[:, :, i], ids[:, :, j]                                   # [T, L, pairs]
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    layer = np.broadcast_to(np.arange(L)[None, :, None], lo.shape)
+    keep = lo != hi
+    flat = (layer[keep] * E + lo[keep]) * E + hi[keep]
+    return np.bincount(flat, minlength=L * E * E).reshape(L, E, E) / (k - 1)
+
+
+def _compute_ranks(ids_l: np.ndarray, xl: np.ndarray) -> np.ndarray:
+    """ids_l [T, k], xl [E, R] bool -> [T, k] the rank computing each slot under coherent dispatch:
+    the copy on the rank that holds most of the token's experts (the lowest such rank on ties)."""
+    holds = xl[ids_l]                                                   # [T, k, R]
+    score = np.where(holds, holds.sum(1, keepdims=True), -1)
+    return score.argmax(2)
+
+
+def _distinct_ranks(ranks: np.ndarray) -> np.ndarray:
+    s = np.sort(ranks, 1)
+    return 1 + (s[:, 1:] != s[:, :-1]).sum(1)
+
+
+def _coherent_rows(st: "_Stats", x: np.ndarray, l: int) -> float:
+    """Rows context-coherent EP sends at layer ``l``, summed over tokens (module docstring)."""
+    cur = _compute_ranks(st.ids[:, l], x[l])
+    m = _distinct_ranks(cur)
+    if l == 0:
+        at_anchor = m / x.shape[2]
+    else:
+        prev = _compute_ranks(st.ids[:, l - 1], x[l - 1])
+        at_anchor = (prev[:, :, None] == cur[:, None, :]).any((1, 2))
+    return float((2 * m - 1 - at_anchor).sum())
 
 
 def _rank_load(load_l: np.ndarray, xl: np.ndarray) -> np.ndarray:
@@ -437,8 +494,7 @@ class _Scorer:
         """Weighted load term of layer ``l``."""
         mx = float(_rank_load(self.s.loads[l], x[l]).max())
         m = self.mean[l]
-        return self.w.load * (mx - m) + self.w.load_excess * max(
-            0.0, mx - self.w.load_tolerance * m)
+        return self.w.load * (mx - m) + self.w.load_excess * max(0.0, mx - self.w.load_tolerance * m)
 
     def pair(self, x: np.ndarray, l: int) -> Tuple[float, float, float, float]:
         cr, cn, pm = _pair_terms(self.s.trans[l], x[l], x[l + 1], self.g)
@@ -455,11 +511,16 @@ class _Scorer:
             if 0 <= p < self.s.L - 1:
                 _, _, cost, pm = self.pair(x, p)
                 v += w.transitions * cost + w.pair * pm
+        if w.coherent:  # layer l's rows depend on layers l - 1 and l; layer l + 1's on l and l + 1
+            v += w.coherent * sum(_coherent_rows(self.s, x, q) for q in ((l, l + 1) if use_next else (l,))
+                                  if q < self.s.L)
         return v
 
     def total(self, x: np.ndarray) -> float:
         w = self.w
         v = sum(self.layer(x, l) for l in range(self.s.L))
+        if w.coherent:
+            v += w.coherent * sum(_coherent_rows(self.s, x, l) for l in range(self.s.L))
         for p in range(self.s.L - 1):
             _, _, cost, pm = self.pair(x, p)
             v += w.transitions * cost + w.pair * pm
@@ -509,6 +570,7 @@ def evaluate(trace: RoutingTrace, placement: Placement, topology: Topology,
         replica_memory=extra / (st.L * st.E),
         objective=sc.total(x),
         solve_seconds=float(solve_seconds),
+        coherent_rows_per_token=sum(_coherent_rows(st, x, l) for l in range(st.L)) / st.tokens,
         per_layer_load=tuple(ratios),
     )
 
@@ -747,6 +809,30 @@ def _chains(st: _Stats, topo: Topology, weights: Optional[ObjectiveWeights] = No
     out = np.empty((L, E), dtype=np.int64)
     for l in range(L):
         out[l, chain[l]] = rank_of_chain
+    return out
+
+
+def _coactivated(st: _Stats, topo: Topology, weights: ObjectiveWeights) -> np.ndarray:
+    """Co-activation construction (for the coherent-rows term): per layer, partition the experts over
+    the ranks keeping experts that tokens choose together on one rank (soft load penalty), then
+    relabel each layer's groups to follow the layer before (most transitions kept on a rank)."""
+    from scipy.optimize import linear_sum_assignment
+
+    E, L, R = st.E, st.L, topo.num_ranks
+    caps = _fixed_caps(E, R)
+    kw = dict(penalty=weights.load_excess * _CHAIN_LOAD_PENALTY, tolerance=weights.load_tolerance)
+    out = np.empty((L, E), dtype=np.int64)
+    for l in range(L):
+        c = st.coact[l] + st.coact[l].T
+        group = _partition(c, [int(v) for v in caps], st.loads[l][:, None], **kw)
+        if l > 0 and (caps == caps[0]).all():  # equal groups: any group may take any rank
+            prev = _assign_to_x(out[l - 1], R).astype(np.float64)            # [E, R]
+            kept = prev.T @ st.trans[l - 1] @ _assign_to_x(group, R)          # [rank, group]
+            ranks, groups = linear_sum_assignment(-kept)
+            label = np.empty(R, dtype=np.int64)
+            label[groups] = ranks
+            group = label[group]
+        out[l] = group
     return out
 
 
@@ -1101,6 +1187,48 @@ def _layer_milp(sc: _Scorer, x: np.ndarray, l: int, free: np.ndarray, use_next: 
         movable, free
 
 
+SWAP_PAIRS_EXHAUSTIVE = 64   # experts per layer up to which every pair is tried each sweep
+
+
+def _swap_descent(sc: _Scorer, x: np.ndarray, deadline: float, seed: int) -> Tuple[np.ndarray, int]:
+    """First-improvement local search: exchange the ranks of two experts' copies within one layer
+    while the true objective (``sc.local``) improves. Copies per rank and per expert stay as they
+    are, so the slot budget holds. Catches what the per-layer MILPs cannot see as linear, such as
+    the split-pairs term (both experts of a pair are variables of the same layer).
+    Returns (placement, swaps made)."""
+    rng = np.random.default_rng(seed)
+    x = x.copy()
+    L, E = x.shape[0], x.shape[1]
+    swaps, improved = 0, True
+    while improved and time.perf_counter() < deadline:
+        improved = False
+        for l in range(L):
+            xl = x[l]
+            base = sc.local(x, l)
+            if E <= SWAP_PAIRS_EXHAUSTIVE:
+                pairs = [(a, b) for a in range(E) for b in range(a + 1, E)]
+            else:  # a random sample of pairs per sweep, the most co-activated first
+                coact = sc.s.coact[l] + sc.s.coact[l].T
+                top = np.dstack(np.unravel_index(np.argsort(-coact, axis=None)[:4 * E], coact.shape))[0]
+                rand = rng.integers(0, E, size=(8 * E, 2))
+                pairs = [(int(a), int(b)) for a, b in np.concatenate([top, rand]) if a != b]
+            for a, b in pairs:
+                if time.perf_counter() >= deadline:
+                    return x, swaps
+                for r1 in np.flatnonzero(xl[a] & ~xl[b]):
+                    done = False
+                    for r2 in np.flatnonzero(xl[b] & ~xl[a]):
+                        xl[a, r1], xl[a, r2], xl[b, r2], xl[b, r1] = False, True, False, True
+                        new = sc.local(x, l)
+                        if new < base - 1e-9 * max(1.0, abs(base)):
+                            base, swaps, improved, done = new, swaps + 1, True, True
+                            break
+                        xl[a, r1], xl[a, r2], xl[b, r2], xl[b, r1] = True, False, True, False
+                    if done:
+                        break
+    return x, swaps
+
+
 def _ilp(sc: _Scorer, starts: Mapping[str, np.ndarray], *, time_limit: float, seed: int,
          progress: bool, max_sweeps: int, max_block_vars: int, node_limit: int,
          use_highspy: bool) -> Tuple[np.ndarray, Dict[str, Any]]:
@@ -1252,6 +1380,8 @@ def _greedy_candidates(st: _Stats, topo: Topology, replica_slots: int,
              "flow": _assign_to_x(_flow_greedy(st, topo, seq[0]), r),
              "chains": _assign_to_x(_chains(st, topo, weights), r),
              "eplb": _eplb(st, topo, replica_slots)}
+    if weights is not None and weights.coherent > 0 and st.k > 1:
+        cands["coactivated"] = _assign_to_x(_coactivated(st, topo, weights), r)
     return cands
 
 
@@ -1317,9 +1447,12 @@ def plan(trace: RoutingTrace, topology: Topology, method: str = "ilp", replica_s
                                                           st.loads[l], caps)
                                             for l in range(st.L)])
         spent = time.perf_counter() - t0
-        x, info = _ilp(sc, cands, time_limit=max(time_limit - spent, 0.1), seed=seed,
+        x, info = _ilp(sc, cands, time_limit=max(0.85 * (time_limit - spent), 0.1), seed=seed,
                        progress=progress, max_sweeps=max_sweeps, max_block_vars=max_block_vars,
                        node_limit=node_limit, use_highspy=solver != "scipy")
+        before = sc.total(x)
+        x, swaps = _swap_descent(sc, x, max(t0 + time_limit, time.perf_counter() + 0.05), seed)
+        info["swaps"], info["final_objective"] = swaps, sc.total(x)
         details.update(info)
         notes.append("greedy starts: " + ", ".join(
             f"{k}={v:.4f}" for k, v in info["start_scores"].items())
@@ -1328,8 +1461,8 @@ def plan(trace: RoutingTrace, topology: Topology, method: str = "ilp", replica_s
             + f"; result from {info['descent_from']}")
         notes.append(f"ilp: {info['sub_solves']} sub-MILPs ({info['solver']}), "
                      f"{info['improving_solves']} improving, {info['sweeps']} sweeps; objective "
-                     f"{info['start_objective']:.4f} (best greedy) -> "
-                     f"{info['final_objective']:.4f}")
+                     f"{info['start_objective']:.4f} (best greedy) -> {before:.4f}; "
+                     f"{swaps} improving swaps -> {info['final_objective']:.4f}")
         if info["timed_out"]:
             msg = (f"ILP placement hit the time limit ({time_limit:.1f} s) after "
                    f"{info['sub_solves']} sub-MILPs; returning the best placement found "

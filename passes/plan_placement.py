@@ -4,7 +4,9 @@ Off unless ``options={"placement": {...}}`` is set:
 
     {"file": "placement.json"}                                   # a plan made earlier (moe-compiler plan)
     {"trace": "routing.npz", "ranks": 4, "ranks_per_node": 2,    # plan now from a routing trace
-     "method": "ilp", "replicas": 0, "time_limit": 60, "seed": 0}
+     "method": "ilp", "replicas": 0, "time_limit": 60, "seed": 0,
+     "coherent_weight": 10.0}    # ILP weight per row coherent EP sends (default: 10 when the
+                                 # expert_parallel mode is "coherent", else 0)
 
 The graph is unchanged except for each MoE op's spec, whose notes gain
 ("placement", ((ranks of expert 0), (ranks of expert 1), ...)) and the method's metrics;
@@ -26,7 +28,10 @@ from moe_compiler.ir import MOE_OP, MoESpec
 from moe_compiler.pipeline import PassContext, PassResult
 
 LAYER_OPS = (MOE_OP, ROUTED_EXPERTS_OP, GROUPED_EXPERTS_OP, GROUPED_EXPERTS_FWD_OP)
-KEYS = {"file", "trace", "ranks", "ranks_per_node", "method", "replicas", "time_limit", "seed"}
+KEYS = {"file", "trace", "ranks", "ranks_per_node", "method", "replicas", "time_limit", "seed", "coherent_weight"}
+# per coherent row (placement.ObjectiveWeights.coherent) when expert_parallel's mode is "coherent":
+# bench/ep.py --quick: coherent/two-all-to-all bytes 0.61 at 0, 0.53 at 10 (worst layer load 1.4 -> 1.6)
+COHERENT_WEIGHT = 10.0
 _CACHE: dict = {}
 
 
@@ -38,7 +43,7 @@ def load_or_plan(opts: dict):
     key = json.dumps(opts, sort_keys=True, default=str)
     if key in _CACHE:
         return _CACHE[key]
-    from moe_compiler.passes.placement import Placement, Topology, plan
+    from moe_compiler.passes.placement import ObjectiveWeights, Placement, Topology, plan
     from moe_compiler.routing_trace import RoutingTrace
 
     if "file" in opts:
@@ -48,17 +53,35 @@ def load_or_plan(opts: dict):
     elif "trace" in opts and "ranks" in opts:
         trace = RoutingTrace.load(opts["trace"])
         topo = Topology(int(opts["ranks"]), opts.get("ranks_per_node"))
+        try:
+            weights = ObjectiveWeights(coherent=float(opts.get("coherent_weight", 0.0)))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"option placement['coherent_weight']: {e}") from e
         r = plan(trace, topo, method=opts.get("method", "eplb"), replica_slots=int(opts.get("replicas", 0)),
-                 time_limit=float(opts.get("time_limit", 60.0)), seed=int(opts.get("seed", 0)), progress=False)
+                 time_limit=float(opts.get("time_limit", 60.0)), seed=int(opts.get("seed", 0)), progress=False,
+                 weights=weights)
         m = r.metrics
         result = (r.placement, tuple(trace.layer_names),
                   {"method": r.method, "solve_seconds": round(r.solve_seconds, 3),
                    "transitions_per_token": round(m.transitions_per_token, 4),
+                   "coherent_rows_per_token": round(m.coherent_rows_per_token, 4),
+                   "coherent_weight": weights.coherent,
                    "max_over_mean_load": round(m.load_max_over_mean, 4)})
     else:
         raise ConfigError("option 'placement' needs {'file': PATH} or {'trace': PATH, 'ranks': N, ...}")
     _CACHE[key] = result
     return result
+
+
+def _with_mode_defaults(opts: dict, config) -> dict:
+    """A placement planned now for expert_parallel mode "coherent" weighs coherent rows unless told."""
+    if "trace" in opts and "coherent_weight" not in opts:
+        from moe_compiler.runtime.expert_parallel import normalize_options
+
+        ep = normalize_options(getattr(config, "expert_parallel", None))
+        if ep and ep.get("mode") == "coherent":
+            opts["coherent_weight"] = COHERENT_WEIGHT
+    return opts
 
 
 @dataclass(frozen=True)
@@ -71,7 +94,7 @@ class PlanPlacement:
         opts = getattr(ctx.config, "placement", None)
         if not opts:
             return PassResult(gm, False, {"skipped": 1})
-        placement, names, metrics = load_or_plan(dict(opts))
+        placement, names, metrics = load_or_plan(_with_mode_defaults(dict(opts), ctx.config))
         layers = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in LAYER_OPS]
         placed = 0
         for i, node in enumerate(layers):

@@ -95,3 +95,30 @@ def test_plan_placement_bad_options():
         from moe_compiler.passes.plan_placement import load_or_plan
 
         load_or_plan({"trace": "x.npz", "rank": 2})
+
+
+def test_plan_placement_weighs_coherent_rows_for_coherent_mode(tmp_path):
+    """A placement planned now for expert_parallel mode "coherent" weighs the rows coherent EP sends
+    (COHERENT_WEIGHT) unless the options say otherwise; other modes plan for two all-to-alls."""
+    from types import SimpleNamespace
+
+    from moe_compiler.passes.plan_placement import COHERENT_WEIGHT, _with_mode_defaults, load_or_plan
+    from moe_compiler.routing_trace import synthetic_trace
+
+    path = tmp_path / "t.npz"
+    synthetic_trace(300, 2, 8, top_k=2, coactivation=0.6, group_size=4, seed=1).save(path)
+    opts = {"trace": str(path), "ranks": 2, "method": "ilp", "time_limit": 10}
+
+    def config(mode):
+        return SimpleNamespace(expert_parallel={"mode": mode})
+
+    assert _with_mode_defaults(dict(opts), config("coherent"))["coherent_weight"] == COHERENT_WEIGHT
+    assert "coherent_weight" not in _with_mode_defaults(dict(opts), config("all_to_all"))
+    assert _with_mode_defaults({**opts, "coherent_weight": 0}, config("coherent"))["coherent_weight"] == 0
+    assert "coherent_weight" not in _with_mode_defaults({"file": "p.json"}, config("coherent"))
+    _, _, plain = load_or_plan(dict(opts))
+    _, _, coh = load_or_plan(_with_mode_defaults(dict(opts), config("coherent")))
+    assert plain["coherent_weight"] == 0 and coh["coherent_weight"] == COHERENT_WEIGHT
+    assert coh["coherent_rows_per_token"] <= plain["coherent_rows_per_token"]
+    with pytest.raises(ConfigError, match="coherent_weight"):
+        load_or_plan({**opts, "coherent_weight": -2})
