@@ -5,8 +5,8 @@ Off unless ``options={"placement": {...}}`` is set:
     {"file": "placement.json"}                                   # a plan made earlier (moe-compiler plan)
     {"trace": "routing.npz", "ranks": 4, "ranks_per_node": 2,    # plan now from a routing trace
      "method": "ilp", "replicas": 0, "time_limit": 60, "seed": 0,
-     "coherent_weight": 10.0}    # ILP weight per row coherent EP sends (default: 10 when the
-                                 # expert_parallel mode is "coherent", else 0)
+     "coherent_weight": 10.0}    # ILP only: weight per row coherent EP sends (default: 10 when
+                                 # the expert_parallel mode is "coherent", else 0)
 
 The graph is unchanged except for each MoE op's spec, whose notes gain
 ("placement", ((ranks of expert 0), (ranks of expert 1), ...)) and the method's metrics;
@@ -57,6 +57,9 @@ def load_or_plan(opts: dict):
             weights = ObjectiveWeights(coherent=float(opts.get("coherent_weight", 0.0)))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"option placement['coherent_weight']: {e}") from e
+        if weights.coherent and opts.get("method", "eplb") != "ilp":
+            raise ConfigError(f"option placement['coherent_weight'] weighs the ILP's objective; method "
+                              f"{opts.get('method', 'eplb')!r} has none (use method 'ilp')")
         r = plan(trace, topo, method=opts.get("method", "eplb"), replica_slots=int(opts.get("replicas", 0)),
                  time_limit=float(opts.get("time_limit", 60.0)), seed=int(opts.get("seed", 0)), progress=False,
                  weights=weights)
@@ -74,8 +77,8 @@ def load_or_plan(opts: dict):
 
 
 def _with_mode_defaults(opts: dict, config) -> dict:
-    """A placement planned now for expert_parallel mode "coherent" weighs coherent rows unless told."""
-    if "trace" in opts and "coherent_weight" not in opts:
+    """An ILP placement planned now for expert_parallel mode "coherent" weighs coherent rows unless told."""
+    if "trace" in opts and opts.get("method") == "ilp" and "coherent_weight" not in opts:
         from moe_compiler.runtime.expert_parallel import normalize_options
 
         ep = normalize_options(getattr(config, "expert_parallel", None))

@@ -120,5 +120,8 @@ def test_plan_placement_weighs_coherent_rows_for_coherent_mode(tmp_path):
     _, _, coh = load_or_plan(_with_mode_defaults(dict(opts), config("coherent")))
     assert plain["coherent_weight"] == 0 and coh["coherent_weight"] == COHERENT_WEIGHT
     assert coh["coherent_rows_per_token"] <= plain["coherent_rows_per_token"]
+    assert "coherent_weight" not in _with_mode_defaults({**opts, "method": "eplb"}, config("coherent"))
     with pytest.raises(ConfigError, match="coherent_weight"):
         load_or_plan({**opts, "coherent_weight": -2})
+    with pytest.raises(ConfigError, match="method 'eplb' has none"):
+        load_or_plan({**opts, "method": "eplb", "coherent_weight": 5})
