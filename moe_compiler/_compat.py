@@ -214,6 +214,28 @@ def fake_mode_of(gm: torch.fx.GraphModule):
     return detect_fake_mode(vals)
 
 
+def fake_like(gm: torch.fx.GraphModule, tensor: torch.Tensor):
+    """A fake copy of a real tensor in the graph's fake mode (meta["val"] of a new get_attr node);
+    the real tensor itself when the graph has no fake mode."""
+    mode = fake_mode_of(gm)
+    return mode.from_tensor(tensor, static_shapes=True) if mode is not None else tensor
+
+
+def allow_data_dependent_scalars(gm: torch.fx.GraphModule) -> None:
+    """Let tracing turn tensor values into unbacked SymInts (``.tolist()`` of the functional expert-parallel
+    layers' counts), as ``torch._dynamo.config.capture_scalar_outputs`` does for the graphs dynamo traces."""
+    from torch._guards import TracingContext
+
+    import dataclasses
+
+    ctx = TracingContext.try_get()
+    for mode in (fake_mode_of(gm), ctx.fake_mode if ctx is not None else None):
+        env = getattr(mode, "shape_env", None)
+        if env is not None and not env.allow_scalar_outputs:
+            # a read-only property over a frozen ShapeEnvSettings (torch 2.11-2.13)
+            env.settings = dataclasses.replace(env.settings, allow_scalar_outputs=True)
+
+
 def statically_equal(a, b) -> bool:
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
@@ -240,13 +262,8 @@ def size_hint(x, fallback: int = 1024) -> int:
     """A concrete int for a possibly symbolic size (its example value), without adding a guard."""
     if not isinstance(x, torch.SymInt):
         return int(x)
-    if True:
-        try:
-            from torch.fx.experimental.symbolic_shapes import hint_int
-
-            return int(hint_int(x, fallback=fallback))
-        except Exception:
-            return fallback
+    hint = getattr(x.node, "hint", None)   # the value it had in the example (None: unbacked)
+    return int(hint) if hint is not None else fallback
 
 
 def resolve_process_group(name: str):

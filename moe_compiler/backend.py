@@ -131,11 +131,21 @@ def _compile_moe(gm, example_inputs, config: BackendConfig, graph_id: str, recor
     record.moe_op_count = _count_moe_ops(final) if final is new_gm else 0
     write_summary(dumps, run, ctx.moe_layers, {"moe_ops": record.moe_op_count})
     _check_released_inputs(final, example_inputs, ctx.placeholder_paths)
+    if _has_functional_collectives(final):
+        _compat.allow_data_dependent_scalars(final)
     compiled = _inner(final, example_inputs, config, dumps)
     if final is new_gm:
         for hook in ctx.after_compile:
             hook()
     return compiled
+
+
+def _has_functional_collectives(gm) -> bool:
+    """Does the graph hold expert-parallel layers as functional collectives (their splits are SymInts
+    read from tensors when aot_autograd traces it)?"""
+    from moe_compiler.codegen.comm.functional import ep_layer
+
+    return any(n.op == "call_function" and n.target is ep_layer for n in gm.graph.nodes)
 
 
 def _count_moe_ops(gm) -> int:

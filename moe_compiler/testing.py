@@ -118,12 +118,13 @@ def count_moe_ops(gm: torch.fx.GraphModule) -> int:
     """MoE layers in a graph: moe_compiler.moe ops and their lowered experts ops (one per layer)."""
     from moe_compiler.codegen.comm.ep import EP_MOE_OP
     from moe_compiler.codegen.comm.fssdp import FSSDP_MOE_OP
+    from moe_compiler.codegen.comm.functional import ep_layer
     from moe_compiler.codegen.offload_ops import OFFLOADED_EXPERTS_OP
     from moe_compiler.codegen.ops import GROUPED_EXPERTS_FWD_OP, GROUPED_EXPERTS_OP, ROUTED_EXPERTS_OP
     from moe_compiler.ir import MOE_OP
 
     layer_ops = {MOE_OP, ROUTED_EXPERTS_OP, GROUPED_EXPERTS_OP, GROUPED_EXPERTS_FWD_OP, OFFLOADED_EXPERTS_OP, EP_MOE_OP,
-                 FSSDP_MOE_OP}
+                 FSSDP_MOE_OP, ep_layer}
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in layer_ops)
 
 

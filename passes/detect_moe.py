@@ -166,7 +166,8 @@ class DetectMoE:
             for p in (p for options in plans for p in options):
                 needed |= {p.region.output, p.region.hidden, p.router.logits, *p.region.activation_inputs}
                 needed |= set(p.region.param_inputs)
-                needed |= {a for a in _region_inputs(p.region) if a.op != "placeholder"}
+                # placeholders too: a graph with dynamic shapes passes its sizes (SymInt inputs) to the region
+                needed |= _region_inputs(p.region)
             values = capture_values(gm, ctx.example_inputs, needed)
 
         changed = False
@@ -747,10 +748,13 @@ class _Recorder(torch.fx.Interpreter):
 
 
 def capture_values(gm, example_inputs, needed):
-    """Run the graph once on the example inputs, keeping the values of `needed` nodes."""
+    """Run the graph once on the example inputs, keeping the values of `needed` nodes.
+
+    A graph with dynamic shapes takes its sizes as SymInt inputs: they run as their example values."""
     rec = _Recorder(gm, needed)
+    inputs = [_compat.size_hint(a) if isinstance(a, torch.SymInt) else a for a in example_inputs]
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        rec.run(*example_inputs)
+        rec.run(*inputs)
     return rec.values
 
 

@@ -42,6 +42,7 @@ import torch
 
 from moe_compiler import _compat
 from moe_compiler.codegen.comm.ep import NOTE, EP_MOE_OP, EPPlan
+from moe_compiler.codegen.comm.functional import ep_layer as functional_ep_layer
 from moe_compiler.codegen.comm import coherent, fssdp
 from moe_compiler.codegen.comm.row_program import row_layout
 from moe_compiler.codegen.comm.executor import group_name
@@ -145,8 +146,16 @@ class SparseCollectives:
                 r.strategy = f"expert parallel over {size} ranks: tokens move to the experts (mode {layer_mode}; {why})"
             new_spec = spec.replace(notes=spec.notes + ((NOTE, plan.to_json()),))
             new_spec = kept.note(new_spec, node.args[3:9], plan.local_experts(kept.rank))
+            functional = _functional(opts, plan, spec)
+            for r in reports[:1]:
+                r.strategy += "; functional collectives in the graph" if functional is True else (
+                    f"; ep_moe op ({functional})" if opts["collectives"] == "functional" else "")
             with graph.inserting_before(node):
-                ep = graph.call_function(EP_MOE_OP, (*node.args[:-1], new_spec.to_json()))
+                if functional is True:
+                    args, new_spec = _functional_operands(gm, node, new_spec, i)
+                    ep = graph.call_function(functional_ep_layer, (*args, new_spec.to_json()))
+                else:
+                    ep = graph.call_function(EP_MOE_OP, (*node.args[:-1], new_spec.to_json()))
             ep.meta["val"] = node.meta["val"]
             ep.meta["moe_compiler_pass"] = self.name
             ep.meta["moe_spec"] = new_spec
@@ -335,7 +344,7 @@ class _KeptRows:
         return len(free)
 
 
-_MOE_TARGETS = (MOE_OP, EP_MOE_OP, coherent.COHERENT_CHAIN_OP, fssdp.FSSDP_MOE_OP)   # a layer's op before and after this pass
+_MOE_TARGETS = (MOE_OP, EP_MOE_OP, coherent.COHERENT_CHAIN_OP, fssdp.FSSDP_MOE_OP, functional_ep_layer)   # a layer's op before and after this pass
 
 
 def reads_kept_rows(node) -> bool:
@@ -347,6 +356,41 @@ def reads_kept_rows(node) -> bool:
     if node.target is coherent.COHERENT_CHAIN_OP:
         return all(lp.spec.note(ep_weights.NOTE) is not None for lp in coherent.program_of(node.args[-1]).layers)
     return False
+
+
+def _functional(opts: dict, plan: EPPlan, spec: MoESpec) -> "bool | str":
+    """True when the layer's collectives go into the graph as functional collectives
+    (codegen/comm/functional.py), else why not (the ep_moe op runs it)."""
+    if opts["collectives"] != "functional":
+        return "option collectives 'op'"
+    if plan.mode != "all_to_all":
+        why = f"mode {plan.mode} runs in the ep_moe op"
+    elif plan.overlap_degree != 1:
+        why = f"overlap_degree {plan.overlap_degree} (token chunks) runs in the ep_moe op"
+    else:
+        return True
+    log.info("sparse_collectives: %s: %s", spec.path or "layer", why)
+    return why
+
+
+def _functional_operands(gm, node, spec: MoESpec, index: int) -> tuple:
+    """The ep_layer call's operands: the moe op's, with kept rows (option release_parameters) as buffers of
+    the graph module in place of the whole weights (so tracing sees them as module state, not as
+    tensors read from a registry), and the spec without the ep_weights note."""
+    args = list(node.args[:-1])
+    key = spec.note(ep_weights.NOTE)
+    if key is None:
+        return args, spec
+    for slot, tensor in zip(range(3, 9), ep_weights.rows(key)):
+        if tensor is None:
+            continue
+        name = f"_moe_ep_rows_{index}_{slot - 3}"
+        gm.register_buffer(name, tensor)
+        attr = gm.graph.get_attr(name)
+        attr.meta["val"] = _compat.fake_like(gm, tensor)
+        args[slot] = attr
+    notes = tuple(n for n in spec.notes if not (isinstance(n, (tuple, list)) and n and n[0] == ep_weights.NOTE))
+    return args, spec.replace(notes=notes)
 
 
 def _reports(ctx, spec: MoESpec) -> list:

@@ -77,6 +77,26 @@ def test_mixtral_inductor_dynamic_batch_and_backward():
             torch.testing.assert_close(c(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_dynamic_shape_graphs_are_rewritten_too(family):
+    """torch.compile's default (dynamic=None) recompiles for a new length with a symbolic size, and for a new
+    batch size with two: every graph's MoE layers are raised, not left to the fallback (equal outputs alone
+    could not tell: the fallback is correct too)."""
+    from moe_compiler.pipeline import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = make_model(family, seed=1)
+    layers = len(expected_layers(model))
+    c = torch.compile(model, backend="moe", options=EAGER)
+    with torch.no_grad():
+        for batch, seq in ((1, 7), (1, 12), (2, 5)):
+            ids = _ids(seq, batch=batch, seq=seq)
+            torch.testing.assert_close(c(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    assert counters["detect_moe"]["runs"] == 3
+    assert counters["detect_moe"]["layers_raised"] == 3 * layers, counters["detect_moe"]
+
+
 @pytest.mark.parametrize("family", ["deepseek_v2", "ernie4_5_moe", "minimax", "granitemoe", "glm4_moe"])
 def test_more_families(family):
     """Families no issue names: group-limited max routing (DeepSeek-V2), a [1, E] correction bias

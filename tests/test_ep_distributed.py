@@ -275,6 +275,94 @@ def test_compiled_ep_four_ranks(tmp_path):
     assert [s["name"] for s in sched["layers"][0]["steps"]][-1].startswith("combine")
 
 
+def functional_worker(rank, world, dump_dir, placement_path):
+    """collectives "functional": the layers' all-to-alls are functional collectives in the traced graph."""
+    import torch.distributed as dist
+    from hf_models import make_model
+
+    import moe_compiler
+    from moe_compiler.pipeline import counters
+    from moe_compiler.runtime import ep_weights
+    from moe_compiler.runtime.expert_parallel import EXPERT_PARAM_NAMES, expert_bytes_held, expert_modules
+
+    out = {}
+    for inner in ("eager", "inductor"):   # training: forward and backward through the functional collectives
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = _Stack()
+        ref = copy.deepcopy(model)
+        opts = {"expert_parallel": {"collectives": "functional", "placement": placement_path}, "inner_backend": inner,
+                "strict": True, "dump_dir": os.path.join(dump_dir, inner)}
+        cm = torch.compile(model, backend="moe", options=opts)
+        res = {}
+        for n in (5, 7 + rank):   # a second length: a recompile with a symbolic length, still equal
+            x = torch.randn(2 + rank, n, 16, generator=torch.Generator().manual_seed(rank + n))
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            model.zero_grad()
+            ref.zero_grad()
+            y = cm(xa)
+            y.square().sum().backward()
+            y_ref = ref(xb)
+            y_ref.square().sum().backward()
+            gw_ref = ref.layers[0].gate_up_proj.grad.clone()
+            dist.all_reduce(gw_ref)
+            gw = model.layers[0].gate_up_proj.grad.clone()   # full-size rows: other ranks' experts get 0 here
+            dist.all_reduce(gw)
+            res[n] = max(_rel(y, y_ref), _rel(xa.grad, xb.grad), _rel(gw, gw_ref))
+        graphs = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(dump_dir, inner)) for f in fs]
+        text = {os.path.basename(f): open(f).read() for f in graphs if f.endswith(".py")}
+        out[inner] = dict(err=max(res.values()), layers=counters["sparse_collectives"].get("layers_expert_parallel", 0),
+                          in_pass_dump=any("ep_layer" in t for n, t in text.items() if "sparse_collectives" in n),
+                          fwd_a2a=sum(t.count("all_to_all_single") for n, t in text.items() if n == "aot_forward.py"),
+                          bwd_a2a=sum(t.count("all_to_all_single") for n, t in text.items() if n == "aot_backward.py"),
+                          no_op=not any("ep_moe" in t for t in text.values()))
+
+    # inference: this rank's rows become graph buffers, the whole tensors are released
+    torch._dynamo.reset()
+    model = make_model("mixtral", seed=1)
+    whole = expert_bytes_held(model)
+    ids = {n: torch.randint(0, 96, (1, n), generator=torch.Generator().manual_seed(10 * rank + n)) for n in (7, 12)}
+    with torch.no_grad():
+        refs = {n: model(i).logits for n, i in ids.items()}
+        cm = torch.compile(model, backend="moe", options={"expert_parallel": {"collectives": "functional"}})
+        err = max(_rel(cm(i).logits, refs[n]) for n, i in ids.items())
+    tensors = [p for _, m in expert_modules(model) for n, p in m.named_parameters(recurse=False)
+               if n in EXPERT_PARAM_NAMES]
+    out["inference"] = dict(err=err, released=all(ep_weights.is_released(p) for p in tensors),
+                            held=expert_bytes_held(model), whole=whole)
+    # what stays in the op: token chunks, and hierarchical mode
+    torch._dynamo.reset()
+    report = moe_compiler.explain(_Stack(), torch.randn(2, 4, 16),
+                                  expert_parallel={"collectives": "functional", "overlap_degree": 2})
+    out["chunked"] = [r.strategy for r in report.moe_layers]
+    return out
+
+
+def test_functional_collectives_in_the_graph(tmp_path):
+    """Option collectives "functional": forward and backward through all_to_all_single in the traced graph
+    (eager and Inductor) equal single-process eager, replicas included; inference keeps only this rank's
+    rows; layers the functional form does not cover keep the ep_moe op and say why."""
+    from moe_compiler.passes.placement import Placement
+
+    layers = [[[e % 2] for e in range(6)] for _ in range(2)]
+    layers[0][5] = [0, 1]
+    path = str(tmp_path / "placement.json")
+    Placement(2, layers).save(path)
+    results = run_ranks("test_ep_distributed:functional_worker", 2,
+                        {"dump_dir": str(tmp_path / "dumps"), "placement_path": path},
+                        timeout=300, pg_timeout=120, python_path=(HERE,))
+    for rank, r in enumerate(results):
+        for inner in ("eager", "inductor"):
+            f = r[inner]
+            assert f["err"] < 1e-5 and f["layers"] == 4, (rank, inner, f)   # 2 layers, 2 graphs (new length)
+            assert f["in_pass_dump"] and f["no_op"], (rank, inner, f)
+            assert f["fwd_a2a"] >= 6 and f["bwd_a2a"] >= 4, (rank, inner, f)   # counts, rows, ids; rows back
+        i = r["inference"]
+        assert i["err"] < 1e-5 and i["released"] and i["held"] * 2 == i["whole"], (rank, i)
+        assert all("ep_moe op (overlap_degree 2" in s for s in r["chunked"]), r["chunked"]
+
+
 # ------------------------------------------------------------------ failures
 def failure_worker(rank, world, how):
     from dist_failures import fail_last_rank
