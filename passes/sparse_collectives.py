@@ -23,9 +23,12 @@ Hecate's FSSDP instead (codegen/comm/fssdp.py): experts move to the tokens.
     (y, need, handle) = moe_compiler.fssdp_moe(x, logits, bias, w1, w3, w2, b1, b3, b2, spec'')
     y' = getitem(..., 0)             # spec'' notes += ("fssdp", {"group", "owners", "materialize", ...})
 
-The collectives sit inside one opaque custom op with an autograd formula (not functional
-collectives in the graph), so the graph compiles in one piece and Inductor never reorders a
-collective. Placement per layer: the option's placement (file or Placement; layers matched by
+The collectives sit inside one opaque custom op with an autograd formula, so the graph compiles in
+one piece and Inductor never reorders a collective. With option collectives "functional" a mode
+all_to_all layer (overlap_degree 1) becomes instead
+    y = codegen.comm.functional.ep_layer(x, logits, bias, w1, w3, w2, b1, b3, b2, spec')
+a call that aot_autograd traces into functional collectives (all_to_all_single with SymInt splits,
+wait_tensor) beside the rest of the graph; kept rows become buffers of the graph module. Placement per layer: the option's placement (file or Placement; layers matched by
 the placement's layer_names, else by order in the graph), else the ("placement", ...) note of
 plan_placement, else contiguous (expert e on rank e * G // E). The per-layer collective schedule
 (codegen/comm/schedule.py) is dumped as ``comm_schedule.rank<R>.json`` beside the pass dumps.
