@@ -134,6 +134,24 @@ def ep_cases_worker(rank, world, cases):
         dist.all_reduce(totals)
         err = dict(y=_rel(y, y_ref), gx=_rel(p[0].grad, gx), grouter=_rel(p[1].grad, grouter),
                    gw1=_rel(gw[0], gw1_all), gw2=_rel(gw[1], gw2_all))
+        if case["mode"] == "all_to_all":   # the same layer compiled with collectives "functional" (traced)
+            from moe_compiler.passes.placement import Placement
+
+            def layer(x, router, w1, w2, spec=spec.to_json(), skew=skew):
+                return torch.ops.moe_compiler.moe(x, F.linear(x, router) + skew, None, w1, None, w2, None, None, None,
+                                                  spec)
+
+            torch._dynamo.reset()
+            opts = {"expert_parallel": {"collectives": "functional", "placement": Placement(world, [rows]),
+                                        "overlap_degree": 1}, "inner_backend": "eager", "strict": True}
+            q = [t.clone().requires_grad_() for t in (x, router, w1, w2)]
+            yf = torch.compile(layer, backend="moe", options=opts, dynamic=False)(*q)
+            (yf * g).sum().backward()
+            gwf = [t.grad.clone() for t in q[2:]]
+            for t in gwf:
+                dist.all_reduce(t)
+            err.update(fy=_rel(yf, y_ref), fgx=_rel(q[0].grad, gx), fgrouter=_rel(q[1].grad, grouter),
+                       fgw1=_rel(gwf[0], gw1_all), fgw2=_rel(gwf[1], gw2_all))
         report.append(dict(case=case, err=err, grads_stay=stays, received=got, expected=expected,
                            sent=sent, slots=x.shape[0] * spec.top_k, totals=totals.tolist()))
     return report

@@ -18,6 +18,10 @@ it when the graph is compiled, so the ATen graph Inductor schedules holds, per l
     back [T*k, H] = all_to_all_single(y, s, r)
     out [T, H]    = sum_k back[slot] * weights                         fp32, as ep_moe
 
+The function is meant to be traced (the backend always hands its graph to aot_autograd): called
+eagerly, autograd through all_to_all_single_autograd gave wrong input and weight gradients on gloo
+(torch 2.13; the traced backward, with its explicit wait_tensor nodes, is right).
+
 Only the flat all_to_all mode with one token chunk (overlap_degree 1) is built this way; other
 layers keep the ep_moe op (sparse_collectives logs why). The collectives are then Inductor's to
 place: nothing here records their traffic (executor.record_traffic sees the op path only), and the
