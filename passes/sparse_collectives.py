@@ -24,8 +24,8 @@ Hecate's FSSDP instead (codegen/comm/fssdp.py): experts move to the tokens.
     y' = getitem(..., 0)             # spec'' notes += ("fssdp", {"group", "owners", "materialize", ...})
 
 The collectives sit inside one opaque custom op with an autograd formula, so the graph compiles in
-one piece and Inductor never reorders a collective. With option collectives "functional" a mode
-all_to_all layer (overlap_degree 1) becomes instead
+one piece and Inductor never reorders a collective. With option collectives "functional" an
+all_to_all or hierarchical layer becomes instead
     y = codegen.comm.functional.ep_layer(x, logits, bias, w1, w3, w2, b1, b3, b2, spec')
 a call that aot_autograd traces into functional collectives (all_to_all_single with SymInt splits,
 wait_tensor) beside the rest of the graph; kept rows become buffers of the graph module. Placement per layer: the option's placement (file or Placement; layers matched by
@@ -211,7 +211,9 @@ class SparseCollectives:
                 for r in _reports(ctx, spec)[:1]:
                     r.strategy = (f"context-coherent expert parallel over {size} ranks, chain {names[0]} .. {names[-1]} "
                                   f"({len(names)} layers): one dispatch all-to-all per layer, top-k partials to the "
-                                  f"token's anchor rank, tokens go home once after {names[-1]}")
+                                  f"token's anchor rank, tokens go home once after {names[-1]}"
+                                  + ("; in the coherent_moe_chain op (functional collectives cover modes all_to_all "
+                                     "and hierarchical)" if opts["collectives"] == "functional" else ""))
                 per_rank = [[e for e, r in enumerate(plan.placement) if g in r] for g in range(size)]
                 schedule.layers.append(plan_coherent_layer(spec.path or layer.moe.name, size, per_rank,
                                                            last=layer is chain.layers[-1],
@@ -363,17 +365,15 @@ def reads_kept_rows(node) -> bool:
 
 def _functional(opts: dict, plan: EPPlan, spec: MoESpec) -> "bool | str":
     """True when the layer's collectives go into the graph as functional collectives
-    (codegen/comm/functional.py), else why not (the ep_moe op runs it)."""
+    (codegen/comm/functional.py: modes all_to_all and hierarchical, any overlap_degree), else why
+    not (the ep_moe op runs it)."""
     if opts["collectives"] != "functional":
         return "option collectives 'op'"
-    if plan.mode != "all_to_all":
+    if plan.mode not in ("all_to_all", "hierarchical"):
         why = f"mode {plan.mode} runs in the ep_moe op"
-    elif plan.overlap_degree != 1:
-        why = f"overlap_degree {plan.overlap_degree} (token chunks) runs in the ep_moe op"
-    else:
-        return True
-    log.info("sparse_collectives: %s: %s", spec.path or "layer", why)
-    return why
+        log.info("sparse_collectives: %s: %s", spec.path or "layer", why)
+        return why
+    return True
 
 
 def _functional_operands(gm, node, spec: MoESpec, index: int) -> tuple:

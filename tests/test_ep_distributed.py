@@ -94,7 +94,7 @@ def _reference(spec, router, w1, w2, x, g, skew):
     return y.detach(), [t.grad for t in p]
 
 
-def ep_cases_worker(rank, world, cases):
+def ep_cases_worker(rank, world, cases, functional_every=1):
     import torch.distributed as dist
 
     from moe_compiler.codegen.comm import executor
@@ -102,7 +102,7 @@ def ep_cases_worker(rank, world, cases):
     from moe_compiler.reference import route
 
     report = []
-    for case in cases:
+    for index, case in enumerate(cases):
         spec, router, w1, w2, xs, gs, rows, skew = _case_tensors(case, world)
         plan = EPPlan("world", case["mode"], rows, 2 if case["mode"] == "hierarchical" else 0, case["overlap"])
         ep_spec = spec.replace(notes=((NOTE, plan.to_json()),)).to_json()
@@ -134,7 +134,7 @@ def ep_cases_worker(rank, world, cases):
         dist.all_reduce(totals)
         err = dict(y=_rel(y, y_ref), gx=_rel(p[0].grad, gx), grouter=_rel(p[1].grad, grouter),
                    gw1=_rel(gw[0], gw1_all), gw2=_rel(gw[1], gw2_all))
-        if case["mode"] == "all_to_all":   # the same layer compiled with collectives "functional" (traced)
+        if index % functional_every == 0:   # the same layer compiled with functional collectives (a compile per case)
             from moe_compiler.passes.placement import Placement
 
             def layer(x, router, w1, w2, spec=spec.to_json(), skew=skew):
@@ -142,8 +142,11 @@ def ep_cases_worker(rank, world, cases):
                                                   spec)
 
             torch._dynamo.reset()
-            opts = {"expert_parallel": {"collectives": "functional", "placement": Placement(world, [rows]),
-                                        "overlap_degree": 1}, "inner_backend": "eager", "strict": True}
+            ep = {"collectives": "functional", "placement": Placement(world, [rows]), "mode": case["mode"],
+                  "overlap_degree": case["overlap"]}
+            if case["mode"] == "hierarchical":
+                ep["ranks_per_node"] = 2
+            opts = {"expert_parallel": ep, "inner_backend": "eager", "strict": True}
             q = [t.clone().requires_grad_() for t in (x, router, w1, w2)]
             yf = torch.compile(layer, backend="moe", options=opts, dynamic=False)(*q)
             (yf * g).sum().backward()
@@ -189,8 +192,8 @@ def test_ep_two_ranks_equals_single_process(cases):
 @settings(max_examples=2, deadline=None, phases=(Phase.explicit, Phase.generate), database=None)  # no shrinking (spawns are slow); example 1 is the minimal one, example 2 random
 @given(cases=st.lists(ep_cases(4, modes=("all_to_all", "hierarchical")), min_size=16, max_size=16))
 def test_ep_four_ranks_flat_and_hierarchical(cases):
-    reports = run_ranks("test_ep_distributed:ep_cases_worker", 4, {"cases": cases}, timeout=170, pg_timeout=60,
-                        python_path=(HERE,))
+    reports = run_ranks("test_ep_distributed:ep_cases_worker", 4, {"cases": cases, "functional_every": 4}, timeout=170,
+                        pg_timeout=60, python_path=(HERE,))
     _check_report(reports, 4)
 
 
@@ -299,6 +302,7 @@ def functional_worker(rank, world, dump_dir, placement_path):
     from hf_models import make_model
 
     import moe_compiler
+    from moe_compiler.explain import collect_records
     from moe_compiler.pipeline import counters
     from moe_compiler.runtime import ep_weights
     from moe_compiler.runtime.expert_parallel import EXPERT_PARAM_NAMES, expert_bytes_held, expert_modules
@@ -349,18 +353,37 @@ def functional_worker(rank, world, dump_dir, placement_path):
                if n in EXPERT_PARAM_NAMES]
     out["inference"] = dict(err=err, released=all(ep_weights.is_released(p) for p in tensors),
                             held=expert_bytes_held(model), whole=whole)
-    # what stays in the op: token chunks, and hierarchical mode
+    # token chunks and hierarchical mode (2 "nodes" of 1 rank) as functional collectives too, forward and backward
+    for extra in ({"overlap_degree": 2}, {"mode": "hierarchical", "ranks_per_node": 1, "overlap_degree": 3}):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = _Stack()
+        ref = copy.deepcopy(model)
+        x = torch.randn(2 + rank, 5, 16, generator=torch.Generator().manual_seed(rank))
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        cm = torch.compile(model, backend="moe", options={"expert_parallel": {"collectives": "functional", **extra},
+                                                          "inner_backend": "eager", "strict": True})
+        with collect_records() as records:
+            y = cm(xa)
+        y.square().sum().backward()
+        y_ref = ref(xb)
+        y_ref.square().sum().backward()
+        out[json.dumps(extra)] = dict(err=max(_rel(y, y_ref), _rel(xa.grad, xb.grad)),
+                                      strategy=[m.strategy for rec in records for m in rec.moe_layers])
+    # coherent chains keep their op, and say so
     torch._dynamo.reset()
-    report = moe_compiler.explain(_Stack(), torch.randn(2, 4, 16),
-                                  expert_parallel={"collectives": "functional", "overlap_degree": 2})
-    out["chunked"] = [r.strategy for r in report.moe_layers]
+    from torch_moe_styles import ChainedMoEStack
+
+    report = moe_compiler.explain(ChainedMoEStack(2, 16, 4, 5, 2, "rms", True), torch.randn(2, 3, 16),
+                                  expert_parallel={"collectives": "functional", "mode": "coherent"})
+    out["coherent"] = [r.strategy for r in report.moe_layers]
     return out
 
 
 def test_functional_collectives_in_the_graph(tmp_path):
     """Option collectives "functional": forward and backward through all_to_all_single in the traced graph
-    (eager and Inductor) equal single-process eager, replicas included; inference keeps only this rank's
-    rows; layers the functional form does not cover keep the ep_moe op and say why."""
+    (eager and Inductor) equal single-process eager, replicas, token chunks and hierarchical mode included;
+    inference keeps only this rank's rows; coherent chains keep their op and say so."""
     from moe_compiler.passes.placement import Placement
 
     layers = [[[e % 2] for e in range(6)] for _ in range(2)]
@@ -378,7 +401,10 @@ def test_functional_collectives_in_the_graph(tmp_path):
             assert f["fwd_a2a"] >= 6 and f["bwd_a2a"] >= 4, (rank, inner, f)   # counts, rows, ids; rows back
         i = r["inference"]
         assert i["err"] < 1e-5 and i["released"] and i["held"] * 2 == i["whole"], (rank, i)
-        assert all("ep_moe op (overlap_degree 2" in s for s in r["chunked"]), r["chunked"]
+        for extra in ('{"overlap_degree": 2}', '{"mode": "hierarchical", "ranks_per_node": 1, "overlap_degree": 3}'):
+            assert r[extra]["err"] < 1e-5, (rank, extra, r[extra])
+            assert all("functional collectives in the graph" in s for s in r[extra]["strategy"]), r[extra]
+        assert all("in the coherent_moe_chain op" in s for s in r["coherent"]), r["coherent"]
 
 
 # ------------------------------------------------------------------ failures

@@ -7,25 +7,27 @@ it when the graph is compiled, so the ATen graph Inductor schedules holds, per l
 
     ids, weights  = top-k routing of this rank's tokens (weights differentiable in the logits)
     dest [T*k]    = rank of each slot's expert (replicas: round-robin, as ep_moe)
-    send [G]      = per-destination slot counts: a one-hot sum, fixed size (no bincount)
-    recv [G]      = _c10d_functional.all_to_all_single(send)          + wait_tensor
-    s_i, r_i      = send.tolist(), recv.tolist(): unbacked SymInts, torch._check_is_size'd
-    rows [sum r_i, H] = all_to_all_single(x[slot tokens sorted by dest], r, s)     (autograd: the
-                        backward is the reverse all-to-all, _c10d_functional_autograd)
-    eids          = all_to_all_single(slot experts, r, s)              (no gradient)
-    y [sum r_i, H] = this rank's experts (moe_compiler.routed_experts in training, for its
-                     backward; grouped_experts in inference)
-    back [T*k, H] = all_to_all_single(y, s, r)
+    per token chunk (overlap_degree chunks), per hop (world; hierarchical: intra-node by
+    dest % M, then inter-node by dest // M, Tutel's 2DH):
+      send [G]      = per-destination slot counts: a one-hot sum, fixed size (no bincount)
+      recv [G]      = _c10d_functional.all_to_all_single(send)          + wait_tensor
+      s_i, r_i      = send.tolist(), recv.tolist(): unbacked SymInts, torch._check_is_size'd
+      rows [sum r_i, H] = all_to_all_single(rows sorted by dest, r, s)  (autograd: the backward is
+                          the reverse all-to-all, _c10d_functional_autograd)
+      meta          = all_to_all_single((expert, final rank) of each row, r, s)   (no gradient)
+    y [R, H]      = this rank's experts (moe_compiler.routed_experts in training, for its
+                    backward; grouped_experts in inference)
+    back          = the reverse all-to-alls, hops in reverse order, back into slot order
     out [T, H]    = sum_k back[slot] * weights                         fp32, as ep_moe
 
 The function is meant to be traced (the backend always hands its graph to aot_autograd): called
 eagerly, autograd through all_to_all_single_autograd gave wrong input and weight gradients on gloo
 (torch 2.13; the traced backward, with its explicit wait_tensor nodes, is right).
 
-Only the flat all_to_all mode with one token chunk (overlap_degree 1) is built this way; other
-layers keep the ep_moe op (sparse_collectives logs why). The collectives are then Inductor's to
-place: nothing here records their traffic (executor.record_traffic sees the op path only), and the
-comm schedule dump describes the same steps.
+Modes all_to_all and hierarchical, with any overlap_degree, are built this way (coherent chains
+and FSSDP keep their ops). The collectives are then Inductor's to place: nothing here records
+their traffic (executor.record_traffic sees the op path only), and the comm schedule dump
+describes the same steps.
 """
 from __future__ import annotations
 
@@ -44,8 +46,12 @@ def ep_layer(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec: st
     (module docstring). Expert weights: all experts [E, ...] or this rank's rows [E_local, ...]."""
     s = _spec(spec)
     plan = plan_of(s)
-    group = executor.resolve_group(plan.group)
-    size, rank = executor.dist.get_world_size(group), executor.dist.get_rank(group)
+    if plan.mode == "hierarchical":
+        hops = executor.node_hops(plan.ranks_per_node)
+        rank = executor.dist.get_rank()
+    else:
+        hops = (executor.world_hop(executor.resolve_group(plan.group)),)
+        rank = hops[0].rank
     H, E, k = hidden.shape[-1], s.num_experts, s.top_k
     x = hidden.reshape(-1, H)
     T = x.shape[0]
@@ -60,20 +66,47 @@ def ep_layer(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec: st
 
     flat = ids.reshape(-1)
     dest = slot_destinations(flat, plan, rank)
+    token = torch.div(torch.arange(flat.numel(), device=x.device), k, rounding_mode="floor")
+    chunks = max(1, int(plan.overlap_degree))
+    outs = []
+    for c in range(chunks):   # token chunks (Tutel's overlap degree): independent exchanges, in order
+        lo, hi = (T * c // chunks) * k, (T * (c + 1) // chunks) * k
+        rows, meta = x.index_select(0, token[lo:hi]), torch.stack([flat[lo:hi], dest[lo:hi]], 1)
+        routes = []
+        for hop in hops:   # hierarchical: to the final rank's position in this node, then across nodes
+            hop_dest = meta[:, 1] if hop.name == "world" else (
+                meta[:, 1] % plan.ranks_per_node if hop.name == "intra_node" else meta[:, 1] // plan.ranks_per_node)
+            rows, meta, route = _route(rows, meta, hop_dest, hop)
+            routes.append(route)
+        y = _local_experts(rows, local_index[meta[:, 0]], local_w, spec)
+        for route in reversed(routes):
+            y = _reverse(y, route)
+        outs.append(y)
+    per_slot = torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+    out = (per_slot.view(T, k, H) * weights.float().unsqueeze(-1)).sum(1)
+    return out.to(hidden.dtype).reshape(hidden.shape)
+
+
+def _route(rows, meta, dest, hop):
+    """Send rows [S, H] (differentiable) and meta [S, m] (int64) to group rank dest [S] of the hop:
+    -> (received rows, received meta, route for _reverse). Received rows arrive grouped by sender."""
+    size = hop.size
     order = torch.argsort(dest, stable=True)
-    send_counts = (dest.unsqueeze(1) == torch.arange(size, device=x.device)).sum(0)
-    recv_counts = funcol.all_to_all_single(send_counts, [1] * size, [1] * size, group)
+    send_counts = (dest.unsqueeze(1) == torch.arange(size, device=dest.device)).sum(0)   # fixed size [G]
+    recv_counts = funcol.all_to_all_single(send_counts, [1] * size, [1] * size, hop.group)
     send, recv = send_counts.tolist(), recv_counts.tolist()
     for n in send + recv:
         torch._check_is_size(n)
-    xs = x.index_select(0, torch.div(order, k, rounding_mode="floor"))
-    rows = funcol.all_to_all_single_autograd(xs, recv, send, group)
-    eids = funcol.all_to_all_single(flat.index_select(0, order), recv, send, group)
-    y = _local_experts(rows, local_index[eids], local_w, spec)
+    got = funcol.all_to_all_single_autograd(rows.index_select(0, order), recv, send, hop.group)
+    got_meta = funcol.all_to_all_single(meta.index_select(0, order), recv, send, hop.group)
+    return got, got_meta, (order, send, recv, hop.group)
+
+
+def _reverse(y, route):
+    """Results y [R, H] of rows a _route delivered -> [S, H] in the order the rows were given."""
+    order, send, recv, group = route
     back = funcol.all_to_all_single_autograd(y, send, recv, group)
-    per_slot = torch.zeros_like(back).index_copy(0, order, back)
-    out = (per_slot.view(T, k, H) * weights.float().unsqueeze(-1)).sum(1)
-    return out.to(hidden.dtype).reshape(hidden.shape)
+    return torch.zeros_like(back).index_copy(0, order, back)
 
 
 def _local_experts(rows, local_ids, local_w, spec: str) -> torch.Tensor:

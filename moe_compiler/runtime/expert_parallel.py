@@ -11,9 +11,9 @@
                                  "placement": "plan.json",     # or a Placement object; default contiguous
                                  "overlap_degree": 1,          # token chunks per layer (Tutel)
                                  "movement": "tokens",         # or "weights" (FSSDP, Hecate) or "auto"
-                                 "collectives": "op",          # or "functional": mode all_to_all layers
-                                                               # (overlap_degree 1) as functional collectives
-                                                               # in the graph (codegen/comm/functional.py)
+                                 "collectives": "op",          # or "functional": all_to_all / hierarchical
+                                                               # layers as functional collectives in the
+                                                               # graph (codegen/comm/functional.py)
                                  "release_parameters": True}}  # inference graphs: keep only this rank's
                                                                # expert rows, free the module's whole tensors
                                                                # (runtime/ep_weights.py); False for a model
