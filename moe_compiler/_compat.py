@@ -224,9 +224,9 @@ def fake_like(gm: torch.fx.GraphModule, tensor: torch.Tensor):
 def allow_data_dependent_scalars(gm: torch.fx.GraphModule) -> None:
     """Let tracing turn tensor values into unbacked SymInts (``.tolist()`` of the functional expert-parallel
     layers' counts), as ``torch._dynamo.config.capture_scalar_outputs`` does for the graphs dynamo traces."""
-    from torch._guards import TracingContext
-
     import dataclasses
+
+    from torch._guards import TracingContext
 
     ctx = TracingContext.try_get()
     for mode in (fake_mode_of(gm), ctx.fake_mode if ctx is not None else None):

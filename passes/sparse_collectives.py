@@ -28,9 +28,11 @@ one piece and Inductor never reorders a collective. With option collectives "fun
 all_to_all or hierarchical layer becomes instead
     y = codegen.comm.functional.ep_layer(x, logits, bias, w1, w3, w2, b1, b3, b2, spec')
 a call that aot_autograd traces into functional collectives (all_to_all_single with SymInt splits,
-wait_tensor) beside the rest of the graph; kept rows become buffers of the graph module. Placement per layer: the option's placement (file or Placement; layers matched by
-the placement's layer_names, else by order in the graph), else the ("placement", ...) note of
-plan_placement, else contiguous (expert e on rank e * G // E). The per-layer collective schedule
+wait_tensor) beside the rest of the graph; kept rows become buffers of the graph module.
+
+Placement per layer: the option's placement (file or Placement; layers matched by the placement's
+layer_names, else by order in the graph), else the ("placement", ...) note of plan_placement, else
+contiguous (expert e on rank e * G // E). The per-layer collective schedule
 (codegen/comm/schedule.py) is dumped as ``comm_schedule.rank<R>.json`` beside the pass dumps.
 """
 from __future__ import annotations
@@ -149,12 +151,11 @@ class SparseCollectives:
                 r.strategy = f"expert parallel over {size} ranks: tokens move to the experts (mode {layer_mode}; {why})"
             new_spec = spec.replace(notes=spec.notes + ((NOTE, plan.to_json()),))
             new_spec = kept.note(new_spec, node.args[3:9], plan.local_experts(kept.rank))
-            functional = _functional(opts, plan, spec)
+            functional = opts["collectives"] == "functional"   # layers here run all_to_all or hierarchical
             for r in reports[:1]:
-                r.strategy += "; functional collectives in the graph" if functional is True else (
-                    f"; ep_moe op ({functional})" if opts["collectives"] == "functional" else "")
+                r.strategy += "; functional collectives in the graph" if functional else ""
             with graph.inserting_before(node):
-                if functional is True:
+                if functional:
                     args, new_spec = _functional_operands(gm, node, new_spec, i)
                     ep = graph.call_function(functional_ep_layer, (*args, new_spec.to_json()))
                 else:
@@ -349,7 +350,8 @@ class _KeptRows:
         return len(free)
 
 
-_MOE_TARGETS = (MOE_OP, EP_MOE_OP, coherent.COHERENT_CHAIN_OP, fssdp.FSSDP_MOE_OP, functional_ep_layer)   # a layer's op before and after this pass
+# a layer's op before and after this pass
+_MOE_TARGETS = (MOE_OP, EP_MOE_OP, coherent.COHERENT_CHAIN_OP, fssdp.FSSDP_MOE_OP, functional_ep_layer)
 
 
 def reads_kept_rows(node) -> bool:
@@ -361,19 +363,6 @@ def reads_kept_rows(node) -> bool:
     if node.target is coherent.COHERENT_CHAIN_OP:
         return all(lp.spec.note(ep_weights.NOTE) is not None for lp in coherent.program_of(node.args[-1]).layers)
     return False
-
-
-def _functional(opts: dict, plan: EPPlan, spec: MoESpec) -> "bool | str":
-    """True when the layer's collectives go into the graph as functional collectives
-    (codegen/comm/functional.py: modes all_to_all and hierarchical, any overlap_degree), else why
-    not (the ep_moe op runs it)."""
-    if opts["collectives"] != "functional":
-        return "option collectives 'op'"
-    if plan.mode not in ("all_to_all", "hierarchical"):
-        why = f"mode {plan.mode} runs in the ep_moe op"
-        log.info("sparse_collectives: %s: %s", spec.path or "layer", why)
-        return why
-    return True
 
 
 def _functional_operands(gm, node, spec: MoESpec, index: int) -> tuple:
