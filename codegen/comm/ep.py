@@ -122,9 +122,9 @@ def _local_weight(w, local: list, num_experts: int, name: str):
                      f"{len(local)} (this rank's experts {local})")
 
 
-def _run_experts(xr, er, local_w, local_index, spec: MoESpec):
-    """Received rows xr [R, H] of experts er [R] -> fp32 [R, H] (unweighted expert outputs)."""
-    li = local_index[er]
+def _run_experts(xr, er, local_w, index, spec: MoESpec):
+    """Received rows xr [R, H] of experts er [R] (index: local_index) -> fp32 [R, H] (unweighted outputs)."""
+    li = index[er]
     ones = torch.ones((xr.shape[0], 1), dtype=torch.float32, device=xr.device)
     if torch.is_grad_enabled():
         yr = reference.experts_forward(xr, li.unsqueeze(1), ones, *local_w, spec.experts)
@@ -137,19 +137,37 @@ def _run_experts(xr, er, local_w, local_index, spec: MoESpec):
     return yr.float()
 
 
+def plan_hops(plan: EPPlan) -> tuple:
+    """(hops, this process's rank in the plan's group): the group's one hop, or hierarchical's intra-node
+    then inter-node hops (of the world group)."""
+    if plan.mode == "hierarchical":
+        return executor.node_hops(plan.ranks_per_node), executor.dist.get_rank()
+    hop = executor.world_hop(executor.resolve_group(plan.group))
+    return (hop,), hop.rank
+
+
+def hop_destinations(dest: torch.Tensor, hop, plan: EPPlan) -> torch.Tensor:
+    """Final group ranks dest [S] -> the ranks of this hop's group the rows go to (hierarchical: the
+    final rank's position within a node, then its node)."""
+    if hop.name == "world":
+        return dest
+    return dest % plan.ranks_per_node if hop.name == "intra_node" else dest // plan.ranks_per_node
+
+
+def local_index(plan: EPPlan, rank: int, device) -> torch.Tensor:
+    """[E] int64: each expert's row among this rank's local weights (ascending expert order), -1 if not here."""
+    local = plan.local_experts(rank)
+    index = torch.full((len(plan.placement),), -1, dtype=torch.int64, device=device)
+    index[local] = torch.arange(len(local), dtype=torch.int64, device=device)
+    return index
+
+
 def ep_experts(x, ids, local_w, spec: MoESpec, plan: EPPlan) -> torch.Tensor:
     """x [T, H], ids [T, k] -> per-slot expert outputs [T*k, H] fp32, computed on the experts' ranks."""
     T, k = ids.shape
     layer = spec.path or "moe"
-    if plan.mode == "hierarchical":
-        hops = executor.node_hops(plan.ranks_per_node)
-        rank = executor.dist.get_rank()
-    else:
-        hops = (executor.world_hop(executor.resolve_group(plan.group)),)
-        rank = hops[0].rank
-    local = plan.local_experts(rank)
-    local_index = torch.full((len(plan.placement),), -1, dtype=torch.int64, device=x.device)
-    local_index[local] = torch.arange(len(local), dtype=torch.int64, device=x.device)
+    hops, rank = plan_hops(plan)
+    local = local_index(plan, rank, x.device)
     flat = ids.reshape(-1)
     dest = slot_destinations(flat, plan, rank)
     token = torch.div(torch.arange(flat.numel(), device=x.device), k, rounding_mode="floor")
@@ -162,12 +180,11 @@ def ep_experts(x, ids, local_w, spec: MoESpec, plan: EPPlan) -> torch.Tensor:
         meta = torch.stack([flat[sl], dest[sl]], 1)
         routes = []
         for hop in hops:
-            hop_dest = meta[:, 1] if hop.name == "world" else (
-                meta[:, 1] % plan.ranks_per_node if hop.name == "intra_node" else meta[:, 1] // plan.ranks_per_node)
-            (xs, meta), route = executor.route_rows([xs, meta], hop_dest, hop, layer=layer,
+            (xs, meta), route = executor.route_rows([xs, meta], hop_destinations(meta[:, 1], hop, plan), hop,
+                                                    layer=layer,
                                                     name="dispatch" + ("" if hop.name == "world" else "_" + hop.name))
             routes.append(route)
-        yr = _run_experts(xs, meta[:, 0], local_w, local_index, spec)
+        yr = _run_experts(xs, meta[:, 0], local_w, local, spec)
         for route in reversed(routes):
             yr = executor.reverse_rows(yr, route, name="combine" + ("" if route.hop.name == "world"
                                                                      else "_" + route.hop.name))
@@ -175,22 +192,30 @@ def ep_experts(x, ids, local_w, spec: MoESpec, plan: EPPlan) -> torch.Tensor:
     return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
 
 
+def route_tokens(hidden, router_logits, score_bias, spec: MoESpec) -> tuple:
+    """This rank's tokens: (x [T, H], ids [T, k] chosen without gradient, weights [T, k] differentiable
+    in the logits)."""
+    x = hidden.reshape(-1, hidden.shape[-1])
+    logits = router_logits.reshape(x.shape[0], spec.num_experts)
+    with torch.no_grad():
+        ids, _ = reference.route(logits, score_bias, spec.router)
+    return x, ids, gating_weights(logits, ids, spec)
+
+
+def combine(per_slot, weights, hidden) -> torch.Tensor:
+    """Per-slot expert outputs [T*k, H] and routing weights [T, k] -> hidden's shape and dtype (fp32 sum)."""
+    T, k = weights.shape
+    out = (per_slot.view(T, k, hidden.shape[-1]) * weights.float().unsqueeze(-1)).sum(1)
+    return out.to(hidden.dtype).reshape(hidden.shape)
+
+
 def ep_moe_forward(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec: MoESpec) -> torch.Tensor:
     """The op's semantics on this rank's tokens: returns hidden's shape and dtype."""
     plan = plan_of(spec)
-    H, E = hidden.shape[-1], spec.num_experts
-    x = hidden.reshape(-1, H)
-    T = x.shape[0]
-    logits = router_logits.reshape(T, E)
-    with torch.no_grad():
-        ids, _ = reference.route(logits, score_bias, spec.router)
-    weights = gating_weights(logits, ids, spec)
-    rank = executor.dist.get_rank(executor.resolve_group(plan.group)) if plan.mode != "hierarchical" \
-        else executor.dist.get_rank()
+    x, ids, weights = route_tokens(hidden, router_logits, score_bias, spec)
+    _, rank = plan_hops(plan)
     local_w = local_weights(spec, (w1, w3, w2, b1, b3, b2), plan.local_experts(rank))
-    ys = ep_experts(x, ids, local_w, spec, plan)
-    out = (ys.view(T, spec.top_k, H) * weights.float().unsqueeze(-1)).sum(1)
-    return out.to(hidden.dtype).reshape(hidden.shape)
+    return combine(ep_experts(x, ids, local_w, spec, plan), weights, hidden)
 
 
 # ------------------------------------------------------------------ custom ops

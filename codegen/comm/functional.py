@@ -34,10 +34,8 @@ from __future__ import annotations
 import torch
 import torch.distributed._functional_collectives as funcol
 
-from moe_compiler import reference
-from moe_compiler.codegen.comm import executor
-from moe_compiler.codegen.comm.ep import local_weights, plan_of, slot_destinations
-from moe_compiler.codegen.ops import gating_weights
+from moe_compiler.codegen.comm.ep import (combine, hop_destinations, local_index, local_weights, plan_hops, plan_of,
+                                          route_tokens, slot_destinations)
 from moe_compiler.ir import _spec
 
 
@@ -46,23 +44,11 @@ def ep_layer(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec: st
     (module docstring). Expert weights: all experts [E, ...] or this rank's rows [E_local, ...]."""
     s = _spec(spec)
     plan = plan_of(s)
-    if plan.mode == "hierarchical":
-        hops = executor.node_hops(plan.ranks_per_node)
-        rank = executor.dist.get_rank()
-    else:
-        hops = (executor.world_hop(executor.resolve_group(plan.group)),)
-        rank = hops[0].rank
-    H, E, k = hidden.shape[-1], s.num_experts, s.top_k
-    x = hidden.reshape(-1, H)
-    T = x.shape[0]
-    logits = router_logits.reshape(T, E)
-    with torch.no_grad():
-        ids, _ = reference.route(logits, score_bias, s.router)
-    weights = gating_weights(logits, ids, s)
-    local = plan.local_experts(rank)
-    local_w = local_weights(s, (w1, w3, w2, b1, b3, b2), local)
-    local_index = torch.full((E,), -1, dtype=torch.int64, device=x.device)
-    local_index[local] = torch.arange(len(local), dtype=torch.int64, device=x.device)
+    hops, rank = plan_hops(plan)
+    x, ids, weights = route_tokens(hidden, router_logits, score_bias, s)
+    T, k = ids.shape
+    local_w = local_weights(s, (w1, w3, w2, b1, b3, b2), plan.local_experts(rank))
+    local = local_index(plan, rank, x.device)
 
     flat = ids.reshape(-1)
     dest = slot_destinations(flat, plan, rank)
@@ -74,17 +60,13 @@ def ep_layer(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec: st
         rows, meta = x.index_select(0, token[lo:hi]), torch.stack([flat[lo:hi], dest[lo:hi]], 1)
         routes = []
         for hop in hops:   # hierarchical: to the final rank's position in this node, then across nodes
-            hop_dest = meta[:, 1] if hop.name == "world" else (
-                meta[:, 1] % plan.ranks_per_node if hop.name == "intra_node" else meta[:, 1] // plan.ranks_per_node)
-            rows, meta, route = _route(rows, meta, hop_dest, hop)
+            rows, meta, route = _route(rows, meta, hop_destinations(meta[:, 1], hop, plan), hop)
             routes.append(route)
-        y = _local_experts(rows, local_index[meta[:, 0]], local_w, spec)
+        y = _local_experts(rows, local[meta[:, 0]], local_w, spec)
         for route in reversed(routes):
             y = _reverse(y, route)
         outs.append(y)
-    per_slot = torch.cat(outs, 0) if len(outs) > 1 else outs[0]
-    out = (per_slot.view(T, k, H) * weights.float().unsqueeze(-1)).sum(1)
-    return out.to(hidden.dtype).reshape(hidden.shape)
+    return combine(torch.cat(outs, 0) if len(outs) > 1 else outs[0], weights, hidden)
 
 
 def _route(rows, meta, dest, hop):
