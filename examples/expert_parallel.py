@@ -14,7 +14,9 @@ tensors; each mode therefore compiles a fresh copy of the model). The "fssdp" mo
 (``{"movement": "weights"}``) moves the experts each rank's tokens use instead of the tokens.
 Mode "coherent" keeps tokens on their experts' ranks between MoE layers joined by per-token ops
 only; Mixtral has attention between its MoE layers, so the script prints why it falls back to two
-all-to-alls there (tests/test_ep_distributed.py runs it where it applies).
+all-to-alls there (tests/test_ep_distributed.py runs it where it applies). "functional" is mode
+all_to_all with ``"collectives": "functional"``: the all-to-alls are functional collectives traced
+into the graph, which the traffic recorder does not see (no byte count is printed for it).
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ import torch
 
 MODES = (("all_to_all", {}), ("hierarchical", {"ranks_per_node": 2}),
          ("coherent", {}),                     # ExFlow: applies only where MoE layers are joined by per-token ops
-         ("fssdp", {"movement": "weights"}))   # Hecate: the experts move to the tokens instead
+         ("fssdp", {"movement": "weights"}),   # Hecate: the experts move to the tokens instead
+         ("functional", {"collectives": "functional"}))   # all_to_all as functional collectives in the graph
 
 
 def build_model():
@@ -57,7 +60,7 @@ def rank_main(rank, world, tokens):
     for mode, extra in MODES:
         torch._dynamo.reset()
         model = build_model()  # a fresh copy: an inference compile releases the experts this rank does not hold
-        opts = extra if mode == "fssdp" else {"mode": mode, **extra}
+        opts = extra if mode in ("fssdp", "functional") else {"mode": mode, **extra}
         compiled = torch.compile(model, backend="moe", options={
             "expert_parallel": opts, "inner_backend": "eager", "strict": True})
         with torch.no_grad():
@@ -88,6 +91,11 @@ def main(argv=None):
     print(f"expert weight bytes per rank (contiguous placement): {res[0]['expert_bytes_whole']} B in the whole "
           "model; each rank's share: " + ", ".join(f"rank {r}: {b} B" for r, b in enumerate(res[0]["expert_bytes"])))
     for mode, _ in MODES:
+        if mode == "functional":   # Inductor-traced collectives: the executor's traffic recorder does not see them
+            print(f"{mode:<13} all_to_all as functional collectives in the graph "
+                  f"({res[0][mode]['strategy'][0] if res[0][mode]['strategy'] else '?'}); expert weight bytes "
+                  "each rank holds: " + ", ".join(f"rank {r}: {res[r][mode]['held']} B" for r in range(len(res))))
+            continue
         payload = sum(r[mode]["payload"] for r in res)
         meta = sum(r[mode]["meta"] for r in res)
         what = "expert weights (sparse all-gather)" if mode == "fssdp" else "hidden states"
