@@ -57,7 +57,9 @@ Methods (all behind :func:`plan`)::
                     networkx, of hop costs from the layer before) and "chains" (a global view:
                     a maximum-weight matching links experts of consecutive layers into E chains;
                     the chain affinity graph is partitioned over nodes, then over each node's
-                    ranks, Kernighan-Lin style, with a soft load penalty);
+                    ranks, Kernighan-Lin style, with a soft load penalty); with a coherent weight
+                    also "coactivated" (per layer, a balanced partition of the experts tokens
+                    choose together, relabelled to follow the layer before);
                  2. forward construction from "chains" and from "eplb": re-solve layers 1..L-1
                     in order, each given the layer before (ExFlow's consecutive-layer pairs);
                  3. block-coordinate descent: one MILP per layer with both neighbouring layers
@@ -68,6 +70,9 @@ Methods (all behind :func:`plan`)::
                     (HiGHS: highspy with the current placement as warm start, or
                     scipy.optimize.milp). Layers with many experts x ranks are split further
                     into random rank blocks (a large-neighbourhood search).
+                 4. swap descent on the result (15% of the time limit): exchange two experts'
+                    ranks within a layer while the true objective improves; it sees the terms
+                    that couple experts of one layer (coherent rows), which the sub-MILPs leave out.
                  A sub-solution is kept only if the true objective improves, and the result is
                  the best over the paths and the greedy starts: never worse than the best greedy.
 
@@ -1194,7 +1199,7 @@ def _swap_descent(sc: _Scorer, x: np.ndarray, deadline: float, seed: int) -> Tup
     """First-improvement local search: exchange the ranks of two experts' copies within one layer
     while the true objective (``sc.local``) improves. Copies per rank and per expert stay as they
     are, so the slot budget holds. Catches what the per-layer MILPs cannot see as linear, such as
-    the split-pairs term (both experts of a pair are variables of the same layer).
+    the coherent-rows term (the experts a token chooses together are variables of the same layer).
     Returns (placement, swaps made)."""
     rng = np.random.default_rng(seed)
     x = x.copy()
