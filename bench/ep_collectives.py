@@ -1,13 +1,15 @@
 """Expert parallelism in a compiled model: the ep_moe op against functional collectives in the graph.
 
-    python bench/ep_collectives.py [--quick] [--ranks 2] [--tokens 64] [--reps 15]
+    python bench/ep_collectives.py [--quick] [--ranks 2] [--tokens 64] [--reps 15] [--overlap 2] [--reorder]
 
 A transformers Mixtral built from a config (random weights; hidden 256, 8 experts, top-2, 2 layers)
 on N gloo ranks, each feeding its own batch, compiled with backend "moe" and Inductor twice:
 ``expert_parallel={"collectives": "op"}`` (the default: one opaque ep_moe op per layer, run by the
 collective executor) and ``{"collectives": "functional"}`` (functional collectives traced into the
-graph). Both are timed in one process, interleaved, for an inference forward and a training step
-(forward + backward); medians over the repetitions, the slowest rank's time per step. Every
+graph). ``--overlap N`` sets overlap_degree (token chunks), ``--reorder`` turns on Inductor's
+reorder_for_compute_comm_overlap in the ranks. Both are timed in one process, interleaved, for an
+inference forward and a training step (forward + backward); medians over the repetitions, the
+slowest rank's time per step. Every
 variant's logits are compared with single-process eager (and the training loss). The LAST line is
 JSON: ``functional_over_op_inference``, ``functional_over_op_training`` (time ratios, < 1 = the
 functional form is faster) and ``outputs_equal``.
@@ -43,8 +45,11 @@ def build_model(hidden: int):
     return model
 
 
-def worker(rank, world, tokens, hidden, reps):
+def worker(rank, world, tokens, hidden, reps, overlap=1, reorder=False):
     import torch.distributed as dist
+
+    if reorder:   # Inductor may move a collective's issue earlier and its wait later, around compute
+        torch._inductor.config.reorder_for_compute_comm_overlap = True
 
     ids = torch.randint(0, 256, (1, tokens), generator=torch.Generator().manual_seed(100 + rank))
     base = build_model(hidden)
@@ -53,7 +58,7 @@ def worker(rank, world, tokens, hidden, reps):
     ref_loss = base.train()(ids).logits.float().square().mean()
     runs, err = {}, {}
     for v in VARIANTS:
-        opts = {"expert_parallel": {"collectives": v, "release_parameters": False}}
+        opts = {"expert_parallel": {"collectives": v, "release_parameters": False, "overlap_degree": overlap}}
         inf_model, train_model = copy.deepcopy(base).eval(), copy.deepcopy(base).train()
         runs[v] = (torch.compile(inf_model, backend="moe", options=opts),
                    torch.compile(train_model, backend="moe", options=opts), train_model)
@@ -90,6 +95,9 @@ def main(argv=None) -> dict:
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--overlap", type=int, default=1, help="overlap_degree: token chunks per layer")
+    p.add_argument("--reorder", action="store_true",
+                   help="torch._inductor.config.reorder_for_compute_comm_overlap in the ranks")
     a = p.parse_args(argv)
     tokens = a.tokens or (32 if a.quick else 128)
     reps = a.reps or (7 if a.quick else 21)
@@ -97,7 +105,8 @@ def main(argv=None) -> dict:
     from moe_compiler.runtime.launch import run_ranks
 
     t0 = time.perf_counter()
-    res = run_ranks("ep_collectives:worker", a.ranks, dict(tokens=tokens, hidden=a.hidden, reps=reps), timeout=1200,
+    res = run_ranks("ep_collectives:worker", a.ranks, dict(tokens=tokens, hidden=a.hidden, reps=reps, overlap=a.overlap,
+                                                        reorder=a.reorder), timeout=1200,
                     pg_timeout=300, python_path=(os.path.dirname(os.path.abspath(__file__)),))
     slowest = {k: max(r["median_s"][k] for r in res) for k in res[0]["median_s"]}
     errs = {k: max(r["err"][k] for r in res) for k in res[0]["err"]}
