@@ -45,13 +45,14 @@ class BackendConfig:
     # torch.compile's mode= (None, "default", "reduce-overhead", "max-autotune", ...), passed to Inductor.
     mode: Optional[str] = None
     # Expert placement for every MoE layer: {"file": placement.json} or {"trace": routing.npz, "ranks": N,
-    # "ranks_per_node": M, "method": "ilp"|"eplb"|..., "replicas": R}; None = no placement.
+    # "ranks_per_node": M, "method": "ilp"|"eplb"|..., "replicas": R, "coherent_weight": w}; None = no placement.
     placement: Optional[dict] = None
     # Expert parallelism on torch.distributed (pass sparse_collectives): True (world group, all_to_all,
-    # contiguous placement) or {"group": pg|name|None, "mode": "all_to_all"|"hierarchical"|"auto",
+    # contiguous placement) or {"group": pg|name|None, "mode": "all_to_all"|"hierarchical"|"coherent"|"auto",
     # "ranks_per_node": M (hierarchical), "placement": path|Placement, "overlap_degree": n,
     # "movement": "tokens"|"weights"|"auto" (weights = FSSDP, Hecate), "materialize": "needed"|"sparse",
-    # "replicate": n|"auto", "rematerialize": bool, "load_window": n}; None/False = off.
+    # "replicate": n|"auto", "rematerialize": bool, "load_window": n, "release_parameters": bool,
+    # "collectives": "op"|"functional"}; None/False = off.
     # See moe_compiler/runtime/expert_parallel.py.
     expert_parallel: Optional[BoolOrDict] = None
     # Expert offloading for inference (passes offload_experts, hoist_prefetch): True or {"budget": 0.5 | "2GB",
