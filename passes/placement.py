@@ -454,16 +454,26 @@ def _distinct_ranks(ranks: np.ndarray) -> np.ndarray:
     return 1 + (s[:, 1:] != s[:, :-1]).sum(1)
 
 
-def _coherent_rows(st: "_Stats", x: np.ndarray, l: int) -> float:
-    """Rows context-coherent EP sends at layer ``l``, summed over tokens (module docstring)."""
-    cur = _compute_ranks(st.ids[:, l], x[l])
-    m = _distinct_ranks(cur)
-    if l == 0:
-        at_anchor = m / x.shape[2]
-    else:
-        prev = _compute_ranks(st.ids[:, l - 1], x[l - 1])
-        at_anchor = (prev[:, :, None] == cur[:, None, :]).any((1, 2))
-    return float((2 * m - 1 - at_anchor).sum())
+def _coherent_rows(st: "_Stats", x: np.ndarray, layers) -> float:
+    """Rows context-coherent EP sends at each of ``layers``, summed over tokens (module docstring).
+    Each layer's compute ranks are found once, also where the next layer needs them as anchors."""
+    ranks: dict = {}
+
+    def of(l):
+        if l not in ranks:
+            ranks[l] = _compute_ranks(st.ids[:, l], x[l])
+        return ranks[l]
+
+    rows = 0.0
+    for l in layers:
+        cur = of(l)
+        m = _distinct_ranks(cur)
+        if l == 0:
+            at_anchor = m / x.shape[2]
+        else:
+            at_anchor = (of(l - 1)[:, :, None] == cur[:, None, :]).any((1, 2))
+        rows += float((2 * m - 1 - at_anchor).sum())
+    return rows
 
 
 def _rank_load(load_l: np.ndarray, xl: np.ndarray) -> np.ndarray:
@@ -517,15 +527,15 @@ class _Scorer:
                 _, _, cost, pm = self.pair(x, p)
                 v += w.transitions * cost + w.pair * pm
         if w.coherent:  # layer l's rows depend on layers l - 1 and l; layer l + 1's on l and l + 1
-            v += w.coherent * sum(_coherent_rows(self.s, x, q) for q in ((l, l + 1) if use_next else (l,))
-                                  if q < self.s.L)
+            v += w.coherent * _coherent_rows(self.s, x, [q for q in ((l, l + 1) if use_next else (l,))
+                                                         if q < self.s.L])
         return v
 
     def total(self, x: np.ndarray) -> float:
         w = self.w
         v = sum(self.layer(x, l) for l in range(self.s.L))
         if w.coherent:
-            v += w.coherent * sum(_coherent_rows(self.s, x, l) for l in range(self.s.L))
+            v += w.coherent * _coherent_rows(self.s, x, range(self.s.L))
         for p in range(self.s.L - 1):
             _, _, cost, pm = self.pair(x, p)
             v += w.transitions * cost + w.pair * pm
@@ -575,7 +585,7 @@ def evaluate(trace: RoutingTrace, placement: Placement, topology: Topology,
         replica_memory=extra / (st.L * st.E),
         objective=sc.total(x),
         solve_seconds=float(solve_seconds),
-        coherent_rows_per_token=sum(_coherent_rows(st, x, l) for l in range(st.L)) / st.tokens,
+        coherent_rows_per_token=_coherent_rows(st, x, range(st.L)) / st.tokens,
         per_layer_load=tuple(ratios),
     )
 

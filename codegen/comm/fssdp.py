@@ -36,9 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_compiler import recording, reference
+from moe_compiler import recording
 from moe_compiler.codegen.comm import executor
-from moe_compiler.codegen.ops import gating_weights
 from moe_compiler.ir import MoESpec, _spec, grads_by_recompute, operand_grads
 from moe_compiler.runtime import ep_weights
 
@@ -359,15 +358,14 @@ def fssdp_forward(hidden, router_logits, score_bias, weights: dict, spec: MoESpe
 
     need=None: decide the materialisation (collective); gathered=None: gather it (collective, via the
     autograd-paired op); a given gathered tensor is reused (its backward still reduce-scatters)."""
-    H, E = hidden.shape[-1], spec.num_experts
+    from moe_compiler.codegen.comm.ep import _run_experts, combine, route_tokens
+
+    E = spec.num_experts
     plan = with_current_owners(plan)
     if len(plan.owners) != E:
         raise ValueError(f"fssdp: the plan has owners for {len(plan.owners)} experts, the layer has {E}")
-    x = hidden.reshape(-1, H)
-    T, k = x.shape[0], spec.top_k
-    with torch.no_grad():
-        ids, _ = reference.route(router_logits.reshape(T, E), score_bias, spec.router)
-    gate_w = gating_weights(router_logits.reshape(T, E), ids, spec)
+    x, ids, gate_w = route_tokens(hidden, router_logits, score_bias, spec)
+    k = spec.top_k
     hop = _hop(plan)
     owned = plan.owned(hop.rank)
     owned_rows = layer_owned_weights(weights, owned, spec)
@@ -388,8 +386,6 @@ def fssdp_forward(hidden, router_logits, score_bias, weights: dict, spec: MoESpe
     flat = ids.reshape(-1)
     token = torch.div(torch.arange(flat.numel(), device=x.device), k, rounding_mode="floor")
     xs = x.index_select(0, token)
-    from moe_compiler.codegen.comm.ep import _run_experts
-
     if plan.materialize == "needed":  # every used expert is here: tokens never move
         ys = _run_experts(xs, flat, local_w, local_index, spec)
     else:  # slots of experts not gathered here go to the owner and back (owners always hold theirs)
@@ -398,10 +394,10 @@ def fssdp_forward(hidden, router_logits, score_bias, weights: dict, spec: MoESpe
         (xr, er), route = executor.route_rows([xs, flat], dest, hop, layer=plan.layer, name="dispatch")
         yr = _run_experts(xr, er, local_w, local_index, spec)
         ys = executor.reverse_rows(yr, route, name="combine")
-    out = (ys.view(T, k, H) * gate_w.float().unsqueeze(-1)).sum(1)
+    out = combine(ys, gate_w, hidden)
     if torch.is_grad_enabled():  # a rank whose tokens use no expert still joins the backward reduce-scatter
         out = out + gathered.narrow(0, 0, 0).sum()
-    return out.to(hidden.dtype).reshape(hidden.shape), need, gathered
+    return out, need, gathered
 
 
 # ------------------------------------------------------------------ the op
