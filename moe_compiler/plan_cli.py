@@ -5,8 +5,9 @@
                       [--time-limit 60] [--coherent-weight W] [--plot DIR] -o placement.json
 
 Prints one row per method (load max/mean, cross-rank and cross-node transitions per token, max
-rank-pair traffic, rows context-coherent EP would send per token, replica copies, solve seconds), writes the chosen method's placement as JSON
-(see ``moe_compiler.passes.placement.Placement``) and, with ``--plot``, PNG heatmaps.
+rank-pair traffic, rows context-coherent EP would send per token, replica copies, solve seconds),
+writes the chosen method's placement as JSON (see ``moe_compiler.passes.placement.Placement``)
+and, with ``--plot``, PNG heatmaps.
 
 With ``--method all`` (the default) the written placement is the one with the fewest cross-rank
 transitions among the methods whose load (mean over layers of max/mean rank load) is within
@@ -72,7 +73,8 @@ def format_table(results: Dict[str, "object"]) -> str:
         lines.append(
             f"{name:<12} {m.load_max_over_mean:>13.3f} {m.load_max_over_mean_avg:>7.3f} "
             f"{m.transitions_per_token:>11.3f} {m.cross_node_per_token:>11.3f} "
-            f"{m.max_pair_traffic:>9.1f} {m.coherent_rows_per_token:>8.3f} {m.replica_copies:>8d} {m.objective:>9.4f} "
+            f"{m.max_pair_traffic:>9.1f} {m.coherent_rows_per_token:>8.3f} {m.replica_copies:>8d} "
+            f"{m.objective:>9.4f} "
             f"{res.solve_seconds:>8.2f}")  # type: ignore[attr-defined]
     return "\n".join(lines)
 

@@ -30,7 +30,7 @@ from moe_compiler.pipeline import PassContext, PassResult
 LAYER_OPS = (MOE_OP, ROUTED_EXPERTS_OP, GROUPED_EXPERTS_OP, GROUPED_EXPERTS_FWD_OP)
 KEYS = {"file", "trace", "ranks", "ranks_per_node", "method", "replicas", "time_limit", "seed", "coherent_weight"}
 # per coherent row (placement.ObjectiveWeights.coherent) when expert_parallel's mode is "coherent":
-# bench/ep.py --quick: coherent/two-all-to-all bytes 0.61 at 0, 0.53 at 10 (worst layer load 1.4 -> 1.6)
+# bench/ep.py --quick: coherent/two-all-to-all bytes 0.61 at 0, 0.54 at 10 (worst layer load 1.4 -> 1.6)
 COHERENT_WEIGHT = 10.0
 _CACHE: dict = {}
 
