@@ -110,7 +110,7 @@ def _offloaded(hidden, ids, weights, prediction, store, layer, spec):
     lay = st.layers[layer]
     x = hidden.reshape(-1, hidden.shape[-1])
     E = lay.num_experts
-    order = st.begin_step(layer, used_experts(ids), ids.cpu() if prediction is not None else None)
+    order = st.begin_step(layer, used_experts(ids), ids.cpu() if prediction is not None else None, rows=ids.numel())
     if _triton_ok(hidden, s) and not lay.prepack:
         return _offloaded_triton(x, ids, weights, st, layer, order, s).to(hidden.dtype).reshape(hidden.shape)
     current: dict = {}
@@ -131,13 +131,21 @@ def _offloaded(hidden, ids, weights, prediction, store, layer, spec):
                 finally:
                     del current[e]
 
-    gen = pinned(order)
+    loaded = st.pin_loaded(layer, order)
+    if loaded is not None:  # every expert already in the fast tier: all pinned at once, no loads
+        current.update(loaded)
+        gen = iter(order)
+    else:
+        gen = pinned(order)
     try:
         y, _ = torch_experts.experts_forward(x, ids, weights, views["w1"], views["w3"], views["w2"], views["b1"],
                                              views["b3"], views["b2"], s.experts, prepack=False, packed=packed,
                                              expert_order=gen)
     finally:
-        gen.close()
+        if loaded is not None:
+            st.unpin(layer, order)
+        else:
+            gen.close()
     return y.to(hidden.dtype).reshape(hidden.shape)
 
 

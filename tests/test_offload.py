@@ -662,6 +662,29 @@ def test_readahead_entries_are_read_by_their_first_use_and_evictable_until_then(
     store.close()
 
 
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_miss_left_for_its_caller_never_blocks_other_loads(tmp_path, loader):
+    """A decode-sized step reads its first miss itself (no loader is given it). If that step never
+    reaches the expert, the entry is still evictable: a later demand load takes its room instead of
+    waiting for a read nobody will do; the pins a step took with pin_loaded are released by unpin."""
+    layer = _layer(6)
+    store = _store(tmp_path, [layer], budget=1 / 6, policy="lru", loader=loader)
+    assert store.begin_step(0, [2], rows=1) == [2]
+    assert not store._entries[(0, 2)].handed and not store._entries[(0, 2)].started
+    with store.use(0, 3) as w:  # the budget holds one expert: the unclaimed 2 makes room
+        assert torch.equal(w["w1"], layer["w1"][3])
+    assert store.resident() == [(0, 3)] and store.cached_bytes() <= store.budget
+    assert store.pin_loaded(0, [3, 4]) is None  # 4 is not loaded: nothing pinned
+    loaded = store.pin_loaded(0, [3])
+    assert torch.equal(loaded[3]["w2"], layer["w2"][3]) and store._entries[(0, 3)].pins == 1
+    store.unpin(0, [3])
+    assert store._entries[(0, 3)].pins == 0
+    with store.use(0, 5):  # unpinned: evictable again
+        pass
+    assert store.resident() == [(0, 5)]
+    store.close()
+
+
 @given(tokens=st.integers(0, 40), experts=st.integers(2, 12), k=st.integers(1, 3), bias=st.booleans(),
        func=st.sampled_from(["softmax", "sigmoid"]), nan_rows=st.integers(0, 2), seed=st.integers(0, 99))
 @settings(max_examples=30, deadline=None)
