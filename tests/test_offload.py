@@ -666,7 +666,8 @@ def test_readahead_entries_are_read_by_their_first_use_and_evictable_until_then(
 def test_a_miss_left_for_its_caller_never_blocks_other_loads(tmp_path, loader):
     """A decode-sized step reads its first miss itself (no loader is given it). If that step never
     reaches the expert, the entry is still evictable: a later demand load takes its room instead of
-    waiting for a read nobody will do; the pins a step took with pin_loaded are released by unpin."""
+    waiting for a read nobody will do, and a later prefetch gives it to a loader. The pins a step took
+    with pin_loaded are released by unpin."""
     layer = _layer(6)
     store = _store(tmp_path, [layer], budget=1 / 6, policy="lru", loader=loader)
     assert store.begin_step(0, [2], rows=1) == [2]
@@ -682,6 +683,10 @@ def test_a_miss_left_for_its_caller_never_blocks_other_loads(tmp_path, loader):
     with store.use(0, 5):  # unpinned: evictable again
         pass
     assert store.resident() == [(0, 5)]
+    store.begin_step(0, [1], rows=1)  # left for the caller again; a prefetch of it gives it to a loader
+    assert store.prefetch(0, [1]) == [1] and (store._entries[(0, 1)].handed or loader == "readahead")
+    store.drain()
+    assert store.resident() == [(0, 1)] and store.cached_bytes() <= store.budget
     store.close()
 
 

@@ -424,6 +424,8 @@ class ExpertStore:
                     self._unsent = [(_DEMAND if k == key else p, n, k) for p, n, k in self._unsent]
                 else:
                     self._queue.put((priority, next(self._seq), key))
+            elif send and not entry.started and not entry.handed and not self._by_readahead(key[0]):
+                self._hand(key, entry, priority)  # left for a caller who has not come: a loader reads it
             return True
         layer = self.layers[key[0]]
         nbytes = layer.cached_bytes if layer.quantized else layer.manifest["bytes"][key[1]]
@@ -436,19 +438,22 @@ class ExpertStore:
         if self._by_readahead(key[0]):
             if send and key not in self._host:  # (nothing to gain for a load read at once or from host memory)
                 self.files.readahead(layer.folder, key[1])  # the first use claims and reads it
-        elif not by_process:
-            if send:
-                self._ensure_thread()
-                self._queue.put((priority, next(self._seq), key))
-                entry.handed = True
-        elif key in self._host:  # a copy in host memory: no read to hand off
+        elif by_process and key in self._host:  # a copy in host memory: no read to hand off
             entry.started = True
             self._load(key, entry)
         elif send:
-            entry.handed = True
-            if not self._send(key, priority):
-                self._unsent.append((priority, next(self._seq), key))
+            self._hand(key, entry, priority)
         return True
+
+    def _hand(self, key, entry, priority) -> None:
+        """Give an unclaimed entry to the loader process (CPU layers with loader "process") or the
+        loader thread; caller holds the lock."""
+        entry.handed = True
+        if not self._by_process(key[0]):
+            self._ensure_thread()
+            self._queue.put((priority, next(self._seq), key))
+        elif not self._send(key, priority):
+            self._unsent.append((priority, next(self._seq), key))
 
     # ------------------------------------------------------------------ the loader process (CPU layers)
     def _by_process(self, layer: int) -> bool:
