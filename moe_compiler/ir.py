@@ -27,7 +27,7 @@ import torch
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 GROUP_SCORES = ("top2_sum", "max")
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu_oai")
 LAYOUTS = ("concat", "interleaved", "separate", "ungated")
 
 
@@ -72,7 +72,7 @@ class ExpertSpec:
     hidden_size: int
     ffn_size: int
     # activation of the gate (or of the single up projection when layout == "ungated")
-    activation: Literal["silu", "gelu", "gelu_tanh", "relu", "swiglu_oai"] = "silu"
+    activation: Literal["silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu_oai"] = "silu"
     # "concat": w1 = [gate; up] halves; "interleaved": gate at even, up at odd rows (GPT-OSS);
     # "separate": w1 = gate, w3 = up; "ungated": w1 = up, act(up) feeds w2
     layout: Literal["concat", "interleaved", "separate", "ungated"] = "concat"

@@ -76,6 +76,8 @@ def _act(x: torch.Tensor, name: str) -> torch.Tensor:
         return F.gelu(x, approximate="tanh")
     if name == "relu":
         return F.relu(x)
+    if name == "relu2":  # squared ReLU (Nemotron-H; transformers' ReLUSquaredActivation)
+        return torch.square(F.relu(x))
     raise ValueError(f"activation {name!r} needs a gated layout")
 
 

@@ -333,7 +333,7 @@ def _forward_closure(start, order, limit):
     return out
 
 
-MAX_OUTPUT_CANDIDATES = 4
+MAX_OUTPUT_CANDIDATES = 8  # later nodes of the hidden shape may be pure functions of the output (a norm, a scale)
 
 
 def plan_layer(r: Router, graph, paths, order, limit):
@@ -660,7 +660,7 @@ def _activation_candidates(region: Region):
             approx = n.kwargs.get("approximate", n.args[1] if len(n.args) > 1 else "none")
             found.append(("gelu_tanh",) if approx == "tanh" else ("gelu",))
     if ops & ACTIVATION_OPS["relu"]:
-        found.append(("relu",))
+        found += [("relu",), ("relu2",)]  # relu2 squares it (Nemotron-H); the numeric proof tells them apart
     if ops & CLAMP_OPS and ops & SCORE_OPS["sigmoid"]:
         alpha, limit = 1.702, 7.0
         for n in region.nodes:
@@ -676,7 +676,7 @@ def _activation_candidates(region: Region):
     if ops & SCORE_OPS["sigmoid"] and not found:
         found.append(("silu",))  # x * sigmoid(x) written by hand
     if not found:
-        found = [("silu",), ("gelu",), ("gelu_tanh",), ("relu",)]
+        found = [("silu",), ("gelu",), ("gelu_tanh",), ("relu",), ("relu2",)]
     return list(dict.fromkeys(found))
 
 

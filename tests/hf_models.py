@@ -58,7 +58,10 @@ def expected_layers(model) -> list[tuple[str, int, int]]:
     out = []
     for name, mod in model.named_modules():
         experts = getattr(mod, "experts", None)
-        if experts is not None and hasattr(experts, "num_experts") and hasattr(experts, "gate_up_proj"):
+        stacked = getattr(experts, "gate_up_proj", None)
+        stacked = stacked if stacked is not None else getattr(experts, "up_proj", None)  # ungated (Nemotron-H)
+        if experts is not None and hasattr(experts, "num_experts") and isinstance(stacked, torch.nn.Parameter) \
+                and stacked.dim() == 3:
             router = getattr(mod, "gate", None) or getattr(mod, "router", None)
             k = getattr(router, "top_k", None) or getattr(mod, "top_k", None)
             out.append((name, experts.num_experts, k))
@@ -73,11 +76,12 @@ GENERIC = dict(vocab_size=128, hidden_size=64, intermediate_size=64, moe_interme
                moe_layer_freq=1, num_dense_layers=0)
 
 
-def make_generic(model_type: str, seed: int = 0):
-    """Any transformers MoE family from one set of tiny sizes (keys a family does not use are ignored)."""
+def make_generic(model_type: str, seed: int = 0, **overrides):
+    """Any transformers MoE family from one set of tiny sizes (keys a family does not use are ignored);
+    ``overrides``: config keys a family needs beyond them (e.g. which layers are sparse)."""
     import transformers
 
-    cfg = transformers.AutoConfig.for_model(model_type, **GENERIC)
+    cfg = transformers.AutoConfig.for_model(model_type, **{**GENERIC, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():

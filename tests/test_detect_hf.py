@@ -97,13 +97,19 @@ def test_dynamic_shape_graphs_are_rewritten_too(family):
     assert counters["detect_moe"]["layers_raised"] == 3 * layers, counters["detect_moe"]
 
 
-@pytest.mark.parametrize("family", ["deepseek_v2", "ernie4_5_moe", "minimax", "granitemoe", "glm4_moe"])
+MORE_FAMILIES = {"deepseek_v2": {}, "ernie4_5_moe": {}, "minimax": {}, "granitemoe": {}, "glm4_moe": {},
+                 "nemotron_h": {}, "beam": {"mlp_layer_types": ["sparse", "sparse"]}}
+
+
+@pytest.mark.parametrize("family", sorted(MORE_FAMILIES))
 def test_more_families(family):
     """Families no issue names: group-limited max routing (DeepSeek-V2), a [1, E] correction bias
-    (Ernie 4.5), a layer output the model rescales (MiniMax), other expert modules."""
+    (Ernie 4.5), a layer output the model rescales (MiniMax), other expert modules, ungated squared-ReLU
+    experts in a hybrid Mamba model (Nemotron-H), a layer output normed and scaled after the experts
+    (Beam: more later nodes of the hidden shape than the first candidates)."""
     from hf_models import make_generic
 
-    model = make_generic(family)
+    model = make_generic(family, **MORE_FAMILIES[family])
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
     report = moe_compiler.explain(model, ids, **EAGER)
     _check_layers(model, report)

@@ -12,6 +12,7 @@ Activations (math in fp32, one rounding to the output dtype):
   "gelu"        0.5 * x * (1 + erf(x / sqrt(2)))
   "gelu_tanh"   0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))
   "relu"        max(x, 0)
+  "relu2"       max(x, 0)^2 (squared ReLU, Nemotron-H)
   "swiglu_oai"  GPT-OSS clamp-SwiGLU (gated only): gate = min(gate, limit),
                 up = clamp(up, -limit, limit), out = (up + 1) * gate * sigmoid(alpha * gate)
 NaN propagates (clamps are written with comparisons, so NaN stays NaN, as torch.clamp).
@@ -30,7 +31,7 @@ from ._common import cdiv, launchable, next_pow2
 
 __all__ = ["ACTIVATIONS", "activation", "activation_reference", "activation_kernel"]
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_oai")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu_oai")
 
 
 @triton.jit
@@ -84,6 +85,9 @@ def activation_kernel(
         y = 0.5 * g * (1.0 + th)
     elif ACTIVATION == "relu":
         y = tl.where(g < 0.0, 0.0, g)
+    elif ACTIVATION == "relu2":
+        r = tl.where(g < 0.0, 0.0, g)
+        y = r * r
     else:  # "swiglu_oai"
         gc = tl.where(g > limit, limit, g)
         uc = tl.where(u > limit, limit, tl.where(u < -limit, -limit, u))
@@ -158,6 +162,8 @@ def activation_reference(x: torch.Tensor, act: str = "silu", *, gated: bool = Tr
             y = torch.nn.functional.gelu(g)
         elif act == "gelu_tanh":
             y = torch.nn.functional.gelu(g, approximate="tanh")
+        elif act == "relu2":
+            y = torch.square(torch.relu(g))
         else:
             y = torch.relu(g)
         if gated:
@@ -173,7 +179,7 @@ def _ptx_examples():
     out = []
     for act, gated, inter in [("silu", True, False), ("gelu", True, False),
                               ("gelu_tanh", False, False), ("swiglu_oai", True, True),
-                              ("relu", True, True)]:
+                              ("relu", True, True), ("relu2", False, False)]:
         bm, bn = _blocks(1408)
         meta = dict(ACTIVATION=act, GATED=gated, INTERLEAVED=inter, BLOCK_M=bm, BLOCK_N=bn)
         s = dict(sig)
