@@ -69,8 +69,15 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, config: Backen
     if not config.detect or not _has_candidate(gm):
         reason = "detection disabled" if not config.detect else "no top-k in the graph: no MoE layer"
         log.debug("graph %s: %s; handing the graph to %s unchanged", graph_id, reason, config.inner_backend)
+        if config.detect:  # expert weights without a router here still say why their layer runs unchanged
+            from moe_compiler.passes.unrecognised_experts import unrecognised_expert_layers
+
+            record.moe_layers = unrecognised_expert_layers(
+                _compat.placeholder_paths(gm, known_tensor_names()),
+                [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in example_inputs], [], [], graph_id,
+                has_topk=False)
         dumps.write("dynamo_graph.py", graph_code(gm))
-        write_summary(dumps, _empty_run(graph_id), [], {"path": reason})
+        write_summary(dumps, _empty_run(graph_id), record.moe_layers, {"path": reason})
         _check_released_inputs(gm, example_inputs)
         return _inner(gm, example_inputs, config, dumps)
 

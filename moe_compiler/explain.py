@@ -19,7 +19,7 @@ import torch
 class MoELayerReport:
     path: str
     num_experts: int
-    top_k: int
+    top_k: int            # 0: unknown (expert weights no detected router leads to)
     rewritten: bool
     reason: str = ""
     graph_id: str = ""
@@ -50,7 +50,8 @@ class MoELayerReport:
         if self.decisions:
             chosen = " {decisions: " + ", ".join(f"{n}={c}" for n, c, _ in self.decisions) + "}"
         how = f" <{self.strategy}>" if self.strategy else ""
-        return f"{self.path or '<root>'}: {self.num_experts} experts, top-{self.top_k}, {state}{extra}{how}{chosen}{why}"
+        return (f"{self.path or '<root>'}: {self.num_experts} experts, top-{self.top_k or '?'}, {state}{extra}{how}"
+                f"{chosen}{why}")
 
     def decisions_text(self) -> str:
         """One line per cost-model decision with its reason (empty when the pass did not run)."""

@@ -42,6 +42,7 @@ import torch.fx
 
 from moe_compiler import _compat, reference
 from moe_compiler.ir import MOE_OP, ExpertSpec, MoESpec, RouterSpec
+from moe_compiler.passes.unrecognised_experts import unrecognised_expert_layers
 from moe_compiler.pipeline import PassContext, PassResult
 
 log = logging.getLogger(__name__)
@@ -207,6 +208,12 @@ class DetectMoE:
                 path=_module_of(_module_of(r.weight_path)), num_experts=r.num_experts, top_k=r.top_k,
                 rewritten=False, reason=reason, graph_id=ctx.graph_id))
             log.info("MoE layer at %s not rewritten: %s", _module_of(_module_of(r.weight_path)), reason)
+        unclaimed = unrecognised_expert_layers(
+            [paths.get(p) for p in placeholders], [_shape_of(p) for p in placeholders],
+            [m.path for m in ctx.moe_layers],
+            [(r.weight_path, reason) for r, reason in rejects if not _looks_like_moe(reason)], ctx.graph_id)
+        counts["layers_unrecognised"] = len(unclaimed)
+        ctx.moe_layers.extend(unclaimed)
         if changed:
             graph.eliminate_dead_code()
             gm.recompile()
@@ -215,6 +222,11 @@ class DetectMoE:
 
 NOT_MOE_REASONS = ("parameters that are not expert weights", "no expert weights", "no node after the top-k",
                    "does not depend on the router", "reads another activation", "does not read the router logits")
+
+
+def _shape_of(node):
+    v = _val(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
 
 def _looks_like_moe(reason: str) -> bool:

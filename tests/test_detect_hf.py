@@ -115,3 +115,41 @@ def test_more_families(family):
     _check_layers(model, report)
     with torch.no_grad():
         assert_rewrite_equivalent(model, ids, expected_moe_ops=len(expected_layers(model)), options=EAGER)
+
+
+@pytest.mark.parametrize("family,overrides,why", [
+    ("phimoe", {}, "no top-k"),   # sparsemixer routing: max/argmax, no top-k in the graph at all
+    ("gemma4_text", {"enable_moe_block": True, "top_k_experts": 2}, "was not taken as this layer's router"),
+])
+def test_expert_weights_without_a_recognised_router_are_reported(family, overrides, why):
+    """A family detect_moe cannot raise still says why each expert block runs unchanged (explain and the
+    log), instead of passing silently; its outputs stay the model's."""
+    from hf_models import make_generic
+
+    model = make_generic(family, **overrides)
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    report = moe_compiler.explain(model, ids, **EAGER)
+    layers = {m.path: m for m in report.moe_layers}
+    assert sorted(layers) == ["model.layers.0" + (".mlp" if family == "phimoe" else ""),
+                              "model.layers.1" + (".mlp" if family == "phimoe" else "")], report.moe_layers
+    for m in layers.values():
+        assert not m.rewritten and m.num_experts == 8 and m.top_k == 0 and why in m.reason, m.one_line()
+        assert "top-?" in m.one_line()
+    with torch.no_grad():
+        c = torch.compile(model, backend="moe", options=EAGER)
+        torch.testing.assert_close(c(ids).logits, model(ids).logits)
+
+
+def test_expert_groups_and_claims():
+    from moe_compiler.passes.unrecognised_experts import expert_groups, unrecognised_expert_layers
+
+    paths = ["m.l0.mlp.experts.gate_up_proj", "m.l0.mlp.experts.down_proj", "m.l0.mlp.shared_experts.up.weight",
+             "m.l1.moe.experts.0.w1.weight", "m.l1.moe.experts.3.w1.weight", "m.l2.ffn.experts.mlp.w1", None,
+             "m.l3.mlp.router.weight"]
+    shapes = [(4, 12, 8), (4, 8, 6), (6, 8), (6, 8), (6, 8), (32, 8), (2, 8), (4, 8)]
+    assert expert_groups(paths, shapes) == {"m.l0.mlp.experts": 4, "m.l1.moe.experts": 2}
+    reports = unrecognised_expert_layers(paths, shapes, ["m.l0.mlp"], [("m.l1.moe.gate.weight", "why not")], "g")
+    assert [(r.path, r.num_experts, r.rewritten) for r in reports] == [("m.l1.moe", 2, False)]
+    assert "m.l1.moe.gate was not taken" in reports[0].reason and "why not" in reports[0].reason
+    assert unrecognised_expert_layers(paths, shapes, ["m.l0.mlp", "m.l1"], [], "g") == []
+    assert "no top-k" in unrecognised_expert_layers(paths, shapes, [], [], "g", has_topk=False)[0].reason
