@@ -85,8 +85,9 @@ GROUPED_GEMM_NAMES = {"transformers.grouped_mm_fallback": "transformers.grouped_
 
 FIX_GRAPH_BREAK = (
     "the expert computation is not in this graph: dynamo broke the graph inside the layer "
-    "(transformers' 'eager' experts loop breaks at nonzero()). Fix: "
-    "model.set_experts_implementation('grouped_mm') (or 'batched_mm') before torch.compile"
+    "(transformers' 'eager' experts loop breaks at nonzero()). Fix, for models with stacked expert "
+    "weights: model.set_experts_implementation('grouped_mm') (or 'batched_mm') before torch.compile; "
+    "a model whose own expert loop breaks the graph (DBRX, JetMoE) keeps it"
 )
 
 
