@@ -59,8 +59,8 @@ OVERRIDES = {
              "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 8, "moe_top_k": 2}},
 }
 FAMILIES = sorted({
-    "doge", "inkling2_loop_text", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss", "olmoe", "ernie4_5_moe",
-    "minimax", "granitemoe", "glm4_moe", "afmoe", "aria_text", "cohere2_moe", "exaone_moe", "flint",
+    "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss", "olmoe", "ernie4_5_moe",
+    "minimax", "granitemoe", "glm4_moe", "afmoe", "doge", "inkling2_loop_text", "aria_text", "cohere2_moe", "exaone_moe", "flint",
     "granitemoe_swa", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "inkling_text", "inkling2_text",
     "jetmoe", "kolibri1", "laguna", "lara_mini", "llama4_text", "mellum", "mimo_v2_flash", "minimax_m2",
     "nemotron_h", "phimoe", "sarvam_moe", "sarvam_mla", "solar_open", *OVERRIDES})

@@ -21,7 +21,8 @@ def expert_cases(draw):
     k = draw(st.integers(1, min(4, e)))
     h, i, t = draw(st.integers(1, 17)), draw(st.integers(1, 13)), draw(st.integers(0, 40))
     layout = draw(st.sampled_from(["concat", "interleaved", "separate", "ungated"]))
-    act = draw(st.sampled_from(["silu", "gelu_tanh", "relu", "relu2"] + (["swiglu_oai"] if layout != "ungated" else [])))
+    acts = ["silu", "gelu_tanh", "relu", "relu2"] + (["swiglu_oai"] if layout != "ungated" else [])
+    act = draw(st.sampled_from(acts))
     transposed, bias = draw(st.booleans()), draw(st.booleans())
     spec = MoESpec(RouterSpec(num_experts=e, top_k=k, renormalize=draw(st.booleans())),
                    ExpertSpec(hidden_size=h, ffn_size=i, activation=act, layout=layout, transposed=transposed,
