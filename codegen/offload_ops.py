@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from moe_compiler import reference
 from moe_compiler.codegen import torch_experts
 from moe_compiler.codegen.ops import _triton_ok, triton_grouped_experts
 from moe_compiler.ir import _spec
@@ -44,10 +45,10 @@ def predict(logits: torch.Tensor, score_bias, spec) -> tuple[torch.Tensor, list,
     """
     r = spec.router
     logits = logits.reshape(-1, r.num_experts).float()
-    if score_bias is None:  # softmax and sigmoid keep each row's order: rank the logits themselves
+    if score_bias is None:  # every score function keeps each row's order: rank the logits themselves
         scores = logits
     else:
-        scores = torch.softmax(logits, -1) if r.score_func == "softmax" else torch.sigmoid(logits)
+        scores = reference.score(logits, r.score_func)
         scores = scores + score_bias.reshape(-1).float()
     k = predicted_per_token(spec)
     if scores.numel() <= _SMALL_STEP:

@@ -59,11 +59,9 @@ def gating_weights(router_logits, ids, spec):
     r = spec.router
     logits = router_logits.reshape(-1, r.num_experts).float()
     if r.topk_before_score:
-        vals = logits.gather(-1, ids)
-        w = torch.softmax(vals, -1) if r.score_func == "softmax" else torch.sigmoid(vals)
+        w = reference.score(logits.gather(-1, ids), r.score_func)
     else:
-        scores = torch.softmax(logits, -1) if r.score_func == "softmax" else torch.sigmoid(logits)
-        w = scores.gather(-1, ids)
+        w = reference.score(logits, r.score_func).gather(-1, ids)
     if r.renormalize:
         w = w / (w.sum(-1, keepdim=True) + r.renorm_eps)
     return w * r.scaling_factor if r.scaling_factor != 1.0 else w

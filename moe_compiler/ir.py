@@ -25,7 +25,7 @@ from typing import Literal, Optional
 
 import torch
 
-SCORE_FUNCS = ("softmax", "sigmoid")
+SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 GROUP_SCORES = ("top2_sum", "max")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu_oai")
 LAYOUTS = ("concat", "interleaved", "separate", "ungated")
@@ -37,8 +37,8 @@ class RouterSpec:
 
     num_experts: int
     top_k: int
-    # "softmax" or "sigmoid" over the logits (computed in fp32)
-    score_func: Literal["softmax", "sigmoid"] = "softmax"
+    # "softmax", "sigmoid" or "sqrtsoftplus" (sqrt(softplus(x)), DeepSeek-V4) over the logits (in fp32)
+    score_func: Literal["softmax", "sigmoid", "sqrtsoftplus"] = "softmax"
     # GPT-OSS: top-k on the raw logits first, then softmax over the k chosen values
     topk_before_score: bool = False
     # DeepSeek-V3 group-limited top-k: experts in n_group groups, keep the best topk_group groups

@@ -17,7 +17,7 @@ from moe_compiler.ir import ExpertSpec, MoESpec, RouterSpec
 class MoELayer(nn.Module):
     """x [..., H] -> [..., H]: top-k routed gated MLP experts (+ an optional shared expert).
 
-    Args: hidden_size H, ffn_size I, num_experts E, top_k, score_func ("softmax"|"sigmoid"),
+    Args: hidden_size H, ffn_size I, num_experts E, top_k, score_func ("softmax"|"sigmoid"|"sqrtsoftplus"),
     renormalize (divide the chosen weights by their sum), activation ("silu"|"gelu"|"gelu_tanh"|"relu"|"relu2"),
     shared_ffn_size (0 = no shared expert), shared_gate (sigmoid-gated shared expert, as Qwen2-MoE).
     """

@@ -21,9 +21,9 @@ def route(router_logits: torch.Tensor, score_bias: torch.Tensor | None, spec: Ro
     k = spec.top_k
     if spec.topk_before_score:
         values, ids = torch.topk(logits, k, dim=-1)
-        weights = torch.softmax(values, dim=-1) if spec.score_func == "softmax" else torch.sigmoid(values)
+        weights = score(values, spec.score_func)
     else:
-        scores = torch.softmax(logits, dim=-1) if spec.score_func == "softmax" else torch.sigmoid(logits)
+        scores = score(logits, spec.score_func)
         choice = scores + score_bias.float() if score_bias is not None else scores
         if spec.n_group > 1:
             choice = _group_limit(choice, spec)
@@ -34,6 +34,18 @@ def route(router_logits: torch.Tensor, score_bias: torch.Tensor | None, spec: Ro
     if spec.scaling_factor != 1.0:
         weights = weights * spec.scaling_factor
     return ids, weights
+
+
+def score(logits: torch.Tensor, score_func: str) -> torch.Tensor:
+    """Router scores of fp32 logits [..., E]: softmax over the last dim, or an elementwise sigmoid /
+    sqrt(softplus) (transformers' "sqrtsoftplus", DeepSeek-V4)."""
+    if score_func == "softmax":
+        return torch.softmax(logits, dim=-1)
+    if score_func == "sigmoid":
+        return torch.sigmoid(logits)
+    if score_func == "sqrtsoftplus":
+        return torch.sqrt(F.softplus(logits))
+    raise ValueError(f"unknown score function {score_func!r}")
 
 
 def _group_limit(choice: torch.Tensor, spec: RouterSpec) -> torch.Tensor:

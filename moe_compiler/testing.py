@@ -63,7 +63,7 @@ class MoEConfigSample:
 
 def moe_configs(max_experts: int = 64, max_top_k: int = 8, max_tokens: int = 300, max_hidden: int = 96):
     """Generates: MoEConfigSample with experts 1..max_experts, top-k 1..min(max_top_k, experts),
-    hidden and ffn sizes 1..max_hidden (odd ones included), softmax or sigmoid routers, renormalisation
+    hidden and ffn sizes 1..max_hidden (odd ones included), softmax, sigmoid or sqrt-softplus routers, renormalisation
     on/off, shared experts off/plain/gated, and 0..max_tokens tokens."""
     _need_hypothesis()
 
@@ -74,7 +74,7 @@ def moe_configs(max_experts: int = 64, max_top_k: int = 8, max_tokens: int = 300
         shared = draw(st.sampled_from([0, 0, draw(st.integers(1, 48))]))
         return MoEConfigSample(
             hidden_size=draw(st.integers(1, max_hidden)), ffn_size=draw(st.integers(1, max_hidden)),
-            num_experts=e, top_k=k, score_func=draw(st.sampled_from(["softmax", "sigmoid"])),
+            num_experts=e, top_k=k, score_func=draw(st.sampled_from(["softmax", "sigmoid", "sqrtsoftplus"])),
             renormalize=draw(st.booleans()), shared_ffn_size=shared, shared_gate=bool(shared) and draw(st.booleans()),
             num_tokens=draw(st.integers(0, max_tokens)), seed=draw(st.integers(0, 2**16)))
 

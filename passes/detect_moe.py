@@ -70,7 +70,8 @@ def _ops(*names):
 VIEW_OPS = _ops("view", "_unsafe_view", "reshape", "alias", "squeeze", "unsqueeze", "flatten")
 LAYOUT_OPS = VIEW_OPS | _ops("t", "transpose", "permute", "expand", "_to_copy", "clone", "contiguous")
 ROUTER_MATMULS = _ops("mm", "addmm", "linear", "matmul")
-SCORE_OPS = {"softmax": _ops("_softmax", "softmax", "_safe_softmax"), "sigmoid": _ops("sigmoid")}
+SCORE_OPS = {"softmax": _ops("_softmax", "softmax", "_safe_softmax"), "sigmoid": _ops("sigmoid"),
+             "sqrtsoftplus": _ops("softplus")}  # sqrt(softplus(x)) (DeepSeek-V4); the numeric proof checks the sqrt
 TOPK_OPS = _ops("topk")
 SUM_OPS = _ops("sum")
 DIV_OPS = _ops("div")

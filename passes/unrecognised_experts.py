@@ -19,8 +19,8 @@ NO_TOPK = ("the graph holds these expert weights but no top-k: the routing is in
            "break) or picks experts without a top-k (e.g. PhiMoE's sparsemixer, hash routing), which "
            "detect_moe does not recognise; the layer runs unchanged")
 NO_ROUTER = ("no top-k router of the graph leads to these expert weights (routers detect_moe recognises: "
-             "softmax / sigmoid scores and a top-k over [tokens, experts] from one matmul); the layer runs "
-             "unchanged")
+             "softmax / sigmoid / sqrt-softplus scores and a top-k over [tokens, experts] from one matmul; "
+             "experts chosen by a lookup, as hash routing does, have none); the layer runs unchanged")
 
 
 def expert_groups(param_paths, shapes) -> dict:

@@ -153,3 +153,21 @@ def test_expert_groups_and_claims():
     assert "m.l1.moe.gate was not taken" in reports[0].reason and "why not" in reports[0].reason
     assert unrecognised_expert_layers(paths, shapes, ["m.l0.mlp", "m.l1"], [], "g") == []
     assert "no top-k" in unrecognised_expert_layers(paths, shapes, [], [], "g", has_topk=False)[0].reason
+
+
+def test_sqrt_softplus_router_is_raised_and_hash_routing_is_reported():
+    """DeepSeek-V4: its top-k layers score with sqrt(softplus(x)) (plus a correction bias, renorm and
+    scale) and are raised; its hash-routed layers pick experts by token id, with no top-k, and say so."""
+    from hf_models import make_generic
+
+    model = make_generic("deepseek_v4", q_lora_rank=16, mlp_layer_types=["hash_moe", "moe"])
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    report = moe_compiler.explain(model, ids, **EAGER)
+    layers = {m.path: m for m in report.moe_layers}
+    assert sorted(layers) == ["model.layers.0.mlp", "model.layers.1.mlp"], [m.one_line() for m in layers.values()]
+    hashed, routed = layers["model.layers.0.mlp"], layers["model.layers.1.mlp"]
+    assert routed.rewritten and routed.spec.router.score_func == "sqrtsoftplus", routed.one_line()
+    assert routed.spec.router.has_score_bias and routed.spec.router.renormalize, routed.one_line()
+    assert not hashed.rewritten and "hash routing" in hashed.reason, hashed.one_line()
+    with torch.no_grad():
+        assert_rewrite_equivalent(model, ids, expected_moe_ops=1, options=EAGER)
