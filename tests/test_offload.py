@@ -680,8 +680,8 @@ def test_a_miss_left_for_its_caller_never_blocks_other_loads(tmp_path, loader):
     assert torch.equal(loaded[3]["w2"], layer["w2"][3]) and store._entries[(0, 3)].pins == 1
     store.unpin(0, [3])
     assert store._entries[(0, 3)].pins == 0
-    with store.use(0, 5):  # unpinned: evictable again
-        pass
+    with store.use(0, 5) as w:  # 3 unpinned: evictable again, so 5 takes its room
+        assert torch.equal(w["w1"], layer["w1"][5])
     assert store.resident() == [(0, 5)]
     store.begin_step(0, [1], rows=1)  # left for the caller again; a prefetch of it gives it to a loader
     assert store.prefetch(0, [1]) == [1] and (store._entries[(0, 1)].handed or loader == "readahead")
