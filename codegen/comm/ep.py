@@ -162,22 +162,26 @@ def local_index(plan: EPPlan, rank: int, device) -> torch.Tensor:
     return index
 
 
-def ep_experts(x, ids, local_w, spec: MoESpec, plan: EPPlan) -> torch.Tensor:
-    """x [T, H], ids [T, k] -> per-slot expert outputs [T*k, H] fp32, computed on the experts' ranks."""
+def slot_chunks(x, ids, plan: EPPlan, rank: int):
+    """Per token chunk (Tutel's overlap degree: overlap_degree chunks, in token order), the chunk's
+    slots: (rows [S, H] = each slot's token, meta [S, 2] int64 = (expert, final rank) of each slot)."""
     T, k = ids.shape
-    layer = spec.path or "moe"
-    hops, rank = plan_hops(plan)
-    local = local_index(plan, rank, x.device)
     flat = ids.reshape(-1)
     dest = slot_destinations(flat, plan, rank)
     token = torch.div(torch.arange(flat.numel(), device=x.device), k, rounding_mode="floor")
     chunks = max(1, int(plan.overlap_degree))
-    bounds = [(T * i // chunks) * k for i in range(chunks + 1)]
-    outs = []
     for c in range(chunks):
-        sl = slice(bounds[c], bounds[c + 1])
-        xs = x.index_select(0, token[sl])
-        meta = torch.stack([flat[sl], dest[sl]], 1)
+        sl = slice((T * c // chunks) * k, (T * (c + 1) // chunks) * k)
+        yield x.index_select(0, token[sl]), torch.stack([flat[sl], dest[sl]], 1)
+
+
+def ep_experts(x, ids, local_w, spec: MoESpec, plan: EPPlan) -> torch.Tensor:
+    """x [T, H], ids [T, k] -> per-slot expert outputs [T*k, H] fp32, computed on the experts' ranks."""
+    layer = spec.path or "moe"
+    hops, rank = plan_hops(plan)
+    local = local_index(plan, rank, x.device)
+    outs = []
+    for xs, meta in slot_chunks(x, ids, plan, rank):
         routes = []
         for hop in hops:
             (xs, meta), route = executor.route_rows([xs, meta], hop_destinations(meta[:, 1], hop, plan), hop,

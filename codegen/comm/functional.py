@@ -35,7 +35,7 @@ import torch
 import torch.distributed._functional_collectives as funcol
 
 from moe_compiler.codegen.comm.ep import (combine, hop_destinations, local_index, local_weights, plan_hops, plan_of,
-                                          route_tokens, slot_destinations)
+                                          route_tokens, slot_chunks)
 from moe_compiler.ir import _spec
 
 
@@ -46,18 +46,10 @@ def ep_layer(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec: st
     plan = plan_of(s)
     hops, rank = plan_hops(plan)
     x, ids, weights = route_tokens(hidden, router_logits, score_bias, s)
-    T, k = ids.shape
     local_w = local_weights(s, (w1, w3, w2, b1, b3, b2), plan.local_experts(rank))
     local = local_index(plan, rank, x.device)
-
-    flat = ids.reshape(-1)
-    dest = slot_destinations(flat, plan, rank)
-    token = torch.div(torch.arange(flat.numel(), device=x.device), k, rounding_mode="floor")
-    chunks = max(1, int(plan.overlap_degree))
     outs = []
-    for c in range(chunks):   # token chunks (Tutel's overlap degree): independent exchanges, in order
-        lo, hi = (T * c // chunks) * k, (T * (c + 1) // chunks) * k
-        rows, meta = x.index_select(0, token[lo:hi]), torch.stack([flat[lo:hi], dest[lo:hi]], 1)
+    for rows, meta in slot_chunks(x, ids, plan, rank):   # token chunks: independent exchanges, in order
         routes = []
         for hop in hops:   # hierarchical: to the final rank's position in this node, then across nodes
             rows, meta, route = _route(rows, meta, hop_destinations(meta[:, 1], hop, plan), hop)
