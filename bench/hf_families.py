@@ -46,6 +46,7 @@ OVERRIDES = {
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 1, "expert_layer_offset": 0},
     "kimi_linear": {"pad_token_id": 0, "layer_types": ["linear_attention", "full_attention"]},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "llama4_text": {"num_experts_per_tok": 1},  # Llama 4 Scout and Maverick route top-1
     "longcat_flash": {"q_lora_rank": 16, "num_key_value_heads": 4, "head_dim": 8},
     "minimax_m3_vl_text": {"moe_layer_freq": [1, 1]},
     "qwen3_5_moe_text": {"layer_types": ["linear_attention", "full_attention"]},

@@ -6,7 +6,8 @@
 
 Layers (fp32, CPU): Mixtral-like (8 experts, top-2, hidden 512, ffn 1792) and a fine-grained one
 (Qwen2-MoE block: 64 experts, top-6, ffn 256, gated shared expert of ffn 512), at 1024 and 64 tokens,
-forward and forward+backward. All sides run in one process, interleaved, and medians are compared.
+forward and forward+backward; `--layers llama4_like` adds Llama 4's block (16 experts, top-1, hidden
+512, ffn 1024, shared expert), which transformers runs densely over every expert. All sides run in one process, interleaved, and medians are compared.
 
 The bound: dense matmuls of the same FLOPs (router + T*k rows through one [H, 2I] and one [I, H]
 GEMM, + the shared expert); for 64 tokens also the time to read the active experts' weights once
@@ -29,6 +30,9 @@ LAYERS = {
     # full-size layers for a GPU: Mixtral-8x7B's and Qwen1.5-MoE-A2.7B's MoE blocks
     "mixtral_8x7b": dict(family="mixtral", E=8, k=2, H=4096, I=14336, shared=0),
     "qwen_moe_a2_7b": dict(family="qwen2_moe", E=60, k=4, H=2048, I=1408, shared=5632),
+    # Llama 4's block (top-1, sigmoid scores scaling the experts' input, shared expert); transformers
+    # runs every expert on every token (scores of 0 for the others)
+    "llama4_like": dict(family="llama4", E=16, k=1, H=512, I=1024, shared=1024),
     # the reference model's MoE layer (moe_compiler.reference_lm; bench/offload.py): 48 KiB experts
     "reference_sized": dict(family="mixtral", E=16, k=2, H=64, I=64, shared=0),
 }
@@ -39,7 +43,12 @@ def build_block(spec: dict, seed: int = 0):
     import transformers
 
     torch.manual_seed(seed)
-    if spec["family"] == "mixtral":
+    if spec["family"] == "llama4":
+        assert spec["shared"] == spec["I"], "Llama 4's shared expert has the experts' intermediate size"
+        cfg = transformers.Llama4TextConfig(hidden_size=spec["H"], intermediate_size=spec["I"],
+                                            num_local_experts=spec["E"], num_experts_per_tok=spec["k"])
+        block = transformers.models.llama4.modeling_llama4.Llama4TextMoe
+    elif spec["family"] == "mixtral":
         cfg = transformers.MixtralConfig(hidden_size=spec["H"], intermediate_size=spec["I"],
                                          num_local_experts=spec["E"], num_experts_per_tok=spec["k"])
         block = transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock
@@ -84,7 +93,11 @@ class DenseBound(torch.nn.Module):
 def active_weight_stream(block, x):
     """Read every active expert's weights once (a bandwidth-bound reduction)."""
     with torch.no_grad():
-        _, _, chosen = block.gate(x.reshape(-1, x.shape[-1]))  # transformers routers: (logits, weights, ids)
+        if hasattr(block, "router"):  # Llama 4: (scores, logits)
+            logits = block.router(x.reshape(-1, x.shape[-1]))[1]
+            chosen = logits.topk(block.top_k, dim=-1).indices
+        else:
+            _, _, chosen = block.gate(x.reshape(-1, x.shape[-1]))  # transformers routers: (logits, weights, ids)
     idx = torch.unique(chosen)
     w13, w2 = block.experts.gate_up_proj, block.experts.down_proj
 

@@ -43,7 +43,8 @@ class MoELayerReport:
         if self.spec is not None:
             r, e = self.spec.router, self.spec.experts
             extra = (f" [{self.pattern}; {r.score_func}{' group-limited' if r.n_group > 1 else ''}"
-                     f"{' renorm' if r.renormalize else ''}; {e.activation}/{e.layout}"
+                     f"{' renorm' if r.renormalize else ''}{' scales input' if r.scales_input else ''}"
+                     f"{' per-expert scale' if r.weight_scale else ''}; {e.activation}/{e.layout}"
                      f"{'; shared expert ' + self.shared_expert if self.shared_expert != 'none' else ''}]")
         why = f": {self.reason}" if self.reason else ""
         chosen = ""

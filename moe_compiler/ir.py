@@ -5,7 +5,8 @@ Detection (passes/detect_moe.py) turns each MoE layer it proves it understands i
 
     moe(hidden        [..., H]   activations (any leading shape; T = numel / H tokens)
         router_logits [T, E]     output of the router linear (stays in the graph: aux losses use it)
-        score_bias    [E]?       DeepSeek-V3 correction bias, used only to choose experts
+        score_bias    [E]?       DeepSeek-V3 correction bias, used only to choose experts, or with
+                                 RouterSpec.weight_scale a per-expert factor of the chosen weights (Gemma 4)
         w1            [E, N1, H] first expert GEMM: gate+up fused (N1 = 2I) or gate/up alone (N1 = I)
                                  ([E, H, N1] when ExpertSpec.transposed)
         w3            [E, I, H]? up projection when stored apart from the gate (ExpertSpec.layout "separate")
@@ -53,6 +54,12 @@ class RouterSpec:
     renorm_eps: float = 0.0
     # multiply the final weights by this factor (DeepSeek routed_scaling_factor)
     scaling_factor: float = 1.0
+    # Llama 4: the weight scales the expert's input (expert_e(x * w)) instead of its output
+    # (w * expert_e(x)); top-1 only (fuse_gating scales x and gives the experts unit weights)
+    scales_input: bool = False
+    # Gemma 4: the [E] operand in the score_bias slot multiplies the chosen weights (per_expert_scale)
+    # instead of biasing the choice (fuse_gating applies it in the graph, so it gets a gradient)
+    weight_scale: bool = False
 
     def __post_init__(self):
         _check(self.num_experts >= 1, f"num_experts must be >= 1, got {self.num_experts}")
@@ -63,6 +70,11 @@ class RouterSpec:
         _check(self.n_group >= 1 and self.num_experts % self.n_group == 0,
                f"n_group must divide num_experts={self.num_experts}, got {self.n_group}")
         _check(1 <= self.topk_group <= self.n_group, f"topk_group must be in [1, n_group], got {self.topk_group}")
+        _check(not (self.weight_scale and self.has_score_bias),
+               "weight_scale and has_score_bias both read the [E] score_bias operand: at most one may be set")
+        _check(not self.scales_input or self.top_k == 1,
+               f"scales_input (weights that scale the experts' input, as Llama 4's top-1 router) needs top_k == 1, "
+               f"got top_k={self.top_k}")
 
 
 @dataclass(frozen=True)

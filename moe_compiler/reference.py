@@ -5,6 +5,8 @@ exactness (sorted tokens, one GEMM per expert with tokens, fp32 combine), not fo
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -15,8 +17,14 @@ def route(router_logits: torch.Tensor, score_bias: torch.Tensor | None, spec: Ro
     """Router logits [T, E] -> (expert ids [T, k] int64, weights [T, k] fp32).
 
     Scores are computed in fp32. The weights are the unbiased scores at the chosen experts;
-    the optional score bias only influences which experts are chosen (DeepSeek-V3).
+    the optional score bias only influences which experts are chosen (DeepSeek-V3), or, with
+    ``spec.weight_scale``, multiplies the final weights per chosen expert (Gemma 4).
     """
+    if spec.weight_scale:
+        ids, weights = route(router_logits, None, dataclasses.replace(spec, weight_scale=False))
+        if score_bias is None:
+            raise ValueError("RouterSpec.weight_scale needs the [E] per-expert scale (the score_bias operand)")
+        return ids, weights * score_bias[ids]
     logits = router_logits.float()
     k = spec.top_k
     if spec.topk_before_score:
@@ -138,5 +146,8 @@ def moe_forward(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec:
     h = hidden.shape[-1]
     x = hidden.reshape(-1, h)
     ids, weights = route(router_logits.reshape(x.shape[0], spec.router.num_experts), score_bias, spec.router)
+    if spec.router.scales_input:  # top-1 (RouterSpec checks it): expert(x * w) with unit weight
+        x, weights = x * weights.to(x.dtype), torch.ones_like(weights)
     y = experts_forward(x, ids, weights, w1, w3, w2, b1, b3, b2, spec.experts)
     return y.to(hidden.dtype).reshape(hidden.shape)
+

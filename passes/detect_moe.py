@@ -32,7 +32,9 @@ How a layer is proven (node metadata is never trusted):
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import operator
 import re
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -79,6 +81,9 @@ MUL_OPS = _ops("mul")
 ADD_OPS = _ops("add")
 AMAX_OPS = _ops("amax", "max")
 CLAMP_OPS = _ops("clamp", "clamp_max", "clamp_min")
+SCATTER_OPS = _ops("scatter", "scatter_")
+REPEAT_OPS = _ops("repeat", "expand", "repeat_interleave")
+GATHER_OPS = _ops("index", "index_select", "gather")
 ACTIVATION_OPS = {"silu": _ops("silu"), "gelu": _ops("gelu"), "relu": _ops("relu")}
 GROUPED_GEMM_NAMES = {"transformers.grouped_mm_fallback": "transformers.grouped_mm",
                       "aten._grouped_mm": "grouped_mm", "aten.bmm": "batched_mm",
@@ -367,6 +372,7 @@ def plan_layer(r: Router, graph, paths, order, limit):
     if not xviews:
         return None, "the router input has no shape information"
     fwd = _forward_closure(r.topk, order, limit)
+    routed = _forward_closure(r.logits, order, limit)  # everything the routing decides
     cands = []
     for n in fwd:
         v = _val(n)
@@ -381,7 +387,7 @@ def plan_layer(r: Router, graph, paths, order, limit):
         return None, FIX_GRAPH_BREAK if reaches_output else "no node after the top-k has the hidden state's shape"
     last_reason, options = "", []
     for y, xnode in sorted(cands, key=lambda c: -order[c[0]]):
-        region, reason = slice_region(r, y, xnode, xviews, paths)
+        region, reason = slice_region(r, y, xnode, xviews, paths, routed)
         if region is None:
             last_reason = reason
             continue
@@ -410,14 +416,28 @@ def _same_shape(a, b):
     return len(a) == len(b) and all(_compat.statically_equal(x, y) for x, y in zip(a, b))
 
 
-def slice_region(r: Router, y, xnode, xviews, paths):
-    nodes, inputs, stack = set(), set(), [y]
+def slice_region(r: Router, y, xnode, xviews, paths, routed=None):
+    """The nodes between the router logits / hidden state / parameters and y, or (None, reason).
+
+    An activation of y's shape and dtype that does not depend on the logits (``routed``: the nodes
+    that do) and is not an ancestor of them ends the slice too: the experts may read another
+    normalisation of the residual than the router (Gemma 4). It becomes the layer's hidden input when
+    the layer reads no view of the router's input besides."""
+    yv = _val(y)
+    nodes, inputs, stack, other = set(), set(), [y], []
     while stack:
         n = stack.pop()
         if n in nodes or n in inputs:
             continue
         if n in r.ancestors or n.op in ("placeholder", "get_attr"):
             inputs.add(n)
+            continue
+        v = _val(n)
+        if routed is not None and n is not y and n not in routed and n.op == "call_function" \
+                and isinstance(v, torch.Tensor) and v.dtype == yv.dtype and _same_shape(v.shape, yv.shape) \
+                and _through(n, LAYOUT_OPS).op != "placeholder":
+            inputs.add(n)
+            other.append(n)
             continue
         nodes.add(n)
         stack.extend(n.all_input_nodes)
@@ -426,7 +446,7 @@ def slice_region(r: Router, y, xnode, xviews, paths):
     act, params = [], []
     for n in inputs:
         v = _val(n)
-        if n is r.logits:
+        if n is r.logits or n in other:
             continue
         if n in xviews:
             act.append(n)
@@ -443,6 +463,11 @@ def slice_region(r: Router, y, xnode, xviews, paths):
             return None, f"the layer reads another activation ({n.name}, shape {tuple(v.shape)})"
     if r.logits not in inputs:
         return None, "the region does not read the router logits"
+    if other:
+        if act or len(other) > 1:
+            n = other[-1]
+            return None, f"the layer reads another activation ({n.name}, shape {tuple(_val(n).shape)})"
+        xnode = other[0]  # the experts' own input: the op's hidden; the router keeps its logits
     return Region(output=y, nodes=nodes, hidden=xnode, activation_inputs=act,
                   param_inputs=sorted(params, key=lambda p: p.name)), ""
 
@@ -472,7 +497,7 @@ def infer_specs(r: Router, region: Region, paths):
     E, k = r.num_experts, r.top_k
     H = _static_int(_val(region.hidden).shape[-1])
     order = {n: i for i, n in enumerate(r.topk.graph.nodes)}
-    score_bias, w3d, b2d, loose = None, [], [], []
+    score_bias, weight_scale, w3d, b2d, loose = None, None, [], [], []
     # per-expert tensors first: E parameters whose paths differ only in an index ("experts.3.w1.weight")
     indexed = {}
     for p in region.param_inputs:
@@ -489,6 +514,8 @@ def infer_specs(r: Router, region: Region, paths):
             loose.append(p)
         elif shape[-1:] == [E] and v.numel() == E and score_bias is None and _feeds(p, r.topk, region):
             score_bias = p  # [E] or [1, E] (Ernie 4.5) correction bias used to choose experts
+        elif shape == [E] and E > 1 and weight_scale is None and not _feeds(p, r.topk, region):
+            weight_scale = p  # per-expert factor of the chosen weights (Gemma 4's per_expert_scale)
         elif v.dim() == 3 and shape[0] == E:
             w3d.append(p)
         elif v.dim() == 2 and shape[0] == E and E > 1:
@@ -533,7 +560,15 @@ def infer_specs(r: Router, region: Region, paths):
         s = [_static_int(x) for x in v.shape]
         return s[-2:] if not isinstance(w, list) else s
 
-    router_specs = _router_candidates(r, region, score_bias is not None)
+    try:
+        router_specs = _router_candidates(r, region, score_bias is not None)
+        if weight_scale is not None:
+            if score_bias is not None:
+                raise _Unsupported("the router has both a choice bias and a per-expert weight scale "
+                                   "(one [E] operand holds either)")
+            router_specs = [dataclasses.replace(rs, weight_scale=True) for rs in router_specs]
+    except _Unsupported as e:
+        return [], str(e)
     if not router_specs:
         return [], "could not read the routing function"
     acts = _activation_candidates(region)
@@ -568,7 +603,7 @@ def infer_specs(r: Router, region: Region, paths):
                                     **({"swiglu_alpha": act[1], "swiglu_limit": act[2]} if act[0] == "swiglu_oai" else {}))
                     for rs in router_specs:
                         cands.append((MoESpec(router=rs, experts=es, pattern=pattern),
-                                      {**operands, "score_bias": score_bias}))
+                                      {**operands, "score_bias": weight_scale if rs.weight_scale else score_bias}))
     if not cands:
         return [], f"expert weight shapes do not fit a gated MLP with hidden size {H}"
     return cands, ""
@@ -623,6 +658,13 @@ def _router_candidates(r: Router, region: Region, has_bias: bool):
                 score, topk_first = name, True
                 break
     if score is None:
+        # Llama 4: the top-k values scattered into a [T, E] tensor of -inf, then scored elementwise
+        # (sigmoid(-inf) = 0 for the experts not chosen): a score of the k values
+        for name, ops in SCORE_OPS.items():
+            if any(n.target in ops and _reads_scattered_topk(n, r.topk, region) for n in post):
+                score, topk_first = name, True
+                break
+    if score is None:
         return []
     n_group, topk_group, group_score = 1, 1, "top2_sum"
     for n in pre:
@@ -656,7 +698,54 @@ def _router_candidates(r: Router, region: Region, has_bias: bool):
     out = [RouterSpec(**base)]
     if not renorm and score == "softmax" and not topk_first:
         out.append(RouterSpec(**{**base, "renormalize": True}))
+    if _scores_scale_input(region, post, r.topk):
+        if r.top_k != 1:  # the proof would need an op semantic no lowering has
+            raise _Unsupported(f"the routing weights scale the experts' input (as Llama 4's router does) with "
+                               f"top-k {r.top_k}: lowered for top-1 only")
+        out = [RouterSpec(**{**base, "scales_input": True})] + out
     return out
+
+
+class _Unsupported(Exception):
+    """A layer read correctly whose semantics no lowering supports (the message says which)."""
+
+
+def _reads_scattered_topk(n, topk, region) -> bool:
+    """Whether n's input is the top-k values scattered into a [T, E] tensor (through casts and views)."""
+    src = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
+    while src is not None and src in region.nodes and src.target in LAYOUT_OPS:
+        src = src.args[0] if isinstance(src.args[0], torch.fx.Node) else None
+    if src is None or src not in region.nodes or src.target not in SCATTER_OPS:
+        return False
+    return any(a.target is operator.getitem and a.args[0] is topk for a in src.all_input_nodes)
+
+
+def _scores_scale_input(region, post, topk) -> bool:
+    """Whether the hidden state (through views, casts, repeats and row gathers only, no GEMM) is
+    multiplied by values derived from the top-k values (through views, casts, gathers, scatters and
+    score functions): the weights scale the experts' input (Llama 4, torchtitan's score_before_experts)."""
+    def upstream(n, through):  # nodes n reads through ``through`` region ops, n included
+        seen, stack = set(), [n]
+        while stack:
+            m = stack.pop()
+            if m in seen:
+                continue
+            seen.add(m)
+            if m is n or (m in region.nodes and (m.target in through or m.target is operator.getitem)):
+                stack.extend(m.all_input_nodes)
+        return seen
+
+    hidden = set(region.activation_inputs) | {region.hidden}
+    score_ops = frozenset().union(*SCORE_OPS.values())
+    for n in post:
+        if n.target not in MUL_OPS or len([a for a in n.args[:2] if isinstance(a, torch.fx.Node)]) != 2:
+            continue
+        a, b = n.args[:2]
+        for x, w in ((a, b), (b, a)):
+            if upstream(x, LAYOUT_OPS | REPEAT_OPS | GATHER_OPS) & hidden and \
+                    topk in upstream(w, LAYOUT_OPS | GATHER_OPS | SCATTER_OPS | score_ops):
+                return True
+    return False
 
 
 def _is_tk(n, T_k):

@@ -11,9 +11,21 @@ After:
 The gating op computes scores in fp32 and selects with torch.topk itself, so expert ids (ties
 included) are those eager computes. Its backward differentiates the chosen weights only
 (a [T, E] softmax/sigmoid + gather, no top-k).
+
+A per-expert scale of the chosen weights (RouterSpec.weight_scale, Gemma 4's per_expert_scale, in
+the score_bias slot) is applied after the gating op, so it gets its gradient from autograd:
+
+    w = mul(w, index(scale, [ids]))                           # [T, k] fp32
+
+A top-1 layer whose weights scale the experts' input (RouterSpec.scales_input, Llama 4) scales the
+hidden state itself and gives the experts unit weights, so every lowering after this runs it as usual:
+
+    xs = mul(view(x, [-1, H]), _to_copy(w, x.dtype))          # [T, H]: x[t] * w[t]
+    y = view(moe_compiler.routed_experts(xs, ids, ones_like(w), ...), x's shape)
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -22,8 +34,10 @@ import torch
 
 from moe_compiler import _compat
 from moe_compiler.codegen.ops import GATING_OP, ROUTED_EXPERTS_OP
-from moe_compiler.ir import MOE_OP
+from moe_compiler.ir import MOE_OP, MoESpec
 from moe_compiler.pipeline import PassContext, PassResult
+
+aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
@@ -40,16 +54,38 @@ class FuseGating:
             if node.op != "call_function" or node.target is not MOE_OP:
                 continue
             x, logits, bias, w1, w3, w2, b1, b3, b2, spec = node.args
+            router = MoESpec.from_json(spec).router
+            scale, gspec = None, spec
+            if router.weight_scale:  # the gating op chooses and weights; the scale is applied here
+                scale, bias = bias, None
+                gspec = MoESpec.from_json(spec).replace(router=dataclasses.replace(router, weight_scale=False)).to_json()
             with graph.inserting_before(node):
-                g = graph.call_function(GATING_OP, (logits, bias, spec))
+                g = graph.call_function(GATING_OP, (logits, bias, gspec))
                 ids = graph.call_function(operator.getitem, (g, 0))
                 w = graph.call_function(operator.getitem, (g, 1))
+            with fake_mode:
+                g.meta["val"] = GATING_OP(logits.meta["val"], bias.meta["val"] if bias is not None else None, gspec)
+                ids.meta["val"], w.meta["val"] = g.meta["val"]
+            added = [g, ids, w]
+            if scale is not None:
+                with graph.inserting_before(node):
+                    chosen = _node(graph, fake_mode, aten.index.Tensor, (scale, [ids]), added)
+                    w = _node(graph, fake_mode, aten.mul.Tensor, (w, chosen), added)
+            if router.scales_input:
+                with graph.inserting_before(node):
+                    x, w, back = _scale_input(graph, fake_mode, x, w, added)
+            else:
+                back = None
+            with graph.inserting_before(node):
                 y = graph.call_function(ROUTED_EXPERTS_OP, (x, ids, w, w1, w3, w2, b1, b3, b2, spec))
             with fake_mode:
-                g.meta["val"] = GATING_OP(logits.meta["val"], bias.meta["val"] if bias is not None else None, spec)
-                ids.meta["val"], w.meta["val"] = g.meta["val"]
-                y.meta["val"] = node.meta["val"]
-            for n in (g, ids, w, y):
+                y.meta["val"] = ROUTED_EXPERTS_OP(*[a.meta["val"] if isinstance(a, torch.fx.Node) else a
+                                                    for a in y.args])
+            added.append(y)
+            if back is not None:
+                with graph.inserting_before(node):
+                    y = _node(graph, fake_mode, aten.view.default, (y, back), added)
+            for n in added:
                 n.meta["moe_compiler_pass"] = self.name
             y.meta["moe_spec"] = node.meta.get("moe_spec")
             node.replace_all_uses_with(y)
@@ -58,3 +94,36 @@ class FuseGating:
         if n_done:
             gm.recompile()
         return PassResult(gm, bool(n_done), {"gating_fused": n_done})
+
+
+def _node(graph, fake_mode, target, args, added, kwargs=None):
+    """A new call of an ATen op with its fake value."""
+    n = graph.call_function(target, args, kwargs or {})
+    with fake_mode:
+        n.meta["val"] = target(*[_fake(a) for a in args], **{k: _fake(v) for k, v in (kwargs or {}).items()})
+    added.append(n)
+    return n
+
+
+def _fake(a):
+    if isinstance(a, torch.fx.Node):
+        return a.meta["val"]
+    if isinstance(a, (list, tuple)):
+        return type(a)(_fake(x) for x in a)
+    return a
+
+
+def _scale_input(graph, fake_mode, x, w, added):
+    """(x [T, H] scaled by the top-1 weights w [T, 1], unit weights, x's shape to view the output back
+    to, or None when x is already [T, H])."""
+    xv = x.meta["val"]
+    hidden = xv.shape[-1]
+    back = None
+    if xv.dim() != 2:
+        back = [d if not isinstance(d, torch.SymInt) else _node(graph, fake_mode, aten.sym_size.int, (x, i), added)
+                for i, d in enumerate(xv.shape)]
+        x = _node(graph, fake_mode, aten.view.default, (x, [-1, hidden]), added)
+    scale = _node(graph, fake_mode, aten._to_copy.default, (w,), added, {"dtype": xv.dtype})
+    scaled = _node(graph, fake_mode, aten.mul.Tensor, (x, scale), added)
+    ones = _node(graph, fake_mode, aten.ones_like.default, (w,), added)
+    return scaled, ones, back

@@ -111,7 +111,21 @@ class SparseCollectives:
         schedule = Schedule(ctx.graph_id)
         graph = gm.graph
         done = fssdp_done = 0
-        layers = [n for n in graph.nodes if n.op == "call_function" and n.target is MOE_OP]
+        layers = []
+        for n in graph.nodes:
+            if n.op != "call_function" or n.target is not MOE_OP:
+                continue
+            spec = MoESpec.from_json(n.args[-1])
+            if spec.router.scales_input or spec.router.weight_scale:  # fuse_gating lowers these
+                why = ("single-process on every rank: " + (
+                    "its routing weights scale the experts' input (Llama 4)" if spec.router.scales_input else
+                    "a per-expert factor scales its routing weights (Gemma 4)")
+                    + ", which the expert-parallel ops do not do")
+                log.warning("sparse_collectives: %s stays %s", spec.path or n.name, why)
+                for r in _reports(ctx, spec):
+                    r.strategy = why
+                continue
+            layers.append(n)
         not_coherent: dict = {}
         chained = 0
         kept = _KeptRows(gm, ctx, opts["release_parameters"], dist.get_rank(pg))

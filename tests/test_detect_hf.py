@@ -119,7 +119,6 @@ def test_more_families(family):
 
 @pytest.mark.parametrize("family,overrides,why", [
     ("phimoe", {}, "no top-k"),   # sparsemixer routing: max/argmax, no top-k in the graph at all
-    ("gemma4_text", {"enable_moe_block": True, "top_k_experts": 2}, "was not taken as this layer's router"),
 ])
 def test_expert_weights_without_a_recognised_router_are_reported(family, overrides, why):
     """A family detect_moe cannot raise still says why each expert block runs unchanged (explain and the
@@ -138,6 +137,48 @@ def test_expert_weights_without_a_recognised_router_are_reported(family, overrid
     with torch.no_grad():
         c = torch.compile(model, backend="moe", options=EAGER)
         torch.testing.assert_close(c(ids).logits, model(ids).logits)
+
+
+def test_llama4_router_scaling_the_expert_input():
+    """Llama 4 scatters its top-k logits into a [T, E] tensor of -inf, scores them with a sigmoid and
+    multiplies the experts' *input* by the scores, then runs every expert densely. Its top-1 layers are
+    raised (the op scales the input, the experts run sparsely), forward and backward equal to eager; a
+    top-2 configuration says why it is not raised."""
+    from hf_models import make_generic
+
+    model = make_generic("llama4_text", num_experts_per_tok=1)
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    report = moe_compiler.explain(model, ids, **EAGER)
+    _check_layers(model, report)
+    assert all(m.spec.router.scales_input and "scales input" in m.one_line() for m in report.moe_layers)
+    assert_rewrite_equivalent(model, ids, backward=True, expected_moe_ops=2, options=EAGER)
+
+    model = make_generic("llama4_text", num_experts_per_tok=2)
+    report = moe_compiler.explain(model, ids, **EAGER)
+    assert [m.rewritten for m in report.moe_layers] == [False, False]
+    assert all("scale the experts' input" in m.reason and "top-1 only" in m.reason for m in report.moe_layers)
+    with torch.no_grad():
+        c = torch.compile(model, backend="moe", options=EAGER)
+        torch.testing.assert_close(c(ids).logits, model(ids).logits)
+
+
+def test_gemma4_router_norm_and_per_expert_scale():
+    """Gemma 4: the router reads its own norm of the residual, the experts another norm of it, and
+    the chosen weights are multiplied by a per-expert scale. Raised with the experts' own input as the
+    op's hidden and the scale as a weight_scale operand; forward and backward (the scale's gradient
+    included) equal eager."""
+    from hf_models import make_generic
+
+    model = make_generic("gemma4_text", enable_moe_block=True, top_k_experts=2)
+    with torch.no_grad():  # scales away from their initial 1.0, so a dropped factor would show
+        for name, p in model.named_parameters():
+            if name.endswith(("per_expert_scale", "router.scale")):
+                p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    report = moe_compiler.explain(model, ids, **EAGER)
+    assert [(m.path, m.rewritten) for m in report.moe_layers] == [("model.layers.0", True), ("model.layers.1", True)]
+    assert all(m.spec.router.weight_scale and "per-expert scale" in m.one_line() for m in report.moe_layers)
+    assert_rewrite_equivalent(model, ids, backward=True, expected_moe_ops=2, options=EAGER)
 
 
 def test_expert_groups_and_claims():

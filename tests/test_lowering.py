@@ -148,3 +148,41 @@ def test_tiny_mixtral_training_tracks_eager():
         assert abs(losses[0] - losses[1]) < 1e-3 * max(1.0, abs(losses[0])), (step, losses)
     for a, b in zip(eager.parameters(), compiled_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+class _InputScaled(torch.nn.Module):
+    """A top-1 layer whose routing weight scales the expert's input (Llama 4), on x of any leading shape."""
+
+    def __init__(self, spec: MoESpec, g: torch.Generator):
+        super().__init__()
+        e, h, i = spec.num_experts, spec.experts.hidden_size, spec.experts.ffn_size
+        self.spec = spec.to_json()
+        self.router = torch.nn.Parameter(torch.randn(e, h, generator=g))
+        self.w1 = torch.nn.Parameter(torch.randn(e, 2 * i, h, generator=g) * h ** -0.5)
+        self.w2 = torch.nn.Parameter(torch.randn(e, h, i, generator=g) * i ** -0.5)
+
+    def forward(self, x):
+        logits = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), self.router)
+        return ops.moe(x, logits, None, self.w1, None, self.w2, None, None, None, self.spec)
+
+
+@given(e=st.integers(1, 6), h=st.integers(1, 9), i=st.integers(1, 7), t=st.integers(0, 9), batched=st.booleans(),
+       score=st.sampled_from(["softmax", "sigmoid", "sqrtsoftplus"]), before=st.booleans(), seed=st.integers(0, 99))
+@settings(max_examples=6, deadline=None)
+def test_input_scaled_routing_lowers_forward_and_backward(e, h, i, t, batched, score, before, seed):
+    """RouterSpec.scales_input: fuse_gating scales x by the top-1 weight and gives the experts unit
+    weights; compiled forward and gradients (x, router, expert weights) equal the op's reference."""
+    spec = MoESpec(RouterSpec(num_experts=e, top_k=1, score_func=score, topk_before_score=before, scales_input=True),
+                   ExpertSpec(hidden_size=h, ffn_size=i))
+    g = torch.Generator().manual_seed(seed)
+    layer = _InputScaled(spec, g)
+    x = torch.randn((2, t, h) if batched else (t, h), generator=g)
+    torch._dynamo.reset()
+    counters.clear()
+    assert_rewrite_equivalent(layer, x, backward=True, expected_moe_ops=1, options={"inner_backend": "eager"})
+    assert counters["fuse_gating"]["gating_fused"] == 1
+
+
+def test_input_scaling_needs_top_1():
+    with pytest.raises(ValueError, match="scales_input .* needs top_k == 1"):
+        RouterSpec(num_experts=4, top_k=2, scales_input=True)

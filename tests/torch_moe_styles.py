@@ -47,13 +47,14 @@ class MaskedLoopMoE(nn.Module):
 class TorchTitanMoE(nn.Module):
     """torchtitan's MoE: router -> top-k -> argsort by expert -> histc -> grouped_mm experts."""
 
-    def __init__(self, h, i, e, k, score_func="sigmoid"):
+    def __init__(self, h, i, e, k, score_func="sigmoid", score_before_experts=False):
         super().__init__()
         self.router = nn.Linear(h, e, bias=False)
         self.w1 = nn.Parameter(torch.randn(e, i, h) * h ** -0.5)
         self.w2 = nn.Parameter(torch.randn(e, h, i) * i ** -0.5)
         self.w3 = nn.Parameter(torch.randn(e, i, h) * h ** -0.5)
         self.e, self.k, self.score_func = e, k, score_func
+        self.score_before_experts = score_before_experts  # torchtitan's option (its Llama 4): scale the input
 
     def forward(self, x):
         bs, slen, dim = x.shape
@@ -66,11 +67,14 @@ class TorchTitanMoE(nn.Module):
         top_scores = top_scores.view(-1)[order]
         token_idx = order // self.k
         routed = x2[token_idx]
+        if self.score_before_experts:
+            routed = (routed.float() * top_scores.reshape(-1, 1)).to(x.dtype)
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
         h = F.silu(torch._grouped_mm(routed, self.w1.transpose(-2, -1), offs=offs))
         h = h * torch._grouped_mm(routed, self.w3.transpose(-2, -1), offs=offs)
         out = torch._grouped_mm(h, self.w2.transpose(-2, -1), offs=offs)
-        out = (out.float() * top_scores.reshape(-1, 1)).to(x.dtype)
+        if not self.score_before_experts:
+            out = (out.float() * top_scores.reshape(-1, 1)).to(x.dtype)
         y = torch.zeros_like(x2).index_add(0, token_idx, out)
         return y.view(bs, slen, dim)
 
