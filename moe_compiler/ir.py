@@ -160,12 +160,21 @@ def _check(cond: bool, msg: str) -> None:
 OPERANDS = ("hidden", "router_logits", "score_bias", "w1", "w3", "w2", "b1", "b3", "b2")
 _DIFFERENTIABLE = ("hidden", "router_logits", "w1", "w3", "w2", "b1", "b3", "b2")
 
+
+def differentiable(spec: "str | MoESpec") -> tuple:
+    """The op's differentiable operands, in operand order: the score_bias slot too when it holds a
+    weight scale."""
+    if not _spec(spec).router.weight_scale:
+        return _DIFFERENTIABLE
+    return tuple(n for n in OPERANDS if n in _DIFFERENTIABLE or n == "score_bias")
+
+
 _LIB = torch.library.Library("moe_compiler", "FRAGMENT")
 _LIB.define(
     "moe(Tensor hidden, Tensor router_logits, Tensor? score_bias, Tensor w1, Tensor? w3, Tensor w2, "
     "Tensor? b1, Tensor? b3, Tensor? b2, str spec) -> Tensor"
 )
-# Gradients of the present differentiable operands, in _DIFFERENTIABLE order (absent ones skipped).
+# Gradients of the present differentiable operands (differentiable(spec)), in that order (absent ones skipped).
 _LIB.define(
     "moe_backward(Tensor grad_out, Tensor hidden, Tensor router_logits, Tensor? score_bias, Tensor w1, "
     "Tensor? w3, Tensor w2, Tensor? b1, Tensor? b3, Tensor? b2, str spec) -> Tensor[]"
@@ -220,18 +229,20 @@ def grads_by_recompute(fn, operands: dict, differentiable, grad_out, *, collecti
 def _moe_backward_impl(grad_out, hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec):
     from moe_compiler import reference
 
-    operands = dict(hidden=hidden, router_logits=router_logits, w1=w1, w3=w3, w2=w2, b1=b1, b3=b3, b2=b2)
+    operands = dict(hidden=hidden, router_logits=router_logits, score_bias=score_bias, w1=w1, w3=w3, w2=w2,
+                    b1=b1, b3=b3, b2=b2)
 
-    def forward(hidden, router_logits, w1, w3, w2, b1, b3, b2):
+    def forward(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2):
         return reference.moe_forward(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, _spec(spec))
 
-    return grads_by_recompute(forward, operands, _DIFFERENTIABLE, grad_out)
+    return grads_by_recompute(forward, operands, differentiable(spec), grad_out)
 
 
 @torch.library.register_fake("moe_compiler::moe_backward")
 def _moe_backward_fake(grad_out, hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec):
-    operands = dict(hidden=hidden, router_logits=router_logits, w1=w1, w3=w3, w2=w2, b1=b1, b3=b3, b2=b2)
-    return [torch.empty_like(operands[n]) for n in _DIFFERENTIABLE if operands[n] is not None]
+    operands = dict(hidden=hidden, router_logits=router_logits, score_bias=score_bias, w1=w1, w3=w3, w2=w2,
+                    b1=b1, b3=b3, b2=b2)
+    return [torch.empty_like(operands[n]) for n in differentiable(spec) if operands[n] is not None]
 
 
 def _setup_context(ctx, inputs, output):
@@ -251,7 +262,8 @@ def operand_grads(operands: list, grads, differentiable, names=OPERANDS) -> tupl
 def _backward(ctx, grad_out):
     saved = iter(ctx.saved_tensors)
     operands = [next(saved) if p else None for p in ctx.present]
-    return operand_grads(operands, torch.ops.moe_compiler.moe_backward(grad_out, *operands, ctx.spec), _DIFFERENTIABLE)
+    return operand_grads(operands, torch.ops.moe_compiler.moe_backward(grad_out, *operands, ctx.spec),
+                         differentiable(ctx.spec))
 
 
 torch.library.register_autograd("moe_compiler::moe", _backward, setup_context=_setup_context)

@@ -387,7 +387,9 @@ def plan_layer(r: Router, graph, paths, order, limit):
         return None, FIX_GRAPH_BREAK if reaches_output else "no node after the top-k has the hidden state's shape"
     last_reason, options = "", []
     for y, xnode in sorted(cands, key=lambda c: -order[c[0]]):
-        region, reason = slice_region(r, y, xnode, xviews, paths, routed)
+        region, reason = slice_region(r, y, xnode, xviews, paths)
+        if region is None and "reads another activation" in reason:  # the experts' own input (Gemma 4)?
+            region = slice_region(r, y, xnode, xviews, paths, routed)[0]
         if region is None:
             last_reason = reason
             continue
@@ -419,8 +421,9 @@ def _same_shape(a, b):
 def slice_region(r: Router, y, xnode, xviews, paths, routed=None):
     """The nodes between the router logits / hidden state / parameters and y, or (None, reason).
 
-    An activation of y's shape and dtype that does not depend on the logits (``routed``: the nodes
-    that do) and is not an ancestor of them ends the slice too: the experts may read another
+    With ``routed`` (the nodes that depend on the logits; plan_layer passes it when the plain slice
+    read another activation), an activation of y's shape and dtype that does not depend on the
+    logits and is not an ancestor of them ends the slice too: the experts may read another
     normalisation of the residual than the router (Gemma 4). It becomes the layer's hidden input when
     the layer reads no view of the router's input besides."""
     yv = _val(y)

@@ -150,8 +150,9 @@ def test_tiny_mixtral_training_tracks_eager():
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
-class _InputScaled(torch.nn.Module):
-    """A top-1 layer whose routing weight scales the expert's input (Llama 4), on x of any leading shape."""
+class _ScaledRouting(torch.nn.Module):
+    """A layer whose top-1 weight scales the expert's input (Llama 4) and/or whose chosen weights are
+    multiplied by a per-expert scale (Gemma 4; the [E] operand in the score_bias slot)."""
 
     def __init__(self, spec: MoESpec, g: torch.Generator):
         super().__init__()
@@ -160,22 +161,27 @@ class _InputScaled(torch.nn.Module):
         self.router = torch.nn.Parameter(torch.randn(e, h, generator=g))
         self.w1 = torch.nn.Parameter(torch.randn(e, 2 * i, h, generator=g) * h ** -0.5)
         self.w2 = torch.nn.Parameter(torch.randn(e, h, i, generator=g) * i ** -0.5)
+        self.scale = torch.nn.Parameter(torch.rand(e, generator=g) + 0.5) if spec.router.weight_scale else None
 
     def forward(self, x):
         logits = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), self.router)
-        return ops.moe(x, logits, None, self.w1, None, self.w2, None, None, None, self.spec)
+        return ops.moe(x, logits, self.scale, self.w1, None, self.w2, None, None, None, self.spec)
 
 
 @given(e=st.integers(1, 6), h=st.integers(1, 9), i=st.integers(1, 7), t=st.integers(0, 9), batched=st.booleans(),
-       score=st.sampled_from(["softmax", "sigmoid", "sqrtsoftplus"]), before=st.booleans(), seed=st.integers(0, 99))
-@settings(max_examples=6, deadline=None)
-def test_input_scaled_routing_lowers_forward_and_backward(e, h, i, t, batched, score, before, seed):
-    """RouterSpec.scales_input: fuse_gating scales x by the top-1 weight and gives the experts unit
-    weights; compiled forward and gradients (x, router, expert weights) equal the op's reference."""
-    spec = MoESpec(RouterSpec(num_experts=e, top_k=1, score_func=score, topk_before_score=before, scales_input=True),
+       score=st.sampled_from(["softmax", "sigmoid", "sqrtsoftplus"]), before=st.booleans(),
+       kind=st.sampled_from(["input", "weight", "both"]), k=st.integers(1, 3), seed=st.integers(0, 99))
+@settings(max_examples=8, deadline=None)
+def test_scaled_routing_lowers_forward_and_backward(e, h, i, t, batched, score, before, kind, k, seed):
+    """RouterSpec.scales_input / weight_scale: fuse_gating scales x by the top-1 weight (unit weights
+    for the experts) and multiplies the chosen weights by the per-expert scale; compiled forward and
+    gradients (x, router, expert weights, scale) equal the op's reference."""
+    k = 1 if kind != "weight" else min(k, e)
+    spec = MoESpec(RouterSpec(num_experts=e, top_k=k, score_func=score, topk_before_score=before,
+                              scales_input=kind != "weight", weight_scale=kind != "input"),
                    ExpertSpec(hidden_size=h, ffn_size=i))
     g = torch.Generator().manual_seed(seed)
-    layer = _InputScaled(spec, g)
+    layer = _ScaledRouting(spec, g)
     x = torch.randn((2, t, h) if batched else (t, h), generator=g)
     torch._dynamo.reset()
     counters.clear()
@@ -186,3 +192,5 @@ def test_input_scaled_routing_lowers_forward_and_backward(e, h, i, t, batched, s
 def test_input_scaling_needs_top_1():
     with pytest.raises(ValueError, match="scales_input .* needs top_k == 1"):
         RouterSpec(num_experts=4, top_k=2, scales_input=True)
+    with pytest.raises(ValueError, match="at most one may be set"):
+        RouterSpec(num_experts=4, top_k=2, weight_scale=True, has_score_bias=True)
