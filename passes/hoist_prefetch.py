@@ -31,8 +31,6 @@ from moe_compiler.ir import MoESpec
 from moe_compiler.pipeline import PassContext, PassResult
 
 _aten = torch.ops.aten
-_VIEWS = {_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default, _aten.clone.default,
-          _aten.alias.default}
 
 
 def _router_slice(roots, gate_input, param_nodes):
@@ -65,15 +63,23 @@ def _gate(node, param_nodes):
             and getattr(ids.args[0], "target", None) is GATING_OP):
         return "its routing does not come from a gating op"
     logits, bias, _ = ids.args[0].args
-    candidate = node.args[0]
-    while isinstance(candidate, torch.fx.Node):
+    # the expert input, then what it is computed from (nearest first): the router may read an earlier
+    # value than the experts do (Gemma 4 norms the residual twice; Llama 4's experts read x * weight)
+    frontier, seen = [node.args[0]], set()
+    while frontier and len(seen) < _GATE_SEARCH:
+        candidate = frontier.pop(0)
+        if not isinstance(candidate, torch.fx.Node) or candidate in seen or candidate in param_nodes:
+            continue
+        seen.add(candidate)
         nodes = _router_slice([logits, bias], candidate, param_nodes)
         if nodes is not None:
             return candidate, nodes, logits, bias
-        if candidate.op != "call_function" or candidate.target not in _VIEWS:
-            break
-        candidate = candidate.args[0]
-    return "its router does not read its expert input through parameters only"
+        if candidate.op == "call_function" and candidate.target not in _HEAVY:
+            frontier.extend(candidate.all_input_nodes)
+    return "its router does not read its expert input (or a value it is computed from) through parameters only"
+
+
+_GATE_SEARCH = 32  # values searched for the router's input, from the expert input back
 
 
 _HEAVY = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.convolution.default,

@@ -181,6 +181,33 @@ def test_gemma4_router_norm_and_per_expert_scale():
     assert_rewrite_equivalent(model, ids, backward=True, expected_moe_ops=2, options=EAGER)
 
 
+@pytest.mark.parametrize("family,overrides", [("llama4_text", {"num_experts_per_tok": 1}),
+                                              ("gemma4_text", {"enable_moe_block": True, "top_k_experts": 2})])
+def test_scaled_routers_offload_with_prefetch(tmp_path, family, overrides):
+    """Offloaded with Fate prefetch (hoist_prefetch finds the router's input behind the experts' own:
+    Llama 4's scaled input, Gemma 4's second norm), logits bit-equal to the resident compiled model."""
+    import copy
+
+    from hf_models import make_generic
+
+    model = make_generic(family, **overrides)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("per_expert_scale", "router.scale")):
+                p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+    offloaded = copy.deepcopy(model)
+    ids = [torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    opts = {"offload": {"budget": 0.5, "dir": str(tmp_path), "prefetch": True}}
+    report = moe_compiler.explain(copy.deepcopy(model), ids[0], **opts)
+    (hoist,) = [p["counters"] for p in report.passes if p["name"] == "hoist_prefetch"]
+    assert hoist["layers_predicted"] == 2 and hoist["not_predicted"] == 0, hoist
+    with torch.no_grad():
+        resident = torch.compile(model, backend="moe")
+        compiled = torch.compile(offloaded, backend="moe", options=opts)
+        for x in ids:
+            assert torch.equal(compiled(x).logits, resident(x).logits)
+
+
 def test_expert_groups_and_claims():
     from moe_compiler.passes.unrecognised_experts import expert_groups, unrecognised_expert_layers
 
