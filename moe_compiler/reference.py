@@ -150,4 +150,3 @@ def moe_forward(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec:
         x, weights = x * weights.to(x.dtype), torch.ones_like(weights)
     y = experts_forward(x, ids, weights, w1, w3, w2, b1, b3, b2, spec.experts)
     return y.to(hidden.dtype).reshape(hidden.shape)
-

@@ -23,7 +23,10 @@ How a layer is proven (node metadata is never trusted):
     the backward slice of Y stopped at L's ancestors and at placeholders. Its inputs must be only:
     L, views of the hidden state, shape integers, constants, and parameters that classify as
     expert weights/biases ([E, ...] tensors, or E per-expert tensors stacked by the rewrite) and an
-    optional [E] score bias. Later candidates are tried first, so the whole layer is taken.
+    optional [E] score bias (it reaches the top-k) or per-expert weight scale (it does not: Gemma 4).
+    When the experts read another activation of the output's shape than the router (Gemma 4 norms
+    the residual twice), that activation is the layer's hidden input instead. Later candidates are
+    tried first, so the whole layer is taken.
  3. Spec: router and expert settings are read from the region's ops (patterns are data, below),
     with a few candidates where the graph alone is ambiguous (gate/up order, layout).
  4. Proof: each candidate spec's reference (moe_compiler.reference) must reproduce Y on the example
@@ -313,14 +316,16 @@ def _find_router_matmul(start, num_experts, paths, max_nodes=64):
     return None
 
 
-def _ancestors(node):
+def _ancestors(node, expand=None):
+    """node and the nodes it is computed from (only through nodes ``expand`` accepts, when given)."""
     out, stack = set(), [node]
     while stack:
         n = stack.pop()
         if n in out:
             continue
         out.add(n)
-        stack.extend(n.all_input_nodes)
+        if expand is None or n is node or expand(n):
+            stack.extend(n.all_input_nodes)
     return out
 
 
@@ -728,15 +733,7 @@ def _scores_scale_input(region, post, topk) -> bool:
     multiplied by values derived from the top-k values (through views, casts, gathers, scatters and
     score functions): the weights scale the experts' input (Llama 4, torchtitan's score_before_experts)."""
     def upstream(n, through):  # nodes n reads through ``through`` region ops, n included
-        seen, stack = set(), [n]
-        while stack:
-            m = stack.pop()
-            if m in seen:
-                continue
-            seen.add(m)
-            if m is n or (m in region.nodes and (m.target in through or m.target is operator.getitem)):
-                stack.extend(m.all_input_nodes)
-        return seen
+        return _ancestors(n, lambda m: m in region.nodes and (m.target in through or m.target is operator.getitem))
 
     hidden = set(region.activation_inputs) | {region.hidden}
     score_ops = frozenset().union(*SCORE_OPS.values())
