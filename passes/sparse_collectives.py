@@ -111,26 +111,18 @@ class SparseCollectives:
         schedule = Schedule(ctx.graph_id)
         graph = gm.graph
         done = fssdp_done = 0
-        layers = []
-        for n in graph.nodes:
-            if n.op != "call_function" or n.target is not MOE_OP:
-                continue
-            spec = MoESpec.from_json(n.args[-1])
-            if spec.router.scales_input or spec.router.weight_scale:  # fuse_gating lowers these
-                why = ("single-process on every rank: " + (
-                    "its routing weights scale the experts' input (Llama 4)" if spec.router.scales_input else
-                    "a per-expert factor scales its routing weights (Gemma 4)")
-                    + ", which the expert-parallel ops do not do")
-                log.warning("sparse_collectives: %s stays %s", spec.path or n.name, why)
-                for r in _reports(ctx, spec):
-                    r.strategy = why
-                continue
-            layers.append(n)
+        layers = [n for n in graph.nodes if n.op == "call_function" and n.target is MOE_OP]
+        # routers that scale the experts' input or weight them per expert (Llama 4, Gemma 4): only the
+        # ep_moe op does that; coherent chains, FSSDP and the functional layer do not
+        scaled = {n: _scaled_routing(MoESpec.from_json(n.args[-1])) for n in layers}
+        scaled = {n: why for n, why in scaled.items() if why}
         not_coherent: dict = {}
         chained = 0
         kept = _KeptRows(gm, ctx, opts["release_parameters"], dist.get_rank(pg))
         if mode in ("coherent", "auto"):
-            chained, not_coherent = self._emit_chains(gm, ctx, layers, opts, placement, gname, size, schedule, kept)
+            chained, not_coherent = self._emit_chains(gm, ctx, [n for n in layers if n not in scaled], opts,
+                                                      placement, gname, size, schedule, kept)
+            not_coherent.update(scaled)
         index_of = {n: i for i, n in enumerate(layers)}   # a layer's index in the graph (placement rows)
         if mode in ("coherent", "auto"):
             layers = [n for n in layers if n in not_coherent]
@@ -141,6 +133,8 @@ class SparseCollectives:
             reports = _reports(ctx, spec)
             why = _why_movement(spec, opts["movement"])
             moves_weights = _moves_weights(spec, opts["movement"])
+            if moves_weights and node in scaled:
+                why, moves_weights = f"FSSDP not possible: {scaled[node]}", False
             if moves_weights and _chunkable(node) is not True:
                 why, moves_weights = f"FSSDP not possible: {_chunkable(node)}", False
                 log.warning("sparse_collectives: %s stays expert-parallel (tokens move): %s", spec.path or f"layer {i}",
@@ -165,9 +159,11 @@ class SparseCollectives:
                 r.strategy = f"expert parallel over {size} ranks: tokens move to the experts (mode {layer_mode}; {why})"
             new_spec = spec.replace(notes=spec.notes + ((NOTE, plan.to_json()),))
             new_spec = kept.note(new_spec, node.args[3:9], plan.local_experts(kept.rank))
-            functional = opts["collectives"] == "functional"   # layers here run all_to_all or hierarchical
+            functional = opts["collectives"] == "functional" and node not in scaled  # all_to_all or hierarchical
             for r in reports[:1]:
-                r.strategy += "; functional collectives in the graph" if functional else ""
+                r.strategy += "; functional collectives in the graph" if functional else (
+                    f"; the ep_moe op, not functional collectives: {scaled[node]}"
+                    if opts["collectives"] == "functional" else "")
             with graph.inserting_before(node):
                 if functional:
                     args, new_spec = _functional_operands(gm, node, new_spec, i)
@@ -397,6 +393,16 @@ def _functional_operands(gm, node, spec: MoESpec, index: int) -> tuple:
         args[slot] = attr
     notes = tuple(n for n in spec.notes if not (isinstance(n, (tuple, list)) and n and n[0] == ep_weights.NOTE))
     return args, spec.replace(notes=notes)
+
+
+def _scaled_routing(spec: MoESpec) -> str:
+    """Why only the ep_moe op runs this layer (its routing weights scale the experts' input, or a
+    per-expert factor scales them), or ""."""
+    if spec.router.scales_input:
+        return "its routing weights scale the experts' input (Llama 4)"
+    if spec.router.weight_scale:
+        return "a per-expert factor scales its routing weights (Gemma 4)"
+    return ""
 
 
 def _reports(ctx, spec: MoESpec) -> list:

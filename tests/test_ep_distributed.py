@@ -714,3 +714,56 @@ def test_inference_compile_keeps_only_this_ranks_experts():
         assert "called eagerly" in r["eager_error"] and "release_parameters" in r["eager_error"], r["eager_error"]
     # 5 experts on 2 ranks: contiguous rows 3 + 2
     assert results[0]["coherent"]["held"] * 2 == results[1]["coherent"]["held"] * 3
+
+
+# ------------------------------------------------------------------ routers with scaled inputs or weights
+def scaled_router_worker(rank, world, families):
+    """Llama 4 (top-1 weight scales the experts' input) and Gemma 4 (per-expert weight scale) under EP:
+    logits on this rank's tokens, and every gradient summed over ranks, against single-process eager."""
+    import torch.distributed as dist
+
+    from hf_models import make_generic
+
+    import moe_compiler
+
+    out = {}
+    for family, overrides in families:
+        torch._dynamo.reset()
+        model = make_generic(family, **overrides)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(("per_expert_scale", "router.scale")):
+                    p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+        ep_model = copy.deepcopy(model)
+        ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(rank))
+        opts = {"expert_parallel": {"mode": "all_to_all"}, "inner_backend": "eager", "strict": True}
+        ref = model(ids).logits
+        ref.float().pow(2).mean().backward()
+        got = torch.compile(ep_model, backend="moe", options=opts)(ids).logits
+        got.float().pow(2).mean().backward()
+        grad_diff = 0.0
+        for a, b in zip(model.parameters(), ep_model.parameters()):
+            if a.grad is None:
+                continue
+            ga, gb = a.grad.clone(), b.grad.clone() if b.grad is not None else torch.zeros_like(a)
+            dist.all_reduce(ga)
+            dist.all_reduce(gb)
+            grad_diff = max(grad_diff, float((ga - gb).abs().max() / ga.abs().max().clamp_min(1e-12)))
+        report = moe_compiler.explain(copy.deepcopy(model), ids, expert_parallel={"mode": "coherent"},
+                                      inner_backend="eager")
+        out[family] = dict(logits=float((got - ref).abs().max()), grads=grad_diff,
+                           strategies=[m.strategy for m in report.moe_layers])
+    return out
+
+
+def test_scaled_routers_expert_parallel_two_ranks():
+    families = [("llama4_text", {"num_experts_per_tok": 1}),
+                ("gemma4_text", {"enable_moe_block": True, "top_k_experts": 2})]
+    results = run_ranks("test_ep_distributed:scaled_router_worker", 2, {"families": families}, timeout=300,
+                        pg_timeout=120, python_path=(HERE,))
+    for rank, res in enumerate(results):
+        for family, r in res.items():
+            assert r["logits"] < 1e-4 and r["grads"] < 1e-4, (rank, family, r)
+            # coherent chains do not take these layers: they run the ep_moe op (two all-to-alls)
+            assert all("tokens move to the experts" in s and "coherent mode does not apply" in s
+                       for s in r["strategies"]), (rank, family, r["strategies"])

@@ -31,11 +31,10 @@ import torch
 from moe_compiler import recording, reference
 from moe_compiler.codegen.comm import executor
 from moe_compiler.codegen.ops import gating_weights
-from moe_compiler.ir import MoESpec, _spec, grads_by_recompute, operand_grads
+from moe_compiler.ir import MoESpec, _spec, differentiable, grads_by_recompute, operand_grads
 from moe_compiler.runtime import ep_weights
 
 NOTE = "expert_parallel"
-_DIFF = ("hidden", "router_logits", "w1", "w3", "w2", "b1", "b3", "b2")
 _OPERANDS = ("hidden", "router_logits", "score_bias", "w1", "w3", "w2", "b1", "b3", "b2")
 
 
@@ -198,12 +197,15 @@ def ep_experts(x, ids, local_w, spec: MoESpec, plan: EPPlan) -> torch.Tensor:
 
 def route_tokens(hidden, router_logits, score_bias, spec: MoESpec) -> tuple:
     """This rank's tokens: (x [T, H], ids [T, k] chosen without gradient, weights [T, k] differentiable
-    in the logits)."""
+    in the logits, and in the per-expert scale with RouterSpec.weight_scale)."""
     x = hidden.reshape(-1, hidden.shape[-1])
     logits = router_logits.reshape(x.shape[0], spec.num_experts)
     with torch.no_grad():
         ids, _ = reference.route(logits, score_bias, spec.router)
-    return x, ids, gating_weights(logits, ids, spec)
+    weights = gating_weights(logits, ids, spec)
+    if spec.router.weight_scale:  # Gemma 4: the [E] operand scales the chosen weights
+        weights = weights * score_bias[ids]
+    return x, ids, weights
 
 
 def combine(per_slot, weights, hidden) -> torch.Tensor:
@@ -217,6 +219,8 @@ def ep_moe_forward(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, sp
     """The op's semantics on this rank's tokens: returns hidden's shape and dtype."""
     plan = plan_of(spec)
     x, ids, weights = route_tokens(hidden, router_logits, score_bias, spec)
+    if spec.router.scales_input:  # Llama 4 (top-1): the experts see x * w, and their outputs are summed as is
+        x, weights = x * weights.to(x.dtype), torch.ones_like(weights)
     _, rank = plan_hops(plan)
     local_w = local_weights(spec, (w1, w3, w2, b1, b3, b2), plan.local_experts(rank))
     return combine(ep_experts(x, ids, local_w, spec, plan), weights, hidden)
@@ -245,18 +249,20 @@ def _ep_moe_fake(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec
 
 @torch.library.impl(_LIB, "ep_moe_backward", "CompositeExplicitAutograd")
 def _ep_moe_backward(grad_out, hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec):
-    operands = dict(hidden=hidden, router_logits=router_logits, w1=w1, w3=w3, w2=w2, b1=b1, b3=b3, b2=b2)
+    operands = dict(hidden=hidden, router_logits=router_logits, score_bias=score_bias, w1=w1, w3=w3, w2=w2,
+                    b1=b1, b3=b3, b2=b2)
 
-    def forward(hidden, router_logits, w1, w3, w2, b1, b3, b2):
+    def forward(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2):
         return ep_moe_forward(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, _spec(spec))
 
-    return grads_by_recompute(forward, operands, _DIFF, grad_out, collective=True)
+    return grads_by_recompute(forward, operands, differentiable(spec), grad_out, collective=True)
 
 
 @torch.library.register_fake("moe_compiler::ep_moe_backward")
 def _ep_moe_backward_fake(grad_out, hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec):
-    operands = dict(hidden=hidden, router_logits=router_logits, w1=w1, w3=w3, w2=w2, b1=b1, b3=b3, b2=b2)
-    return [torch.empty_like(operands[n]) for n in _DIFF if operands[n] is not None]
+    operands = dict(hidden=hidden, router_logits=router_logits, score_bias=score_bias, w1=w1, w3=w3, w2=w2,
+                    b1=b1, b3=b3, b2=b2)
+    return [torch.empty_like(operands[n]) for n in differentiable(spec) if operands[n] is not None]
 
 
 def _setup(ctx, inputs, output):
@@ -269,7 +275,7 @@ def _backward(ctx, grad_out):
     saved = iter(ctx.saved_tensors)
     operands = [next(saved) if p else None for p in ctx.present]
     return operand_grads(operands, torch.ops.moe_compiler.ep_moe_backward(grad_out.contiguous(), *operands, ctx.spec),
-                         _DIFF, _OPERANDS)
+                         differentiable(ctx.spec), _OPERANDS)
 
 
 torch.library.register_autograd("moe_compiler::ep_moe", _backward, setup_context=_setup)
