@@ -89,3 +89,15 @@ def make_generic(model_type: str, seed: int = 0, **overrides):
             if "norm" not in name:
                 p.normal_(0, 0.2 if p.dim() > 1 else 0.05)
     return model
+
+
+def randomize_router_scales(model, seed: int = 1):
+    """Draw Gemma 4's router scale and per-expert weight scale in [0.5, 1.5) (they start at 1.0, where a
+    dropped factor would go unnoticed)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("per_expert_scale", "router.scale")):
+                p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(seed))
+    return model

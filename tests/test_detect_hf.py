@@ -167,13 +167,9 @@ def test_gemma4_router_norm_and_per_expert_scale():
     the chosen weights are multiplied by a per-expert scale. Raised with the experts' own input as the
     op's hidden and the scale as a weight_scale operand; forward and backward (the scale's gradient
     included) equal eager."""
-    from hf_models import make_generic
+    from hf_models import make_generic, randomize_router_scales
 
-    model = make_generic("gemma4_text", enable_moe_block=True, top_k_experts=2)
-    with torch.no_grad():  # scales away from their initial 1.0, so a dropped factor would show
-        for name, p in model.named_parameters():
-            if name.endswith(("per_expert_scale", "router.scale")):
-                p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+    model = randomize_router_scales(make_generic("gemma4_text", enable_moe_block=True, top_k_experts=2))
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
     report = moe_compiler.explain(model, ids, **EAGER)
     assert [(m.path, m.rewritten) for m in report.moe_layers] == [("model.layers.0", True), ("model.layers.1", True)]
@@ -188,13 +184,9 @@ def test_scaled_routers_offload_with_prefetch(tmp_path, family, overrides):
     Llama 4's scaled input, Gemma 4's second norm), logits bit-equal to the resident compiled model."""
     import copy
 
-    from hf_models import make_generic
+    from hf_models import make_generic, randomize_router_scales
 
-    model = make_generic(family, **overrides)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("per_expert_scale", "router.scale")):
-                p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+    model = randomize_router_scales(make_generic(family, **overrides))
     offloaded = copy.deepcopy(model)
     ids = [torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(s)) for s in range(2)]
     opts = {"offload": {"budget": 0.5, "dir": str(tmp_path), "prefetch": True}}

@@ -722,18 +722,14 @@ def scaled_router_worker(rank, world, families):
     logits on this rank's tokens, and every gradient summed over ranks, against single-process eager."""
     import torch.distributed as dist
 
-    from hf_models import make_generic
+    from hf_models import make_generic, randomize_router_scales
 
     import moe_compiler
 
     out = {}
     for family, overrides in families:
         torch._dynamo.reset()
-        model = make_generic(family, **overrides)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith(("per_expert_scale", "router.scale")):
-                    p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+        model = randomize_router_scales(make_generic(family, **overrides))
         ep_model = copy.deepcopy(model)
         ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(rank))
         opts = {"expert_parallel": {"mode": "all_to_all"}, "inner_backend": "eager", "strict": True}
