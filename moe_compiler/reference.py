@@ -146,7 +146,13 @@ def moe_forward(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec:
     h = hidden.shape[-1]
     x = hidden.reshape(-1, h)
     ids, weights = route(router_logits.reshape(x.shape[0], spec.router.num_experts), score_bias, spec.router)
-    if spec.router.scales_input:  # top-1 (RouterSpec checks it): expert(x * w) with unit weight
-        x, weights = x * weights.to(x.dtype), torch.ones_like(weights)
+    if spec.router.scales_input:
+        x, weights = scaled_input(x, weights)
     y = experts_forward(x, ids, weights, w1, w3, w2, b1, b3, b2, spec.experts)
     return y.to(hidden.dtype).reshape(hidden.shape)
+
+
+def scaled_input(x: torch.Tensor, weights: torch.Tensor) -> tuple:
+    """RouterSpec.scales_input (top-1, Llama 4): the expert reads x * w (in x's dtype, as Llama 4
+    multiplies by scores cast to it) and its output is taken with a unit weight. x [T, H], weights [T, 1]."""
+    return x * weights.to(x.dtype), torch.ones_like(weights)

@@ -32,6 +32,8 @@ from moe_compiler.pipeline import PassContext, PassResult
 
 _aten = torch.ops.aten
 
+_GATE_SEARCH = 32  # values searched for the router's input, from the expert input back
+
 
 def _router_slice(roots, gate_input, param_nodes):
     """Nodes computing roots from gate_input and parameters only (graph order), or None."""
@@ -77,9 +79,6 @@ def _gate(node, param_nodes):
         if candidate.op == "call_function" and candidate.target not in _HEAVY:
             frontier.extend(candidate.all_input_nodes)
     return "its router does not read its expert input (or a value it is computed from) through parameters only"
-
-
-_GATE_SEARCH = 32  # values searched for the router's input, from the expert input back
 
 
 _HEAVY = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.convolution.default,

@@ -220,7 +220,7 @@ def ep_moe_forward(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, sp
     plan = plan_of(spec)
     x, ids, weights = route_tokens(hidden, router_logits, score_bias, spec)
     if spec.router.scales_input:  # Llama 4 (top-1): the experts see x * w, and their outputs are summed as is
-        x, weights = x * weights.to(x.dtype), torch.ones_like(weights)
+        x, weights = reference.scaled_input(x, weights)
     _, rank = plan_hops(plan)
     local_w = local_weights(spec, (w1, w3, w2, b1, b3, b2), plan.local_experts(rank))
     return combine(ep_experts(x, ids, local_w, spec, plan), weights, hidden)
