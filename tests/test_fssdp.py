@@ -14,6 +14,7 @@ import torch
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
+from drawn import Case
 from moe_compiler.config import ConfigError
 from moe_compiler.runtime.launch import run_ranks
 
@@ -30,7 +31,7 @@ def fssdp_cases(world: int):
     @st.composite
     def build(draw):
         E = draw(st.integers(1, 9))
-        return dict(E=E, k=draw(st.integers(1, min(4, E))), H=draw(st.integers(4, 12)), I=draw(st.integers(2, 6)),
+        return Case(E=E, k=draw(st.integers(1, min(4, E))), H=draw(st.integers(4, 12)), I=draw(st.integers(2, 6)),
                     tokens=draw(st.lists(st.integers(0, 12), min_size=world, max_size=world)),
                     routing=draw(st.sampled_from(["random", "skewed", "one_expert"])),
                     owners=draw(st.sampled_from(["contiguous", "random"])),
