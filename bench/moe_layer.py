@@ -7,7 +7,8 @@
 Layers (fp32, CPU): Mixtral-like (8 experts, top-2, hidden 512, ffn 1792) and a fine-grained one
 (Qwen2-MoE block: 64 experts, top-6, ffn 256, gated shared expert of ffn 512), at 1024 and 64 tokens,
 forward and forward+backward; `--layers llama4_like` adds Llama 4's block (16 experts, top-1, hidden
-512, ffn 1024, shared expert), which transformers runs densely over every expert. All sides run in one process, interleaved, and medians are compared.
+512, ffn 1024, shared expert), which transformers runs densely over every expert (`llama4_top2_like`:
+the same block routing top-2). All sides run in one process, interleaved, and medians are compared.
 
 The bound: dense matmuls of the same FLOPs (router + T*k rows through one [H, 2I] and one [I, H]
 GEMM, + the shared expert); for 64 tokens also the time to read the active experts' weights once
@@ -33,6 +34,8 @@ LAYERS = {
     # Llama 4's block (top-1, sigmoid scores scaling the experts' input, shared expert); transformers
     # runs every expert on every token (scores of 0 for the others)
     "llama4_like": dict(family="llama4", E=16, k=1, H=512, I=1024, shared=1024),
+    # the same block routing top-2: each slot's expert sees the input scaled by that slot's score
+    "llama4_top2_like": dict(family="llama4", E=16, k=2, H=512, I=1024, shared=1024),
     # the reference model's MoE layer (moe_compiler.reference_lm; bench/offload.py): 48 KiB experts
     "reference_sized": dict(family="mixtral", E=16, k=2, H=64, I=64, shared=0),
 }

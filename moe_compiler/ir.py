@@ -54,8 +54,9 @@ class RouterSpec:
     renorm_eps: float = 0.0
     # multiply the final weights by this factor (DeepSeek routed_scaling_factor)
     scaling_factor: float = 1.0
-    # Llama 4: the weight scales the expert's input (expert_e(x * w)) instead of its output
-    # (w * expert_e(x)); top-1 only (fuse_gating scales x and gives the experts unit weights)
+    # Llama 4, torchtitan's score_before_experts: each chosen weight scales its expert's input,
+    # sum_j expert_ids[j](x * w_j), instead of its output (fuse_gating makes one row x * w_j per slot
+    # and gives the experts unit weights)
     scales_input: bool = False
     # Gemma 4: the [E] operand in the score_bias slot multiplies the chosen weights (per_expert_scale)
     # instead of biasing the choice (fuse_gating applies it in the graph, so it gets a gradient)
@@ -72,9 +73,6 @@ class RouterSpec:
         _check(1 <= self.topk_group <= self.n_group, f"topk_group must be in [1, n_group], got {self.topk_group}")
         _check(not (self.weight_scale and self.has_score_bias),
                "weight_scale and has_score_bias both read the [E] score_bias operand: at most one may be set")
-        _check(not self.scales_input or self.top_k == 1,
-               f"scales_input (weights that scale the experts' input, as Llama 4's top-1 router) needs top_k == 1, "
-               f"got top_k={self.top_k}")
 
 
 @dataclass(frozen=True)

@@ -147,12 +147,18 @@ def moe_forward(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec:
     x = hidden.reshape(-1, h)
     ids, weights = route(router_logits.reshape(x.shape[0], spec.router.num_experts), score_bias, spec.router)
     if spec.router.scales_input:
-        x, weights = scaled_input(x, weights)
-    y = experts_forward(x, ids, weights, w1, w3, w2, b1, b3, b2, spec.experts)
+        rows, slot_ids, unit = scaled_slots(x, ids, weights)
+        y = experts_forward(rows, slot_ids, unit, w1, w3, w2, b1, b3, b2, spec.experts).view(*ids.shape, h).sum(1)
+    else:
+        y = experts_forward(x, ids, weights, w1, w3, w2, b1, b3, b2, spec.experts)
     return y.to(hidden.dtype).reshape(hidden.shape)
 
 
-def scaled_input(x: torch.Tensor, weights: torch.Tensor) -> tuple:
-    """RouterSpec.scales_input (top-1, Llama 4): the expert reads x * w (in x's dtype, as Llama 4
-    multiplies by scores cast to it) and its output is taken with a unit weight. x [T, H], weights [T, 1]."""
-    return x * weights.to(x.dtype), torch.ones_like(weights)
+def scaled_slots(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple:
+    """RouterSpec.scales_input (Llama 4, torchtitan's score_before_experts): one row per (token, slot)
+    holding x[t] * w[t, j] (in x's dtype, as Llama 4 multiplies by scores cast to it), routed to
+    ids[t, j] with a unit weight; the layer's output is each token's k row outputs summed.
+    x [T, H], ids and weights [T, k] -> (rows [T*k, H], ids [T*k, 1], unit weights [T*k, 1])."""
+    T, k = ids.shape
+    rows = (x.unsqueeze(1) * weights.to(x.dtype).unsqueeze(-1)).reshape(T * k, x.shape[-1])
+    return rows, ids.reshape(T * k, 1), torch.ones_like(weights).reshape(T * k, 1)

@@ -707,9 +707,6 @@ def _router_candidates(r: Router, region: Region, has_bias: bool):
     if not renorm and score == "softmax" and not topk_first:
         out.append(RouterSpec(**{**base, "renormalize": True}))
     if _scores_scale_input(region, post, r.topk):
-        if r.top_k != 1:  # the proof would need an op semantic no lowering has
-            raise _Unsupported(f"the routing weights scale the experts' input (as Llama 4's router does) with "
-                               f"top-k {r.top_k}: lowered for top-1 only")
         out = [RouterSpec(**{**base, "scales_input": True})] + out
     return out
 

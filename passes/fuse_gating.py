@@ -17,11 +17,15 @@ the score_bias slot) is applied after the gating op, so it gets its gradient fro
 
     w = mul(w, index(scale, [ids]))                           # [T, k] fp32
 
-A top-1 layer whose weights scale the experts' input (RouterSpec.scales_input, Llama 4) scales the
-hidden state itself and gives the experts unit weights, so every lowering after this runs it as usual:
+A layer whose weights scale the experts' input (RouterSpec.scales_input: Llama 4, torchtitan's
+score_before_experts) gets one row x[t] * w[t, j] per slot, each routed to its one expert with a unit
+weight, so every lowering after this runs it as an ordinary top-1 layer over T*k rows:
 
-    xs = mul(view(x, [-1, H]), _to_copy(w, x.dtype))          # [T, H]: x[t] * w[t]
-    y = view(moe_compiler.routed_experts(xs, ids, ones_like(w), ...), x's shape)
+    top-1:  xs = mul(view(x, [-1, H]), _to_copy(w, x.dtype))               # [T, H]
+            y = view(moe_compiler.routed_experts(xs, ids, ones_like(w), ...), x's shape)
+    top-k:  xs = view(mul(unsqueeze(view(x, [-1, H]), 1), unsqueeze(_to_copy(w, x.dtype), -1)), [-1, H])
+            ys = moe_compiler.routed_experts(xs, view(ids, [-1, 1]), ones_like(view(w, [-1, 1])), ...)
+            y = view(_to_copy(sum(view(ys, [-1, k, H]), [1], dtype=fp32), x.dtype), x's shape)   # [T*k, H] -> x
 """
 from __future__ import annotations
 
@@ -71,11 +75,10 @@ class FuseGating:
                 with graph.inserting_before(node):
                     chosen = _node(graph, fake_mode, aten.index.Tensor, (scale, [ids]), added)
                     w = _node(graph, fake_mode, aten.mul.Tensor, (w, chosen), added)
+            back = None
             if router.scales_input:
                 with graph.inserting_before(node):
-                    x, w, back = _scale_input(graph, fake_mode, x, w, added)
-            else:
-                back = None
+                    x, ids, w, back = _scale_input(graph, fake_mode, x, ids, w, added)
             with graph.inserting_before(node):
                 y = graph.call_function(ROUTED_EXPERTS_OP, (x, ids, w, w1, w3, w2, b1, b3, b2, spec))
             with fake_mode:
@@ -84,7 +87,7 @@ class FuseGating:
             added.append(y)
             if back is not None:
                 with graph.inserting_before(node):
-                    y = _node(graph, fake_mode, aten.view.default, (y, back), added)
+                    y = back(y)
             for n in added:
                 n.meta["moe_compiler_pass"] = self.name
             y.meta["moe_spec"] = node.meta.get("moe_spec")
@@ -113,17 +116,38 @@ def _fake(a):
     return a
 
 
-def _scale_input(graph, fake_mode, x, w, added):
-    """(x [T, H] scaled by the top-1 weights w [T, 1], unit weights, x's shape to view the output back
-    to, or None when x is already [T, H])."""
+def _scale_input(graph, fake_mode, x, ids, w, added):
+    """The experts' operands for an input-scaling router: (rows [T*k, H] = x[t] * w[t, j], their expert
+    ids [T*k, 1], unit weights [T*k, 1], back), where back(y) inserts the nodes that take the experts'
+    per-row output [T*k, H] to the layer's (each token's k rows summed, viewed as x), or back is None
+    when that is y itself (top-1 and x already [T, H])."""
     xv = x.meta["val"]
-    hidden = xv.shape[-1]
-    back = None
+    hidden, k = xv.shape[-1], w.meta["val"].shape[-1]
+    shape = None
     if xv.dim() != 2:
-        back = [d if not isinstance(d, torch.SymInt) else _node(graph, fake_mode, aten.sym_size.int, (x, i), added)
-                for i, d in enumerate(xv.shape)]
+        shape = [d if not isinstance(d, torch.SymInt) else _node(graph, fake_mode, aten.sym_size.int, (x, i), added)
+                 for i, d in enumerate(xv.shape)]
         x = _node(graph, fake_mode, aten.view.default, (x, [-1, hidden]), added)
     scale = _node(graph, fake_mode, aten._to_copy.default, (w,), added, {"dtype": xv.dtype})
-    scaled = _node(graph, fake_mode, aten.mul.Tensor, (x, scale), added)
+    if k == 1:
+        rows = _node(graph, fake_mode, aten.mul.Tensor, (x, scale), added)
+    else:
+        x3 = _node(graph, fake_mode, aten.unsqueeze.default, (x, 1), added)
+        s3 = _node(graph, fake_mode, aten.unsqueeze.default, (scale, -1), added)
+        rows = _node(graph, fake_mode, aten.view.default,
+                     (_node(graph, fake_mode, aten.mul.Tensor, (x3, s3), added), [-1, hidden]), added)
+        ids = _node(graph, fake_mode, aten.view.default, (ids, [-1, 1]), added)
+        w = _node(graph, fake_mode, aten.view.default, (w, [-1, 1]), added)
     ones = _node(graph, fake_mode, aten.ones_like.default, (w,), added)
-    return scaled, ones, back
+    if k == 1 and shape is None:
+        return rows, ids, ones, None
+
+    def back(y):
+        if k > 1:  # each token's k row outputs, summed in fp32 as the reference does
+            y = _node(graph, fake_mode, aten.view.default, (y, [-1, k, hidden]), added)
+            y = _node(graph, fake_mode, aten.sum.dim_IntList, (y, [1]), added, {"dtype": torch.float32})
+            if xv.dtype != torch.float32:
+                y = _node(graph, fake_mode, aten._to_copy.default, (y,), added, {"dtype": xv.dtype})
+        return y if shape is None else _node(graph, fake_mode, aten.view.default, (y, shape), added)
+
+    return rows, ids, ones, back

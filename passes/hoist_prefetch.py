@@ -61,6 +61,8 @@ def _router_slice(roots, gate_input, param_nodes):
 def _gate(node, param_nodes):
     """(gate input, router slice, logits, bias) of an offloaded layer, or a reason string."""
     ids = node.args[1]
+    while isinstance(ids, torch.fx.Node) and ids.target is _aten.view.default:  # an input-scaling router's
+        ids = ids.args[0]                                                        # [T*k, 1] slot ids
     if not (isinstance(ids, torch.fx.Node) and ids.target is operator.getitem
             and getattr(ids.args[0], "target", None) is GATING_OP):
         return "its routing does not come from a gating op"

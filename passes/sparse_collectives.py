@@ -112,8 +112,8 @@ class SparseCollectives:
         graph = gm.graph
         done = fssdp_done = 0
         layers = [n for n in graph.nodes if n.op == "call_function" and n.target is MOE_OP]
-        # routers that scale the experts' input or weight them per expert (Llama 4, Gemma 4): only the
-        # ep_moe op does that; coherent chains, FSSDP and the functional layer do not
+        # routers that scale the experts' input or weight them per expert (Llama 4, Gemma 4): the ep_moe
+        # op and the functional layer do that; coherent chains and FSSDP do not
         scaled = {n: _scaled_routing(MoESpec.from_json(n.args[-1])) for n in layers}
         scaled = {n: why for n, why in scaled.items() if why}
         not_coherent: dict = {}
@@ -159,11 +159,9 @@ class SparseCollectives:
                 r.strategy = f"expert parallel over {size} ranks: tokens move to the experts (mode {layer_mode}; {why})"
             new_spec = spec.replace(notes=spec.notes + ((NOTE, plan.to_json()),))
             new_spec = kept.note(new_spec, node.args[3:9], plan.local_experts(kept.rank))
-            functional = opts["collectives"] == "functional" and node not in scaled  # all_to_all or hierarchical
+            functional = opts["collectives"] == "functional"  # all_to_all or hierarchical
             for r in reports[:1]:
-                r.strategy += "; functional collectives in the graph" if functional else (
-                    f"; the ep_moe op, not functional collectives: {scaled[node]}"
-                    if opts["collectives"] == "functional" else "")
+                r.strategy += "; functional collectives in the graph" if functional else ""
             with graph.inserting_before(node):
                 if functional:
                     args, new_spec = _functional_operands(gm, node, new_spec, i)
@@ -396,8 +394,9 @@ def _functional_operands(gm, node, spec: MoESpec, index: int) -> tuple:
 
 
 def _scaled_routing(spec: MoESpec) -> str:
-    """Why only the ep_moe op runs this layer (its routing weights scale the experts' input, or a
-    per-expert factor scales them), or ""."""
+    """Why only two-all-to-all EP (the ep_moe op or functional collectives) runs this layer, not a
+    coherent chain or FSSDP (its routing weights scale the experts' input, or a per-expert factor
+    scales them), or ""."""
     if spec.router.scales_input:
         return "its routing weights scale the experts' input (Llama 4)"
     if spec.router.weight_scale:

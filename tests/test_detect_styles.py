@@ -58,18 +58,14 @@ def test_torchtitan_grouped_mm_style_bf16():
 @pytest.mark.parametrize("k", [1, 2])
 def test_torchtitan_scores_before_experts(k):
     """torchtitan's score_before_experts (its Llama 4): the gathered tokens are scaled by their
-    scores before the grouped GEMMs. Top-1 is raised as an input-scaling router; top-2 is reported."""
+    scores before the grouped GEMMs. Raised as an input-scaling router, top-1 and top-2."""
     torch.manual_seed(0)
     model = TorchTitanMoE(16, 32, 4, k, score_before_experts=True).to(torch.bfloat16)  # _grouped_mm: bf16
     x = torch.randn(2, 6, 16, dtype=torch.bfloat16)
     (layer,) = _layers(model, x)
-    if k == 1:
-        assert layer.rewritten and layer.spec.router.scales_input, layer.one_line()
-        torch._dynamo.reset()
-        assert_rewrite_equivalent(model, x, backward=True, expected_moe_ops=1, options=EAGER)
-    else:
-        assert not layer.rewritten and "scale the experts' input" in layer.reason, layer.one_line()
-        assert_rewrite_equivalent(model, x, expected_moe_ops=0, options=EAGER)
+    assert layer.rewritten and layer.spec.router.scales_input and layer.spec.top_k == k, layer.one_line()
+    torch._dynamo.reset()
+    assert_rewrite_equivalent(model, x, backward=True, expected_moe_ops=1, options=EAGER)
 
 
 def test_near_miss_softmax_topk_is_not_matched():

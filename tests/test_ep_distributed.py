@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
+from drawn import Case
 from moe_compiler.runtime.launch import run_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(400)]
@@ -34,7 +35,7 @@ def ep_cases(world: int, modes=("all_to_all",)):
     def build(draw):
         E = draw(st.integers(1, 9))
         k = draw(st.integers(1, min(4, E)))
-        return dict(
+        return Case(
             E=E, k=k, H=draw(st.integers(4, 16)), I=draw(st.integers(2, 8)),
             tokens=draw(st.lists(st.integers(0, 12), min_size=world, max_size=world)),
             routing=draw(st.sampled_from(["random", "skewed", "one_rank"])),
@@ -429,6 +430,25 @@ def test_dead_or_stuck_rank_fails_the_others_in_bounded_time(how):
     assert_others_fail_in_bounded_time("test_ep_distributed:failure_worker", how, "expert parallelism")
 
 
+def test_a_failed_rendezvous_is_run_again_on_a_new_store(monkeypatch):
+    """The first store points at a port nobody serves: both ranks fail to join, the run starts again."""
+    import torch.distributed as dist
+
+    from moe_compiler.runtime import launch
+
+    real, made = dist.TCPStore, []
+
+    def store(*args, **kwargs):
+        made.append(args)
+        if len(made) == 1:
+            return type("Unserved", (), {"port": 1})()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dist, "TCPStore", store)
+    assert launch.run_ranks("operator:add", 2, timeout=60, pg_timeout=2) == [2, 3]
+    assert len(made) == 2
+
+
 # ------------------------------------------------------------------ context-coherent executor
 def coherent_worker(rank, world, cases):
     from moe_compiler import reference
@@ -480,7 +500,7 @@ def coherent_worker(rank, world, cases):
 @settings(max_examples=2, deadline=None, phases=(Phase.explicit, Phase.generate), database=None)  # no shrinking (spawns are slow); example 1 is the minimal one, example 2 random
 @given(cases=st.lists(st.fixed_dictionaries(dict(
     E=st.integers(2, 9), k=st.integers(1, 2), layers=st.integers(1, 4), tokens=st.integers(0, 10),
-    placement=st.sampled_from(["contiguous", "random", "replicated"]), seed=st.integers(0, 10_000))),
+    placement=st.sampled_from(["contiguous", "random", "replicated"]), seed=st.integers(0, 10_000))).map(Case),
     min_size=6, max_size=6))
 def test_coherent_executor_equals_two_all_to_alls(cases):
     """Generates: coherent-stack cases (2-9 experts, top-1/2, 1-4 layers, 0-10 tokens per rank, placements
@@ -563,7 +583,7 @@ def _expected_coherent_steps(layers: int) -> list:
     layers=st.integers(2, 4), E=st.integers(2, 8), k=st.integers(1, 2), H=st.sampled_from([8, 12, 16]),
     batch=st.lists(st.integers(0, 3), min_size=2, max_size=2), norm=st.sampled_from(["layer_norm", "rms", "none"]),
     shared=st.booleans(), placement=st.sampled_from(["contiguous", "random", "replicated"]),
-    inner=st.sampled_from(["eager", "eager", "inductor"]), overlap=st.integers(1, 3), seed=st.integers(0, 10_000))),
+    inner=st.sampled_from(["eager", "eager", "inductor"]), overlap=st.integers(1, 3), seed=st.integers(0, 10_000))).map(Case),
     min_size=3, max_size=3))
 def test_compiled_coherent_two_ranks_equals_single_process(cases, tmp_path_factory):
     """Generates: residual MoE stacks (2-4 layers, 2-8 experts, top-1/2, layer/RMS/no norm, with and without
@@ -718,8 +738,9 @@ def test_inference_compile_keeps_only_this_ranks_experts():
 
 # ------------------------------------------------------------------ routers with scaled inputs or weights
 def scaled_router_worker(rank, world, families):
-    """Llama 4 (top-1 weight scales the experts' input) and Gemma 4 (per-expert weight scale) under EP:
-    logits on this rank's tokens, and every gradient summed over ranks, against single-process eager."""
+    """Llama 4 (each chosen weight scales its expert's input) and Gemma 4 (per-expert weight scale)
+    under EP, through the ep_moe op or functional collectives: logits on this rank's tokens, and every
+    gradient summed over ranks, against single-process eager."""
     import torch.distributed as dist
 
     from hf_models import make_generic, randomize_router_scales
@@ -727,12 +748,13 @@ def scaled_router_worker(rank, world, families):
     import moe_compiler
 
     out = {}
-    for family, overrides in families:
+    for family, overrides, collectives in families:
         torch._dynamo.reset()
         model = randomize_router_scales(make_generic(family, **overrides))
         ep_model = copy.deepcopy(model)
         ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(rank))
-        opts = {"expert_parallel": {"mode": "all_to_all"}, "inner_backend": "eager", "strict": True}
+        opts = {"expert_parallel": {"mode": "all_to_all", "collectives": collectives}, "inner_backend": "eager",
+                "strict": True}
         ref = model(ids).logits
         ref.float().pow(2).mean().backward()
         got = torch.compile(ep_model, backend="moe", options=opts)(ids).logits
@@ -745,21 +767,24 @@ def scaled_router_worker(rank, world, families):
             dist.all_reduce(ga)
             dist.all_reduce(gb)
             grad_diff = max(grad_diff, float((ga - gb).abs().max() / ga.abs().max().clamp_min(1e-12)))
-        report = moe_compiler.explain(copy.deepcopy(model), ids, expert_parallel={"mode": "coherent"},
-                                      inner_backend="eager")
-        out[family] = dict(logits=float((got - ref).abs().max()), grads=grad_diff,
-                           strategies=[m.strategy for m in report.moe_layers])
+        # the ep_moe op's runs: what mode "coherent" says of these layers; functional runs: their strategy
+        ep = {"mode": "coherent"} if collectives == "op" else opts["expert_parallel"]
+        report = moe_compiler.explain(copy.deepcopy(model), ids, expert_parallel=ep, inner_backend="eager")
+        out[family, collectives] = dict(logits=float((got - ref).abs().max()), grads=grad_diff,
+                                        strategies=[m.strategy for m in report.moe_layers])
     return out
 
 
 def test_scaled_routers_expert_parallel_two_ranks():
-    families = [("llama4_text", {"num_experts_per_tok": 1}),
-                ("gemma4_text", {"enable_moe_block": True, "top_k_experts": 2})]
+    families = [(family, overrides, collectives) for family, overrides in
+                [("llama4_text", {"num_experts_per_tok": 2}), ("gemma4_text", {"enable_moe_block": True, "top_k_experts": 2})]
+                for collectives in ("op", "functional")]
     results = run_ranks("test_ep_distributed:scaled_router_worker", 2, {"families": families}, timeout=300,
                         pg_timeout=120, python_path=(HERE,))
     for rank, res in enumerate(results):
-        for family, r in res.items():
-            assert r["logits"] < 1e-4 and r["grads"] < 1e-4, (rank, family, r)
-            # coherent chains do not take these layers: they run the ep_moe op (two all-to-alls)
-            assert all("tokens move to the experts" in s and "coherent mode does not apply" in s
-                       for s in r["strategies"]), (rank, family, r["strategies"])
+        for (family, collectives), r in res.items():
+            assert r["logits"] < 1e-4 and r["grads"] < 1e-4, (rank, family, collectives, r)
+            # coherent chains do not take these layers: they run two all-to-alls
+            expected = "coherent mode does not apply" if collectives == "op" else "functional collectives in the graph"
+            assert all("tokens move to the experts" in s and expected in s for s in r["strategies"]), \
+                (rank, family, collectives, r["strategies"])

@@ -219,10 +219,11 @@ def ep_moe_forward(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, sp
     """The op's semantics on this rank's tokens: returns hidden's shape and dtype."""
     plan = plan_of(spec)
     x, ids, weights = route_tokens(hidden, router_logits, score_bias, spec)
-    if spec.router.scales_input:  # Llama 4 (top-1): the experts see x * w, and their outputs are summed as is
-        x, weights = reference.scaled_input(x, weights)
     _, rank = plan_hops(plan)
     local_w = local_weights(spec, (w1, w3, w2, b1, b3, b2), plan.local_experts(rank))
+    if spec.router.scales_input:  # Llama 4: slot j's expert sees x * w_j; the k outputs are summed as they are
+        rows, slot_ids, unit = reference.scaled_slots(x, ids, weights)
+        return combine(ep_experts(rows, slot_ids, local_w, spec, plan), unit.view(ids.shape), hidden)
     return combine(ep_experts(x, ids, local_w, spec, plan), weights, hidden)
 
 

@@ -5,7 +5,9 @@ sparse_collectives emits ``ep_layer(x, logits, bias, w1, w3, w2, b1, b3, b2, spe
 call_function node (spec' carries the layer's EPPlan, as for ep_moe). aot_autograd traces through
 it when the graph is compiled, so the ATen graph Inductor schedules holds, per layer:
 
-    ids, weights  = top-k routing of this rank's tokens (weights differentiable in the logits)
+    ids, weights  = top-k routing of this rank's tokens (weights differentiable in the logits; a
+                    per-expert scale applied, Gemma 4; with an input-scaling router, Llama 4, one
+                    row x * w_j per slot routed top-1 with unit weights, reference.scaled_slots)
     dest [T*k]    = rank of each slot's expert (replicas: round-robin, as ep_moe)
     per token chunk (overlap_degree chunks), per hop (world; hierarchical: intra-node by
     dest % M, then inter-node by dest // M, Tutel's 2DH):
@@ -34,6 +36,7 @@ from __future__ import annotations
 import torch
 import torch.distributed._functional_collectives as funcol
 
+from moe_compiler import reference
 from moe_compiler.codegen.comm.ep import (combine, hop_destinations, local_index, local_weights, plan_hops, plan_of,
                                           route_tokens, slot_chunks)
 from moe_compiler.ir import _spec
@@ -46,6 +49,9 @@ def ep_layer(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec: st
     plan = plan_of(s)
     hops, rank = plan_hops(plan)
     x, ids, weights = route_tokens(hidden, router_logits, score_bias, s)
+    if s.router.scales_input:  # Llama 4: a row x * w_j per slot, the k outputs summed with unit weights
+        x, slot_ids, weights = reference.scaled_slots(x, ids, weights)
+        ids, weights = slot_ids, weights.view(ids.shape)
     local_w = local_weights(s, (w1, w3, w2, b1, b3, b2), plan.local_experts(rank))
     local = local_index(plan, rank, x.device)
     outs = []
