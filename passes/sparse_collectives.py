@@ -113,7 +113,7 @@ class SparseCollectives:
         done = fssdp_done = 0
         layers = [n for n in graph.nodes if n.op == "call_function" and n.target is MOE_OP]
         # routers that scale the experts' input or weight them per expert (Llama 4, Gemma 4): the ep_moe
-        # op and the functional layer do that; coherent chains and FSSDP do not
+        # op, the functional layer and FSSDP do that; coherent chains do not
         scaled = {n: _scaled_routing(MoESpec.from_json(n.args[-1])) for n in layers}
         scaled = {n: why for n, why in scaled.items() if why}
         not_coherent: dict = {}
@@ -133,8 +133,6 @@ class SparseCollectives:
             reports = _reports(ctx, spec)
             why = _why_movement(spec, opts["movement"])
             moves_weights = _moves_weights(spec, opts["movement"])
-            if moves_weights and node in scaled:
-                why, moves_weights = f"FSSDP not possible: {scaled[node]}", False
             if moves_weights and _chunkable(node) is not True:
                 why, moves_weights = f"FSSDP not possible: {_chunkable(node)}", False
                 log.warning("sparse_collectives: %s stays expert-parallel (tokens move): %s", spec.path or f"layer {i}",
@@ -394,9 +392,8 @@ def _functional_operands(gm, node, spec: MoESpec, index: int) -> tuple:
 
 
 def _scaled_routing(spec: MoESpec) -> str:
-    """Why only two-all-to-all EP (the ep_moe op or functional collectives) runs this layer, not a
-    coherent chain or FSSDP (its routing weights scale the experts' input, or a per-expert factor
-    scales them), or ""."""
+    """Why no coherent chain takes this layer (its routing weights scale the experts' input, or a
+    per-expert factor scales them: the chain's router and experts callables do neither), or ""."""
     if spec.router.scales_input:
         return "its routing weights scale the experts' input (Llama 4)"
     if spec.router.weight_scale:

@@ -29,7 +29,8 @@ def ep_cases(world: int, modes=("all_to_all",)):
     tokens per rank 0..12 (ranks with no tokens), routing "random" | "skewed" (a few experts take
     most slots) | "one_rank" (everything to rank 0's experts: other ranks receive nothing),
     placement "contiguous" | "random" (one copy each) | "replicated" (extra copies), overlap
-    degree 1..3, softmax or sigmoid scores, and the mode."""
+    degree 1..3, softmax or sigmoid scores, the mode, and a router that scales the experts' input
+    (Llama 4), weights the chosen experts by a per-expert [E] operand (Gemma 4), both or neither."""
 
     @st.composite
     def build(draw):
@@ -41,7 +42,8 @@ def ep_cases(world: int, modes=("all_to_all",)):
             routing=draw(st.sampled_from(["random", "skewed", "one_rank"])),
             placement=draw(st.sampled_from(["contiguous", "random", "replicated"])),
             overlap=draw(st.integers(1, 3)), score=draw(st.sampled_from(["softmax", "sigmoid"])),
-            renorm=draw(st.booleans()), mode=draw(st.sampled_from(modes)), seed=draw(st.integers(0, 10_000)))
+            renorm=draw(st.booleans()), mode=draw(st.sampled_from(modes)), seed=draw(st.integers(0, 10_000)),
+            scaling=draw(st.sampled_from(["none", "input", "weight", "both"])))
 
     return build()
 
@@ -65,13 +67,16 @@ def _placement_rows(case, world, gen):
 
 
 def _case_tensors(case, world):
-    """Identical on every rank: weights, every rank's tokens and loss weights, the routing skew."""
+    """Identical on every rank: weights, every rank's tokens and loss weights, the routing skew, the
+    per-expert weight scale (None unless the case has one)."""
     from moe_compiler.ir import ExpertSpec, MoESpec, RouterSpec
 
     gen = torch.Generator().manual_seed(case["seed"])
     E, k, H, I = case["E"], case["k"], case["H"], case["I"]
-    spec = MoESpec(RouterSpec(E, k, score_func=case["score"], renormalize=case["renorm"]), ExpertSpec(H, I),
-                   path="layer")
+    scaling = case.get("scaling", "none")
+    spec = MoESpec(RouterSpec(E, k, score_func=case["score"], renormalize=case["renorm"],
+                              scales_input=scaling in ("input", "both"), weight_scale=scaling in ("weight", "both")),
+                   ExpertSpec(H, I), path="layer")
     router = torch.randn(E, H, generator=gen) * 0.5
     w1 = torch.randn(E, 2 * I, H, generator=gen) * H ** -0.5
     w2 = torch.randn(E, H, I, generator=gen) * I ** -0.5
@@ -83,16 +88,19 @@ def _case_tensors(case, world):
         skew[torch.randperm(E, generator=gen)[: max(1, E // 3)]] = 3.0
     elif case["routing"] == "one_rank":
         skew[[e for e, r in enumerate(rows) if 0 in r]] = 8.0
-    return spec, router, w1, w2, xs, gs, rows, skew
+    scale = torch.rand(E, generator=gen) + 0.5 if spec.router.weight_scale else None
+    return spec, router, w1, w2, xs, gs, rows, skew, scale
 
 
-def _reference(spec, router, w1, w2, x, g, skew):
-    """Single-process eager (the moe op's reference) on tokens x: output and all gradients."""
+def _reference(spec, router, w1, w2, x, g, skew, scale):
+    """Single-process eager (the moe op's reference) on tokens x: output and the gradients of x,
+    router, w1, w2 and the scale (None without one)."""
     p = [t.clone().requires_grad_() for t in (x, router, w1, w2)]
-    y = torch.ops.moe_compiler.moe(p[0], F.linear(p[0], p[1]) + skew, None, p[2], None, p[3], None, None, None,
+    s = None if scale is None else scale.clone().requires_grad_()
+    y = torch.ops.moe_compiler.moe(p[0], F.linear(p[0], p[1]) + skew, s, p[2], None, p[3], None, None, None,
                                    spec.to_json())
     (y * g).sum().backward()
-    return y.detach(), [t.grad for t in p]
+    return y.detach(), [t.grad for t in p] + [None if s is None else s.grad]
 
 
 def ep_cases_worker(rank, world, cases, functional_every=1):
@@ -104,28 +112,30 @@ def ep_cases_worker(rank, world, cases, functional_every=1):
 
     report = []
     for index, case in enumerate(cases):
-        spec, router, w1, w2, xs, gs, rows, skew = _case_tensors(case, world)
+        spec, router, w1, w2, xs, gs, rows, skew, scale = _case_tensors(case, world)
         plan = EPPlan("world", case["mode"], rows, 2 if case["mode"] == "hierarchical" else 0, case["overlap"])
         ep_spec = spec.replace(notes=((NOTE, plan.to_json()),)).to_json()
         x, g = xs[rank], gs[rank]
         p = [t.clone().requires_grad_() for t in (x, router, w1, w2)]
+        sc = None if scale is None else scale.clone().requires_grad_()
         with executor.record_traffic() as traffic:
-            y = torch.ops.moe_compiler.ep_moe(p[0], F.linear(p[0], p[1]) + skew, None, p[2], None, p[3], None, None,
+            y = torch.ops.moe_compiler.ep_moe(p[0], F.linear(p[0], p[1]) + skew, sc, p[2], None, p[3], None, None,
                                               None, ep_spec)
         (y * g).sum().backward()
-        y_ref, (gx, grouter, _, _) = _reference(spec, router, w1, w2, x, g, skew)
-        # expert weight gradients: all tokens of all ranks; EP keeps them on the experts' ranks
-        _, (_, _, gw1_all, gw2_all) = _reference(spec, router, w1, w2, torch.cat(xs), torch.cat(gs), skew)
+        y_ref, (gx, grouter, _, _, _) = _reference(spec, router, w1, w2, x, g, skew, scale)
+        # expert weight (and scale) gradients: all tokens of all ranks; EP keeps them on the experts' ranks
+        _, (_, _, gw1_all, gw2_all, gs_all) = _reference(spec, router, w1, w2, torch.cat(xs), torch.cat(gs), skew,
+                                                         scale)
         local = plan.local_experts(rank)
         nonlocal_rows = [e for e in range(spec.num_experts) if e not in local]
         stays = all(float(t.grad[nonlocal_rows].abs().max()) == 0.0 for t in p[2:]) if nonlocal_rows else True
-        gw = [t.grad.clone() for t in p[2:]]
+        gw = [t.grad.clone() for t in p[2:]] + ([] if sc is None else [sc.grad.clone()])
         for t in gw:
             dist.all_reduce(t)
         # delivery: slots this rank should receive, from every rank's routing
         expected = 0
         for s, xs_s in enumerate(xs):
-            ids, _ = route(F.linear(xs_s, router) + skew, None, spec.router)
+            ids, _ = route(F.linear(xs_s, router) + skew, scale, spec.router)
             expected += int((slot_destinations(ids.reshape(-1), plan, s) == rank).sum())
         final = "dispatch" if case["mode"] == "all_to_all" else "dispatch_inter_node"
         got = sum(t["rows_received"] for t in traffic if t["step"] == final)
@@ -135,11 +145,13 @@ def ep_cases_worker(rank, world, cases, functional_every=1):
         dist.all_reduce(totals)
         err = dict(y=_rel(y, y_ref), gx=_rel(p[0].grad, gx), grouter=_rel(p[1].grad, grouter),
                    gw1=_rel(gw[0], gw1_all), gw2=_rel(gw[1], gw2_all))
+        if sc is not None:
+            err["gscale"] = _rel(gw[2], gs_all)
         if index % functional_every == 0:   # the same layer compiled with functional collectives (a compile per case)
             from moe_compiler.passes.placement import Placement
 
-            def layer(x, router, w1, w2, spec=spec.to_json(), skew=skew):
-                return torch.ops.moe_compiler.moe(x, F.linear(x, router) + skew, None, w1, None, w2, None, None, None,
+            def layer(x, router, w1, w2, scale, spec=spec.to_json(), skew=skew):
+                return torch.ops.moe_compiler.moe(x, F.linear(x, router) + skew, scale, w1, None, w2, None, None, None,
                                                   spec)
 
             torch._dynamo.reset()
@@ -149,13 +161,16 @@ def ep_cases_worker(rank, world, cases, functional_every=1):
                 ep["ranks_per_node"] = 2
             opts = {"expert_parallel": ep, "inner_backend": "eager", "strict": True}
             q = [t.clone().requires_grad_() for t in (x, router, w1, w2)]
-            yf = torch.compile(layer, backend="moe", options=opts, dynamic=False)(*q)
+            qs = None if scale is None else scale.clone().requires_grad_()
+            yf = torch.compile(layer, backend="moe", options=opts, dynamic=False)(*q, qs)
             (yf * g).sum().backward()
-            gwf = [t.grad.clone() for t in q[2:]]
+            gwf = [t.grad.clone() for t in q[2:]] + ([] if qs is None else [qs.grad.clone()])
             for t in gwf:
                 dist.all_reduce(t)
             err.update(fy=_rel(yf, y_ref), fgx=_rel(q[0].grad, gx), fgrouter=_rel(q[1].grad, grouter),
                        fgw1=_rel(gwf[0], gw1_all), fgw2=_rel(gwf[1], gw2_all))
+            if qs is not None:
+                err["fgscale"] = _rel(gwf[2], gs_all)
         report.append(dict(case=case, err=err, grads_stay=stays, received=got, expected=expected,
                            sent=sent, slots=x.shape[0] * spec.top_k, totals=totals.tolist()))
     return report
@@ -739,7 +754,7 @@ def test_inference_compile_keeps_only_this_ranks_experts():
 # ------------------------------------------------------------------ routers with scaled inputs or weights
 def scaled_router_worker(rank, world, families):
     """Llama 4 (each chosen weight scales its expert's input) and Gemma 4 (per-expert weight scale)
-    under EP, through the ep_moe op or functional collectives: logits on this rank's tokens, and every
+    under EP (the ep_moe op, functional collectives) and FSSDP: logits on this rank's tokens, and every
     gradient summed over ranks, against single-process eager."""
     import torch.distributed as dist
 
@@ -753,8 +768,9 @@ def scaled_router_worker(rank, world, families):
         model = randomize_router_scales(make_generic(family, **overrides))
         ep_model = copy.deepcopy(model)
         ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(rank))
-        opts = {"expert_parallel": {"mode": "all_to_all", "collectives": collectives}, "inner_backend": "eager",
-                "strict": True}
+        ep = {"mode": "all_to_all", "movement": "weights"} if collectives == "fssdp" else \
+            {"mode": "all_to_all", "collectives": collectives}
+        opts = {"expert_parallel": ep, "inner_backend": "eager", "strict": True}
         ref = model(ids).logits
         ref.float().pow(2).mean().backward()
         got = torch.compile(ep_model, backend="moe", options=opts)(ids).logits
@@ -767,8 +783,8 @@ def scaled_router_worker(rank, world, families):
             dist.all_reduce(ga)
             dist.all_reduce(gb)
             grad_diff = max(grad_diff, float((ga - gb).abs().max() / ga.abs().max().clamp_min(1e-12)))
-        # the ep_moe op's runs: what mode "coherent" says of these layers; functional runs: their strategy
-        ep = {"mode": "coherent"} if collectives == "op" else opts["expert_parallel"]
+        # the ep_moe op's runs: what mode "coherent" says of these layers; the others: their strategy
+        ep = {"mode": "coherent"} if collectives == "op" else ep
         report = moe_compiler.explain(copy.deepcopy(model), ids, expert_parallel=ep, inner_backend="eager")
         out[family, collectives] = dict(logits=float((got - ref).abs().max()), grads=grad_diff,
                                         strategies=[m.strategy for m in report.moe_layers])
@@ -776,15 +792,16 @@ def scaled_router_worker(rank, world, families):
 
 
 def test_scaled_routers_expert_parallel_two_ranks():
-    families = [(family, overrides, collectives) for family, overrides in
-                [("llama4_text", {"num_experts_per_tok": 2}), ("gemma4_text", {"enable_moe_block": True, "top_k_experts": 2})]
-                for collectives in ("op", "functional")]
+    # (every router kind through every path is drawn at the op level: ep_cases, fssdp_cases)
+    llama4, gemma4 = ("llama4_text", {"num_experts_per_tok": 2}), ("gemma4_text", {"enable_moe_block": True,
+                                                                                  "top_k_experts": 2})
+    families = [(*llama4, "op"), (*llama4, "functional"), (*gemma4, "fssdp")]
     results = run_ranks("test_ep_distributed:scaled_router_worker", 2, {"families": families}, timeout=300,
                         pg_timeout=120, python_path=(HERE,))
     for rank, res in enumerate(results):
         for (family, collectives), r in res.items():
             assert r["logits"] < 1e-4 and r["grads"] < 1e-4, (rank, family, collectives, r)
             # coherent chains do not take these layers: they run two all-to-alls
-            expected = "coherent mode does not apply" if collectives == "op" else "functional collectives in the graph"
-            assert all("tokens move to the experts" in s and expected in s for s in r["strategies"]), \
-                (rank, family, collectives, r["strategies"])
+            expected = {"op": "tokens move to the experts (mode all_to_all; coherent mode does not apply",
+                        "functional": "functional collectives in the graph", "fssdp": "FSSDP over 2 ranks"}[collectives]
+            assert all(expected in s for s in r["strategies"]), (rank, family, collectives, r["strategies"])

@@ -26,7 +26,8 @@ def fssdp_cases(world: int):
     """Generates: one FSSDP layer case: experts 1..9 (fewer than ranks too), top-k 1..min(4, E), tokens per
     rank 0..12, routing random / skewed / every slot to expert 0, owners contiguous or random (ranks
     that own nothing), materialise "needed" or "sparse" with 0..E replicated experts, rematerialise
-    or not, fp32 / bf16 weights."""
+    or not, fp32 / bf16 weights, a router that scales the experts' input (Llama 4), weights the chosen
+    experts by a per-expert [E] operand (Gemma 4), both or neither."""
 
     @st.composite
     def build(draw):
@@ -37,7 +38,7 @@ def fssdp_cases(world: int):
                     owners=draw(st.sampled_from(["contiguous", "random"])),
                     materialize=draw(st.sampled_from(["needed", "sparse"])), replicate=draw(st.integers(0, E)),
                     remat=draw(st.booleans()), dtype=draw(st.sampled_from(["float32", "float32", "bfloat16"])),
-                    seed=draw(st.integers(0, 10_000)))
+                    seed=draw(st.integers(0, 10_000)), scaling=draw(st.sampled_from(["none", "input", "weight", "both"])))
 
     return build()
 
@@ -52,7 +53,9 @@ def _case(case, world):
     owners = tuple(e * world // E for e in range(E)) if case["owners"] == "contiguous" else \
         tuple(int(o) for o in torch.randint(world, (E,), generator=gen))
     plan = FSSDPPlan("world", owners, case["materialize"], case["replicate"], case["remat"], 3, f"case{case['seed']}")
-    spec = MoESpec(RouterSpec(E, k), ExpertSpec(H, I), path=plan.layer).replace(notes=((NOTE, plan.to_json()),))
+    scaling = case.get("scaling", "none")
+    router = RouterSpec(E, k, scales_input=scaling in ("input", "both"), weight_scale=scaling in ("weight", "both"))
+    spec = MoESpec(router, ExpertSpec(H, I), path=plan.layer).replace(notes=((NOTE, plan.to_json()),))
     dt = getattr(torch, case["dtype"])
     w1 = (torch.randn(E, 2 * I, H, generator=gen) * H ** -0.5).to(dt)
     w2 = (torch.randn(E, H, I, generator=gen) * I ** -0.5).to(dt)
@@ -64,7 +67,8 @@ def _case(case, world):
     xs = [torch.randn(t, H, generator=gen).to(dt) for t in case["tokens"]]
     ls = [torch.randn(t, E, generator=gen) + skew for t in case["tokens"]]
     gs = [torch.randn(t, H, generator=gen).to(dt) for t in case["tokens"]]
-    return spec, plan, w1, w2, xs, ls, gs
+    scale = torch.rand(E, generator=gen) + 0.5 if router.weight_scale else None
+    return spec, plan, w1, w2, xs, ls, gs, scale
 
 
 def op_cases_worker(rank, world, cases):
@@ -74,22 +78,31 @@ def op_cases_worker(rank, world, cases):
 
     out = []
     for case in cases:
-        spec, plan, w1, w2, xs, ls, gs = _case(case, world)
+        spec, plan, w1, w2, xs, ls, gs, scale = _case(case, world)
         owned = plan.owned(rank)
         p = [xs[rank].clone().requires_grad_(), ls[rank].clone().requires_grad_(),
              w1[owned].clone().requires_grad_(), w2[owned].clone().requires_grad_()]
+        ps = None if scale is None else scale.clone().requires_grad_()
         with record_traffic() as traffic:
-            y, need, _ = torch.ops.moe_compiler.fssdp_moe(p[0], p[1], None, p[2], None, p[3], None, None, None,
+            y, need, _ = torch.ops.moe_compiler.fssdp_moe(p[0], p[1], ps, p[2], None, p[3], None, None, None,
                                                           spec.to_json())
             (y.float() * gs[rank].float()).sum().backward()
-        # the single-process reference on this rank's tokens; expert grads summed over every rank's tokens
+        # the single-process reference on this rank's tokens; expert (and scale) grads summed over every
+        # rank's tokens
         q = [xs[rank].clone().requires_grad_(), ls[rank].clone().requires_grad_(), w1.clone().requires_grad_(),
              w2.clone().requires_grad_()]
-        y_ref = torch.ops.moe_compiler.moe(q[0], q[1], None, q[2], None, q[3], None, None, None, spec.to_json())
+        qs = None if scale is None else scale.clone().requires_grad_()
+        y_ref = torch.ops.moe_compiler.moe(q[0], q[1], qs, q[2], None, q[3], None, None, None, spec.to_json())
         (y_ref.float() * gs[rank].float()).sum().backward()
         gw1, gw2 = q[2].grad.float(), q[3].grad.float()
         dist.all_reduce(gw1)
         dist.all_reduce(gw2)
+        scale_err = {}
+        if scale is not None:   # a replicated operand: each rank's gradient from its tokens, summed
+            g_ep, g_ref = ps.grad.float().clone(), qs.grad.float().clone()
+            dist.all_reduce(g_ep)
+            dist.all_reduce(g_ref)
+            scale_err["gscale"] = _rel(g_ep, g_ref)
         chunk_bytes = (w1[0].numel() + w2[0].numel()) * w1.element_size()
         gathered = [t["bytes_remote"] for t in traffic if t["step"] == "sparse_all_gather"]
         out.append(dict(
@@ -98,7 +111,7 @@ def op_cases_worker(rank, world, cases):
             need=need.tolist(), used=[int(u) for u in (torch.zeros(case["E"]).index_add_(
                 0, torch.topk(ls[rank], case["k"], -1).indices.reshape(-1), torch.ones(ls[rank].shape[0] * case["k"]))
                 > 0)],
-            sent=sum(gathered), gathers=len(gathered), chunk_bytes=chunk_bytes, dtype=case["dtype"]))
+            sent=sum(gathered), gathers=len(gathered), chunk_bytes=chunk_bytes, dtype=case["dtype"], **scale_err))
     return out
 
 
@@ -114,7 +127,7 @@ def _check_op_reports(reports, cases, world):
         rows = [reports[r][i] for r in range(world)]
         tol = 2e-2 if case["dtype"] == "bfloat16" else 1e-5
         for r, rep in enumerate(rows):
-            for key in ("y", "gx", "gl", "gw1", "gw2"):
+            for key in ("y", "gx", "gl", "gw1", "gw2") + (("gscale",) if "gscale" in rep else ()):
                 assert rep[key] < tol, (case, r, key, rep[key])
         need = rows[0]["need"]
         assert all(rep["need"] == need for rep in rows), "every rank must build the same placement"

@@ -36,14 +36,13 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_compiler import recording
+from moe_compiler import recording, reference
 from moe_compiler.codegen.comm import executor
-from moe_compiler.ir import MoESpec, _spec, grads_by_recompute, operand_grads
+from moe_compiler.ir import MoESpec, _spec, differentiable, grads_by_recompute, operand_grads
 from moe_compiler.runtime import ep_weights
 
 NOTE = "fssdp"
 _WEIGHTS = ("w1", "w3", "w2", "b1", "b3", "b2")
-_DIFF = ("hidden", "router_logits") + _WEIGHTS
 _OPERANDS = ("hidden", "router_logits", "score_bias") + _WEIGHTS
 
 
@@ -384,8 +383,12 @@ def fssdp_forward(hidden, router_logits, score_bias, weights: dict, spec: MoESpe
     local_index = torch.full((E,), -1, dtype=torch.int64, device=x.device)
     local_index[local] = torch.arange(len(local), dtype=torch.int64, device=x.device)
     flat = ids.reshape(-1)
-    token = torch.div(torch.arange(flat.numel(), device=x.device), k, rounding_mode="floor")
-    xs = x.index_select(0, token)
+    if spec.router.scales_input:  # Llama 4: slot j's expert reads x * w_j; the k outputs are summed as they are
+        xs, _, unit = reference.scaled_slots(x, ids, gate_w)
+        gate_w = unit.view(ids.shape)
+    else:
+        token = torch.div(torch.arange(flat.numel(), device=x.device), k, rounding_mode="floor")
+        xs = x.index_select(0, token)
     if plan.materialize == "needed":  # every used expert is here: tokens never move
         ys = _run_experts(xs, flat, local_w, local_index, spec)
     else:  # slots of experts not gathered here go to the owner and back (owners always hold theirs)
@@ -453,23 +456,25 @@ def _fssdp_moe_backward(grad_out, hidden, router_logits, score_bias, w1, w3, w2,
     key = int(handle.reshape(-1)[0])
     saved = _KEPT.pop(key, None) if key >= 0 else None
     kept_stats["reused" if saved is not None else "regathered"] += 1
-    operands = dict(hidden=hidden, router_logits=router_logits, w1=w1, w3=w3, w2=w2, b1=b1, b3=b3, b2=b2)
+    operands = dict(hidden=hidden, router_logits=router_logits, score_bias=score_bias, w1=w1, w3=w3, w2=w2, b1=b1,
+                    b3=b3, b2=b2)
 
-    def forward(hidden, router_logits, w1, w3, w2, b1, b3, b2):
+    def forward(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2):
         return fssdp_forward(hidden, router_logits, score_bias, _weights(w1, w3, w2, b1, b3, b2), s, plan,
                              need=need, gathered=saved)[0]
 
-    grads = grads_by_recompute(forward, operands, _DIFF, grad_out, collective=True)
+    grads = grads_by_recompute(forward, operands, differentiable(s), grad_out, collective=True)
     # weight grads arrive as column slices of the chunk gradient: give them the operands' layout
-    present = [operands[n] for n in _DIFF if operands[n] is not None]
+    present = [operands[n] for n in differentiable(s) if operands[n] is not None]
     return [g if g.stride() == t.stride() else torch.empty_like(t).copy_(g) for g, t in zip(grads, present)]
 
 
 @torch.library.register_fake("moe_compiler::fssdp_moe_backward")
 def _fssdp_moe_backward_fake(grad_out, hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, need, handle,
                              spec):
-    operands = dict(hidden=hidden, router_logits=router_logits, w1=w1, w3=w3, w2=w2, b1=b1, b3=b3, b2=b2)
-    return [torch.empty_like(operands[n]) for n in _DIFF if operands[n] is not None]
+    operands = dict(hidden=hidden, router_logits=router_logits, score_bias=score_bias, w1=w1, w3=w3, w2=w2, b1=b1,
+                    b3=b3, b2=b2)
+    return [torch.empty_like(operands[n]) for n in differentiable(spec) if operands[n] is not None]
 
 
 def _setup(ctx, inputs, output):
@@ -483,7 +488,7 @@ def _backward(ctx, grad_out, _grad_need, _grad_handle):
     saved = iter(saved)
     operands = [next(saved) if p else None for p in ctx.present]
     grads = torch.ops.moe_compiler.fssdp_moe_backward(grad_out.contiguous(), *operands, need, handle, ctx.spec)
-    return operand_grads(operands, grads, _DIFF, _OPERANDS)
+    return operand_grads(operands, grads, differentiable(ctx.spec), _OPERANDS)
 
 
 torch.library.register_autograd("moe_compiler::fssdp_moe", _backward, setup_context=_setup)
