@@ -7,8 +7,9 @@
 Each rank is a fresh ``python -m moe_compiler.runtime.launch`` subprocess (1 intra-op thread); the
 rendezvous store lives in the calling process. The process group timeout (``pg_timeout`` seconds)
 bounds how long a collective waits for a dead or stuck peer; ``timeout`` bounds the whole run
-(stragglers are killed). A rank that fails raises ``RankFailure`` with every failed rank's exit code and stderr tail, unless
-``allow_failures=True`` (then results hold a ``RankFailure`` for that rank).
+(stragglers are killed). A rank that fails raises ``RankFailure`` with every failed rank's exit
+code and stderr tail, unless ``allow_failures=True`` (then results hold a ``RankFailure`` for that
+rank).
 """
 from __future__ import annotations
 
