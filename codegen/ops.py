@@ -152,8 +152,8 @@ torch.library.register_autograd("moe_compiler::routed_experts", _routed_bwd, set
 
 # ------------------------------------------------------------------ grouped_experts (lowered)
 def _triton_ok(hidden, s) -> bool:
-    if not hidden.is_cuda or s.experts.layout == "separate":
-        return False
+    if not hidden.is_cuda or s.experts.layout == "separate" or s.experts.activation == "swiglu_softcap":
+        return False  # (the Triton activation kernel has no soft-capped SwiGLU: the torch path runs it)
     try:
         import triton  # noqa: F401
     except ImportError:

@@ -28,7 +28,8 @@ import torch
 
 SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 GROUP_SCORES = ("top2_sum", "max")
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu_oai")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu_oai", "swiglu_softcap")
+GATED_ONLY = ("swiglu_oai", "swiglu_softcap")  # activations that read a gate and an up half
 LAYOUTS = ("concat", "interleaved", "separate", "ungated")
 
 
@@ -82,7 +83,7 @@ class ExpertSpec:
     hidden_size: int
     ffn_size: int
     # activation of the gate (or of the single up projection when layout == "ungated")
-    activation: Literal["silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu_oai"] = "silu"
+    activation: Literal["silu", "gelu", "gelu_tanh", "relu", "relu2", "swiglu_oai", "swiglu_softcap"] = "silu"
     # "concat": w1 = [gate; up] halves; "interleaved": gate at even, up at odd rows (GPT-OSS);
     # "separate": w1 = gate, w3 = up; "ungated": w1 = up, act(up) feeds w2
     layout: Literal["concat", "interleaved", "separate", "ungated"] = "concat"
@@ -92,11 +93,19 @@ class ExpertSpec:
     # GPT-OSS clamp-SwiGLU constants: gate clamped to <= limit, up to [-limit, limit]
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    # "swiglu_softcap" (Inkling 2): cap(gate, gate_softcap) * sigmoid(gate) * cap(up, up_softcap) in fp32,
+    # cap(v, c) = c * tanh(v / c)
+    gate_softcap: float = 1.0
+    up_softcap: float = 1.0
 
     def __post_init__(self):
         _check(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         _check(self.layout in LAYOUTS, f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         _check(self.hidden_size >= 1 and self.ffn_size >= 1, "hidden_size and ffn_size must be >= 1")
+        _check(self.activation not in GATED_ONLY or self.layout != "ungated",
+               f"activation {self.activation!r} reads a gate and an up projection: layout \"ungated\" has no up")
+        _check(self.gate_softcap > 0 and self.up_softcap > 0,
+               f"gate_softcap and up_softcap must be > 0, got {self.gate_softcap}, {self.up_softcap}")
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,10 @@ def activation(h: torch.Tensor, spec: ExpertSpec, w3_out: torch.Tensor | None = 
         gate = gate.clamp(max=spec.swiglu_limit)
         up = up.clamp(min=-spec.swiglu_limit, max=spec.swiglu_limit)
         return (up + 1) * (gate * torch.sigmoid(gate * spec.swiglu_alpha))
+    if spec.activation == "swiglu_softcap":  # Inkling 2: the sigmoid reads the raw gate; computed in fp32
+        g, u = gate.float(), up.float()
+        capped = torch.tanh(g / spec.gate_softcap) * spec.gate_softcap
+        return (capped * torch.sigmoid(g) * (torch.tanh(u / spec.up_softcap) * spec.up_softcap)).to(gate.dtype)
     return _act(gate, spec.activation) * up
 
 

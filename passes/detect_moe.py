@@ -46,7 +46,7 @@ import torch
 import torch.fx
 
 from moe_compiler import _compat, reference
-from moe_compiler.ir import MOE_OP, ExpertSpec, MoESpec, RouterSpec
+from moe_compiler.ir import GATED_ONLY, MOE_OP, ExpertSpec, MoESpec, RouterSpec
 from moe_compiler.passes.unrecognised_experts import unrecognised_expert_layers
 from moe_compiler.pipeline import PassContext, PassResult
 
@@ -88,6 +88,9 @@ SCATTER_OPS = _ops("scatter", "scatter_")
 REPEAT_OPS = _ops("repeat", "expand", "repeat_interleave")
 GATHER_OPS = _ops("index", "index_select", "gather")
 ACTIVATION_OPS = {"silu": _ops("silu"), "gelu": _ops("gelu"), "relu": _ops("relu")}
+TANH_OPS = _ops("tanh")
+# an activation candidate is (name, *constants); the constants fill these ExpertSpec fields
+_ACTIVATION_CONSTANTS = {"swiglu_oai": ("swiglu_alpha", "swiglu_limit"), "swiglu_softcap": ("gate_softcap", "up_softcap")}
 GROUPED_GEMM_NAMES = {"transformers.grouped_mm_fallback": "transformers.grouped_mm",
                       "aten._grouped_mm": "grouped_mm", "aten.bmm": "batched_mm",
                       "aten.mm": "per_expert_mm", "aten.matmul": "per_expert_mm"}
@@ -604,11 +607,11 @@ def infer_specs(r: Router, region: Region, paths):
                 if operands is None:
                     continue
                 for act in acts:
-                    if layout == "ungated" and act[0] == "swiglu_oai":
+                    if layout == "ungated" and act[0] in GATED_ONLY:
                         continue
                     es = ExpertSpec(hidden_size=H, ffn_size=i_in, activation=act[0], layout=layout,
                                     transposed=transposed, has_bias=bool(biases),
-                                    **({"swiglu_alpha": act[1], "swiglu_limit": act[2]} if act[0] == "swiglu_oai" else {}))
+                                    **dict(zip(_ACTIVATION_CONSTANTS.get(act[0], ()), act[1:])))
                     for rs in router_specs:
                         cands.append((MoESpec(router=rs, experts=es, pattern=pattern),
                                       {**operands, "score_bias": weight_scale if rs.weight_scale else score_bias}))
@@ -773,11 +776,29 @@ def _activation_candidates(region: Region):
                 if nums:
                     limit = float(max(abs(x) for x in nums))
         found.append(("swiglu_oai", alpha, limit))
+    if ops & TANH_OPS and ops & SCORE_OPS["sigmoid"]:
+        caps = _softcaps(region)
+        if len(caps) == 2:  # which cap bounds the gate and which the up: the numeric proof tells
+            found += [("swiglu_softcap", caps[0], caps[1]), ("swiglu_softcap", caps[1], caps[0])]
     if ops & SCORE_OPS["sigmoid"] and not found:
         found.append(("silu",))  # x * sigmoid(x) written by hand
     if not found:
         found = [("silu",), ("gelu",), ("gelu_tanh",), ("relu",), ("relu2",)]
     return list(dict.fromkeys(found))
+
+
+def _softcaps(region: Region) -> list:
+    """The constants c of soft caps c * tanh(v / c) in the region, in graph order (Inkling 2's SwiGLU)."""
+    caps = []
+    for n in region.nodes:
+        if n.op != "call_function" or n.target not in TANH_OPS or not isinstance(n.args[0], torch.fx.Node):
+            continue
+        src = n.args[0]
+        if src.target in DIV_OPS and _scalar_args(src):
+            caps.append(float(_scalar_args(src)[0]))
+        elif src.target in MUL_OPS and _scalar_args(src) and float(_scalar_args(src)[0]) != 0:
+            caps.append(1.0 / float(_scalar_args(src)[0]))
+    return caps
 
 
 def _pattern_name(region: Region, stacked: bool) -> str:

@@ -98,7 +98,7 @@ def test_dynamic_shape_graphs_are_rewritten_too(family):
 
 
 MORE_FAMILIES = {"deepseek_v2": {}, "ernie4_5_moe": {}, "minimax": {}, "granitemoe": {}, "glm4_moe": {},
-                 "nemotron_h": {}, "beam": {"mlp_layer_types": ["sparse", "sparse"]}}
+                 "nemotron_h": {}, "beam": {"mlp_layer_types": ["sparse", "sparse"]}, "inkling2_text": {}}
 
 
 @pytest.mark.parametrize("family", sorted(MORE_FAMILIES))
@@ -106,7 +106,8 @@ def test_more_families(family):
     """Families no issue names: group-limited max routing (DeepSeek-V2), a [1, E] correction bias
     (Ernie 4.5), a layer output the model rescales (MiniMax), other expert modules, ungated squared-ReLU
     experts in a hybrid Mamba model (Nemotron-H), a layer output normed and scaled after the experts
-    (Beam: more later nodes of the hidden shape than the first candidates)."""
+    (Beam: more later nodes of the hidden shape than the first candidates), a soft-capped SwiGLU
+    (Inkling 2: the caps read from the graph)."""
     from hf_models import make_generic
 
     model = make_generic(family, **MORE_FAMILIES[family])

@@ -15,18 +15,19 @@ ops = torch.ops.moe_compiler
 @st.composite
 def expert_cases(draw):
     """Generates: (spec, tensors) for grouped experts: experts 1-9, top-k 1-4, odd hidden/ffn sizes,
-    every layout (concat, interleaved, separate, ungated), transposed or not, biases on/off, 0-40 tokens,
-    routings skewed / one-expert / empty experts."""
+    every layout (concat, interleaved, separate, ungated), every activation the layout takes (soft caps
+    drawn), transposed or not, biases on/off, 0-40 tokens, routings skewed / one-expert / empty experts."""
     e = draw(st.integers(1, 9))
     k = draw(st.integers(1, min(4, e)))
     h, i, t = draw(st.integers(1, 17)), draw(st.integers(1, 13)), draw(st.integers(0, 40))
     layout = draw(st.sampled_from(["concat", "interleaved", "separate", "ungated"]))
-    acts = ["silu", "gelu_tanh", "relu", "relu2"] + (["swiglu_oai"] if layout != "ungated" else [])
+    acts = ["silu", "gelu_tanh", "relu", "relu2"] + (["swiglu_oai", "swiglu_softcap"] if layout != "ungated" else [])
     act = draw(st.sampled_from(acts))
     transposed, bias = draw(st.booleans()), draw(st.booleans())
+    caps = draw(st.tuples(st.sampled_from([0.5, 1.0, 10.0]), st.sampled_from([0.5, 1.0, 10.0])))
     spec = MoESpec(RouterSpec(num_experts=e, top_k=k, renormalize=draw(st.booleans())),
                    ExpertSpec(hidden_size=h, ffn_size=i, activation=act, layout=layout, transposed=transposed,
-                              has_bias=bias))
+                              has_bias=bias, gate_softcap=caps[0], up_softcap=caps[1]))
     g = torch.Generator().manual_seed(draw(st.integers(0, 999)))
     n1 = 2 * i if layout in ("concat", "interleaved") else i
 
