@@ -77,7 +77,9 @@ def test_mixtral_inductor_dynamic_batch_and_backward():
             torch.testing.assert_close(c(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+# three distinct layouts (softmax top-2, DeepSeek-V3's group-limited sigmoid, GPT-OSS's transposed
+# interleaved experts with biases); the other families share these graphs' dynamic-shape paths
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "mixtral"])
 def test_dynamic_shape_graphs_are_rewritten_too(family):
     """torch.compile's default (dynamic=None) recompiles for a new length with a symbolic size, and for a new
     batch size with two: every graph's MoE layers are raised, not left to the fallback (equal outputs alone
