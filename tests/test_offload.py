@@ -114,9 +114,10 @@ def _layer(E=4, seed=0, dtype=torch.float32):
     return {"w1": torch.randn(E, 6, 4, generator=g).to(dtype), "w2": torch.randn(E, 4, 3, generator=g).to(dtype)}
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct_io", "buffered"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_files_roundtrip(tmp_path, dtype):
-    files = ExpertFiles(str(tmp_path))
+def test_files_roundtrip(tmp_path, dtype, direct):
+    files = ExpertFiles(str(tmp_path), direct_io=direct)
     w = _layer(dtype=dtype)
     sizes = files.write_layer("L", w)
     assert sizes == [(24 + 12) * w["w1"].element_size()] * 4
@@ -126,8 +127,9 @@ def test_files_roundtrip(tmp_path, dtype):
         assert all(torch.equal(got[n], w[n][e]) for n in w)
 
 
-def test_missing_and_corrupt_files_raise(tmp_path):
-    files = ExpertFiles(str(tmp_path))
+@pytest.mark.parametrize("direct", [True, False], ids=["direct_io", "buffered"])
+def test_missing_and_corrupt_files_raise(tmp_path, direct):
+    files = ExpertFiles(str(tmp_path), direct_io=direct)
     files.write_layer("L", _layer())
     man = files.manifest("L")
     os.remove(files.path("L", 1))
@@ -144,11 +146,13 @@ def test_missing_and_corrupt_files_raise(tmp_path):
         files.read_expert("L", 3, man)
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct_io", "buffered"])
 @pytest.mark.parametrize("first_read", [False, True])
-def test_damaged_files_raise_whether_or_not_the_layer_header_is_known(tmp_path, first_read):
-    """After a layer's first read its files are read by one scatter read against the known header:
-    a flipped byte, a truncated file, another layout or garbage still raise ExpertReadError."""
-    files = ExpertFiles(str(tmp_path))
+def test_damaged_files_raise_whether_or_not_the_layer_header_is_known(tmp_path, first_read, direct):
+    """After a layer's first read its files are read by one scatter read against the known header
+    (buffered) or into a staging buffer sized by the files seen (O_DIRECT): a flipped byte, a truncated
+    file, another layout or garbage still raise ExpertReadError."""
+    files = ExpertFiles(str(tmp_path), direct_io=direct)
     w = _layer(E=6)
     files.write_layer("L", w)
     other = ExpertFiles(str(tmp_path / "o"))
@@ -166,6 +170,38 @@ def test_damaged_files_raise_whether_or_not_the_layer_header_is_known(tmp_path, 
             files.read_expert("L", e, man)
     got = files.read_expert("L", 5, man)  # the intact file still reads, aligned like a fresh tensor
     assert all(torch.equal(got[n], w[n][5]) and got[n].data_ptr() % 64 == 0 for n in w)
+
+
+def test_direct_reads_grow_their_buffer_and_fall_back_where_the_os_refuses(tmp_path, monkeypatch):
+    """A file larger than any the layer had (the staging buffer grows) and a file system that refuses
+    O_DIRECT (EINVAL: the reader turns it off and reads buffered) both give the written tensors."""
+    import errno
+
+    files = ExpertFiles(str(tmp_path))
+    if not files.direct_io:
+        pytest.skip("no O_DIRECT on this OS")
+    small = _layer(E=2)
+    files.write_layer("L", small)
+    man = files.manifest("L")
+    assert torch.equal(files.read_expert("L", 0, man)["w1"], small["w1"][0])
+    if not files.direct_io:
+        pytest.skip("this file system refuses O_DIRECT")
+    big = {"w1": torch.randn(2, 3000, 4), "w2": torch.randn(2, 4, 3)}   # 48 KB files after 0.2 KB ones
+    files.write_layer("L", big)
+    man = files.manifest("L")
+    got = files.read_expert("L", 1, man)
+    assert files.direct_io and all(torch.equal(got[n], big[n][1]) for n in big)
+
+    real_open = os.open
+
+    def refuse_direct(path, flags, *a):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", refuse_direct)
+    got = files.read_expert("L", 0, man)
+    assert not files.direct_io and all(torch.equal(got[n], big[n][0]) for n in big)
 
 
 # ------------------------------------------------------------------ the store

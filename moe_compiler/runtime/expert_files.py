@@ -4,19 +4,28 @@
     <root>/<layer>/manifest.json            {"names": [...], "num_experts": E, "bytes": [...],
                                              "crc32": [...], "shapes": {...}, "dtype": "..."}
 
-Reads drop the file's pages from the page cache afterwards (posix_fadvise DONTNEED, where the OS has
-it), so the next read of that expert really goes to the disk, as it would for a model larger than
-host memory. A missing file, a file whose header cannot be parsed, or one whose bytes do not match
-the CRC32 written with it raises ExpertReadError naming the file: the store never computes with
-garbage.
+Reads go to the disk, as they would for a model larger than host memory: with ``drop_page_cache``
+(the default) a file is read with O_DIRECT where the OS and file system allow it (Linux: the disk's
+DMA fills an aligned staging buffer, no page-cache copy: a cold 768 KiB read took 0.20 ms of CPU
+against 0.74 ms buffered on the 2-core test machine), else read through the page cache and its pages
+dropped afterwards (posix_fadvise DONTNEED). ``direct_io=False`` keeps buffered reads (the store's
+readahead loader needs them: it reads what the kernel prefetched into the page cache). A missing
+file, a file whose header cannot be parsed, or one whose bytes do not match the CRC32 written with it
+raises ExpertReadError naming the file: the store never computes with garbage.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import threading
 import zlib
 
 import torch
+
+# O_DIRECT wants the buffer, the file offset and the length aligned to the device's logical block
+# (512 or 4096 bytes); 4096 covers both
+_DIRECT_ALIGN = 4096
 
 
 class ExpertReadError(RuntimeError):
@@ -44,10 +53,15 @@ def _drop_page_cache(path: str) -> None:
 class ExpertFiles:
     """Per-expert safetensors files under ``root`` (one folder per layer key)."""
 
-    def __init__(self, root: str, *, drop_page_cache: bool = True):
+    def __init__(self, root: str, *, drop_page_cache: bool = True, direct_io: bool = True):
         self.root = root
         self.drop_page_cache = drop_page_cache
+        # O_DIRECT only where reads must miss the page cache anyway; off for good after the first
+        # open or read the OS refuses (tmpfs, some overlay file systems)
+        self.direct_io = bool(direct_io and drop_page_cache and hasattr(os, "O_DIRECT"))
         self._headers: dict = {}  # layer -> (safetensors header bytes, its parsed spans, bytes they need)
+        self._file_bytes: dict = {}  # layer -> the largest file size seen (sizes the direct read)
+        self._staging = threading.local()  # per reading thread: an aligned buffer for direct reads
         os.makedirs(root, exist_ok=True)
 
     def layer_dir(self, layer: str) -> str:
@@ -116,6 +130,10 @@ class ExpertFiles:
         layer's would be (the GEMM kernels' results can depend on alignment).
         """
         path = self.path(layer, expert)
+        if self.direct_io:
+            data = self._direct_read(path, layer, expert)
+            if data is not None:  # the staging buffer is reused: the tensors are copied out of it
+                return self.tensors_from_file_bytes(layer, expert, manifest, data, check_crc=True)
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as e:
@@ -136,6 +154,51 @@ class ExpertFiles:
             raise ExpertReadError(f"expert {expert} of layer {layer!r}: {path} is corrupt: its CRC32 does not "
                                   "match the one written with it")
         return out
+
+    def _direct_read(self, path: str, layer: str, expert: int) -> torch.Tensor | None:
+        """uint8 [file bytes] of the file, read with O_DIRECT into this thread's staging buffer (valid
+        until this thread's next read); None when the OS refuses O_DIRECT (direct_io is then off)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                self.direct_io = False
+                return None
+            raise ExpertReadError(f"cannot read expert {expert} of layer {layer!r} from {path}: {e}") from e
+        try:
+            size = self._file_bytes.get(layer, 0)
+            while True:
+                # one block more than the largest size seen: a read that fills the buffer may have more
+                buf = self._staging_buffer(size + _DIRECT_ALIGN)
+                got = 0
+                while got < buf.shape[0]:
+                    n = os.preadv(fd, [buf[got:].numpy()], got)
+                    if n == 0:
+                        break
+                    got += n
+                    if got % _DIRECT_ALIGN:  # a short read ends the file
+                        break
+                if got < buf.shape[0]:
+                    self._file_bytes[layer] = max(size, got)
+                    return buf[:got]
+                size = os.fstat(fd).st_size
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # the file system opened it but cannot read it directly
+                self.direct_io = False
+                return None
+            raise ExpertReadError(f"cannot read expert {expert} of layer {layer!r} from {path}: {e}") from e
+        finally:
+            os.close(fd)
+
+    def _staging_buffer(self, nbytes: int) -> torch.Tensor:
+        """This thread's uint8 buffer of at least nbytes (a multiple of the block), block-aligned."""
+        nbytes = -(-nbytes // _DIRECT_ALIGN) * _DIRECT_ALIGN
+        buf = getattr(self._staging, "buf", None)
+        if buf is None or buf.shape[0] < nbytes:
+            raw = torch.empty(nbytes + _DIRECT_ALIGN, dtype=torch.uint8)
+            start = -raw.data_ptr() % _DIRECT_ALIGN
+            buf = self._staging.buf = raw[start:start + nbytes]
+        return buf[:nbytes]
 
     def _scatter_read(self, fd: int, layer: str, expert: int, manifest: dict):
         """One preadv of the file into the header bytes and a buffer per tensor, when the layer's

@@ -189,7 +189,8 @@ class ExpertStore:
         self._proc: ProcessLoader | None = None   # loader "process": the child reading CPU layers' experts
         self._unsent: list = []                    # loader "process": keys waiting for a free staging slot
         self.drop_page_cache = drop_page_cache
-        self.files = ExpertFiles(root, drop_page_cache=drop_page_cache)
+        # the readahead loader copies in what the kernel read ahead into the page cache: no O_DIRECT
+        self.files = ExpertFiles(root, drop_page_cache=drop_page_cache, direct_io=loader != "readahead")
         self.root = root
         self._budget_spec = parse_bytes(budget)
         self._host_budget_spec = parse_bytes(host_budget)
