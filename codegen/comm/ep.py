@@ -208,6 +208,19 @@ def route_tokens(hidden, router_logits, score_bias, spec: MoESpec) -> tuple:
     return x, ids, weights
 
 
+def expert_rows(x, ids, weights, spec: MoESpec) -> tuple:
+    """What the experts are sent: (rows, row_ids, combine_weights [T, k]).
+
+    An ordinary router sends x [T, H] with ids [T, k] and combines the k outputs with weights [T, k].
+    An input-scaling router (RouterSpec.scales_input, Llama 4) sends one row x * w_j per slot [T*k, H]
+    with ids [T*k, 1] and sums the k outputs as they are (unit weights [T, k]).
+    """
+    if not spec.router.scales_input:
+        return x, ids, weights
+    rows, slot_ids, unit = reference.scaled_slots(x, ids, weights)
+    return rows, slot_ids, unit.view(ids.shape)
+
+
 def combine(per_slot, weights, hidden) -> torch.Tensor:
     """Per-slot expert outputs [T*k, H] and routing weights [T, k] -> hidden's shape and dtype (fp32 sum)."""
     T, k = weights.shape
@@ -221,10 +234,8 @@ def ep_moe_forward(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, sp
     x, ids, weights = route_tokens(hidden, router_logits, score_bias, spec)
     _, rank = plan_hops(plan)
     local_w = local_weights(spec, (w1, w3, w2, b1, b3, b2), plan.local_experts(rank))
-    if spec.router.scales_input:  # Llama 4: slot j's expert sees x * w_j; the k outputs are summed as they are
-        rows, slot_ids, unit = reference.scaled_slots(x, ids, weights)
-        return combine(ep_experts(rows, slot_ids, local_w, spec, plan), unit.view(ids.shape), hidden)
-    return combine(ep_experts(x, ids, local_w, spec, plan), weights, hidden)
+    rows, row_ids, combine_weights = expert_rows(x, ids, weights, spec)
+    return combine(ep_experts(rows, row_ids, local_w, spec, plan), combine_weights, hidden)
 
 
 # ------------------------------------------------------------------ custom ops

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_compiler import recording, reference
+from moe_compiler import recording
 from moe_compiler.codegen.comm import executor
 from moe_compiler.ir import MoESpec, _spec, differentiable, grads_by_recompute, operand_grads
 from moe_compiler.runtime import ep_weights
@@ -357,14 +357,13 @@ def fssdp_forward(hidden, router_logits, score_bias, weights: dict, spec: MoESpe
 
     need=None: decide the materialisation (collective); gathered=None: gather it (collective, via the
     autograd-paired op); a given gathered tensor is reused (its backward still reduce-scatters)."""
-    from moe_compiler.codegen.comm.ep import _run_experts, combine, route_tokens
+    from moe_compiler.codegen.comm.ep import _run_experts, combine, expert_rows, route_tokens
 
     E = spec.num_experts
     plan = with_current_owners(plan)
     if len(plan.owners) != E:
         raise ValueError(f"fssdp: the plan has owners for {len(plan.owners)} experts, the layer has {E}")
     x, ids, gate_w = route_tokens(hidden, router_logits, score_bias, spec)
-    k = spec.top_k
     hop = _hop(plan)
     owned = plan.owned(hop.rank)
     owned_rows = layer_owned_weights(weights, owned, spec)
@@ -382,13 +381,11 @@ def fssdp_forward(hidden, router_logits, score_bias, weights: dict, spec: MoESpe
     local_w = local_expert_weights(owned_rows, gathered, layout)
     local_index = torch.full((E,), -1, dtype=torch.int64, device=x.device)
     local_index[local] = torch.arange(len(local), dtype=torch.int64, device=x.device)
-    flat = ids.reshape(-1)
-    if spec.router.scales_input:  # Llama 4: slot j's expert reads x * w_j; the k outputs are summed as they are
-        xs, _, unit = reference.scaled_slots(x, ids, gate_w)
-        gate_w = unit.view(ids.shape)
-    else:
-        token = torch.div(torch.arange(flat.numel(), device=x.device), k, rounding_mode="floor")
-        xs = x.index_select(0, token)
+    rows, row_ids, gate_w = expert_rows(x, ids, gate_w, spec)   # Llama 4: a row x * w_j per slot
+    flat = row_ids.reshape(-1)
+    per_row = row_ids.shape[1]
+    xs = rows if per_row == 1 else rows.index_select(
+        0, torch.div(torch.arange(flat.numel(), device=x.device), per_row, rounding_mode="floor"))
     if plan.materialize == "needed":  # every used expert is here: tokens never move
         ys = _run_experts(xs, flat, local_w, local_index, spec)
     else:  # slots of experts not gathered here go to the owner and back (owners always hold theirs)

@@ -7,7 +7,7 @@ it when the graph is compiled, so the ATen graph Inductor schedules holds, per l
 
     ids, weights  = top-k routing of this rank's tokens (weights differentiable in the logits; a
                     per-expert scale applied, Gemma 4; with an input-scaling router, Llama 4, one
-                    row x * w_j per slot routed top-1 with unit weights, reference.scaled_slots)
+                    row x * w_j per slot routed top-1 with unit weights, ep.expert_rows)
     dest [T*k]    = rank of each slot's expert (replicas: round-robin, as ep_moe)
     per token chunk (overlap_degree chunks), per hop (world; hierarchical: intra-node by
     dest % M, then inter-node by dest // M, Tutel's 2DH):
@@ -36,9 +36,8 @@ from __future__ import annotations
 import torch
 import torch.distributed._functional_collectives as funcol
 
-from moe_compiler import reference
-from moe_compiler.codegen.comm.ep import (combine, hop_destinations, local_index, local_weights, plan_hops, plan_of,
-                                          route_tokens, slot_chunks)
+from moe_compiler.codegen.comm.ep import (combine, expert_rows, hop_destinations, local_index, local_weights,
+                                          plan_hops, plan_of, route_tokens, slot_chunks)
 from moe_compiler.ir import _spec
 
 
@@ -49,9 +48,7 @@ def ep_layer(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec: st
     plan = plan_of(s)
     hops, rank = plan_hops(plan)
     x, ids, weights = route_tokens(hidden, router_logits, score_bias, s)
-    if s.router.scales_input:  # Llama 4: a row x * w_j per slot, the k outputs summed with unit weights
-        x, slot_ids, weights = reference.scaled_slots(x, ids, weights)
-        ids, weights = slot_ids, weights.view(ids.shape)
+    x, ids, weights = expert_rows(x, ids, weights, s)   # Llama 4: a row x * w_j per slot
     local_w = local_weights(s, (w1, w3, w2, b1, b3, b2), plan.local_experts(rank))
     local = local_index(plan, rank, x.device)
     outs = []
