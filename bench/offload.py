@@ -4,6 +4,14 @@
     python bench/offload.py --quick    # 50% budget, fewer steps; last line is a JSON object
     python bench/offload.py --quick --device cuda --variants on_demand,lru,res+shallow   # on a GPU, a subset
     python bench/offload.py --quick --inner eager --threads 2    # faster compiles; every core to the model
+    python bench/offload.py --quick --model wide  # the same model trained with 16x wider experts (768 KiB)
+    python bench/offload.py --quick --model DIR   # any saved ReferenceLM folder
+
+``--model wide`` is examples/train_reference_model.py --dim 128 --ffn 512 --steps 1500 (the reference
+model's recipe and step count, experts of 768 KiB instead of 48 KiB), trained on first use into
+~/.cache/moe_compiler/reference_lm_wide (~17 minutes on 2 cores). On the reference model a 48 KiB read
+costs about what the expert's compute costs; with wider experts a load costs several times the
+compute, as it does when real experts come over PCIe or from disk, which is where prediction pays.
 
 The model (tests/data/reference_lm: 8 MoE layers, 16 experts each, top-2) is compiled with backend
 "moe" once per variant, each from its own copy of the weights (offloading frees the module's expert
@@ -49,6 +57,7 @@ import os
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,9 +73,29 @@ from moe_compiler.runtime import offload  # noqa: E402
 MODEL_DIR = os.path.join(os.path.dirname(HERE), "tests", "data", "reference_lm")
 POLICIES = ("lru", "arc", "shallow", "predicted")
 LOADER_SUFFIX = {"thread": "", "process": "/p", "readahead": "/r"}
-# one expert of the reference model: gate_up [2F, D] + down [D, F] in fp32
-_CFG = json.load(open(os.path.join(MODEL_DIR, "config.json")))
-EXPERT_BYTES = 4 * 3 * _CFG["dim"] * _CFG["ffn"]
+
+
+WIDE_TRAINING = ["--dim", "128", "--ffn", "512", "--steps", "1500", "--seed", "0"]
+
+
+def model_folder(name: str) -> str:
+    """--model: a saved ReferenceLM folder, or "wide" (trained on first use, see the module docstring)."""
+    if name != "wide":
+        return name
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.path.join(cache, "moe_compiler", "reference_lm_wide")
+    if not os.path.exists(os.path.join(folder, "affinity.json")):  # written last by the training script
+        train = os.path.join(os.path.dirname(HERE), "examples", "train_reference_model.py")
+        print(f"training the wide reference model into {folder} (~17 minutes on 2 cores)", flush=True)
+        subprocess.run([sys.executable, train, *WIDE_TRAINING, "--out", folder], check=True)
+    return folder
+
+
+def expert_bytes(model_dir: str) -> int:
+    """Bytes of one expert of a saved ReferenceLM: gate_up [2F, D] + down [D, F] in fp32."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    return 4 * 3 * cfg["dim"] * cfg["ffn"]
 
 
 def heldout_tokens(batch: int, length: int, start: int = 0) -> torch.Tensor:
@@ -82,9 +111,9 @@ def heldout_tokens(batch: int, length: int, start: int = 0) -> torch.Tensor:
 class Variant:
     def __init__(self, name: str, budget, policy: str | None, prefetch: bool, root: str, extra: int = 1,
                  source: str = "gate", device: str = "cpu", loader: str = "thread", quantize: str | None = None,
-                 inner: str = "inductor", dynamic: bool | None = False):
+                 inner: str = "inductor", dynamic: bool | None = False, model_dir: str = MODEL_DIR):
         self.name, self.budget, self.policy, self.prefetch, self.extra = name, budget, policy, prefetch, extra
-        self.model = ReferenceLM.load(MODEL_DIR).to(device)
+        self.model = ReferenceLM.load(model_dir).to(device)
         self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
         options = {"inner_backend": inner}
         self.store = None
@@ -147,6 +176,9 @@ class Variant:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model", default=MODEL_DIR,
+                    help="a saved ReferenceLM folder (default: the trained reference model), or 'wide': the "
+                         "same recipe with 768 KiB experts, trained on first use")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--decode", type=int, default=None)
@@ -166,6 +198,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                     help="torch intra-op threads for every variant (default: all cores but one)")
     args = ap.parse_args(argv)
+    shown = "reference_lm" if args.model == MODEL_DIR else args.model   # how the model is named in the output
+    args.model = model_folder(args.model)
     dynamic = {"static": False, "auto": None}[args.shapes]
     torch.set_num_threads(args.threads)
     decode = args.decode or (24 if args.quick else 48)
@@ -187,13 +221,14 @@ def main(argv=None):
     def variant(name, *a, **kw):
         if wanted is None or any(name.startswith(w + "@") for w in wanted):
             for loader in loaders:
-                variants.append(Variant(name + LOADER_SUFFIX[loader], *a, root=root,
-                                        device=args.device, loader=loader, inner=args.inner, dynamic=dynamic, **kw))
+                variants.append(Variant(name + LOADER_SUFFIX[loader], *a, root=root, device=args.device,
+                                        loader=loader, inner=args.inner, dynamic=dynamic, model_dir=args.model, **kw))
 
-    variants = [Variant("resident", None, None, False, root, device=args.device, inner=args.inner, dynamic=dynamic)]
+    variants = [Variant("resident", None, None, False, root, device=args.device, inner=args.inner, dynamic=dynamic,
+                        model_dir=args.model)]
     for b in budgets:
         pct = int(round(100 * b))
-        variant(f"on_demand@{pct}", EXPERT_BYTES, "lru", False)  # room for one expert
+        variant(f"on_demand@{pct}", expert_bytes(args.model), "lru", False)  # room for one expert
         variant(f"lru@{pct}", b, "lru", False)
         for p in (POLICIES[1:] if not args.quick else ("predicted",)):
             variant(f"cache+{p}@{pct}", b, p, False)
@@ -212,8 +247,9 @@ def main(argv=None):
     # recompilations together (256) would otherwise end a larger sweep with the model run eagerly
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
                                                            len(variants) * (decode + 4))
-    print(f"reference model on {args.device}, batch {args.batch}, prompt {args.prompt}, {decode} decode steps, {reps} reps "
-          f"(+1 warm-up), {len(variants)} variants, inner backend {args.inner}, {args.threads} torch threads", flush=True)
+    print(f"model {shown} ({expert_bytes(args.model) / 1024:.0f} KiB per expert) on {args.device}, batch {args.batch}, "
+          f"prompt {args.prompt}, {decode} decode steps, {reps} reps (+1 warm-up), {len(variants)} variants, "
+          f"inner backend {args.inner}, {args.threads} torch threads", flush=True)
 
     for rep in range(reps + 1):  # rep 0 compiles and warms the caches
         started = time.perf_counter()
@@ -334,6 +370,7 @@ def main(argv=None):
         # the ceiling of any offloading scheme against on-demand loading on this machine
         "resident_over_on_demand": (by["resident"]["decode_tok_s"] / od50["decode_tok_s"] if od50 else None),
         "inner_backend": args.inner, "threads": args.threads,
+        "model": shown, "expert_kib": expert_bytes(args.model) / 1024,
     }
     shutil.rmtree(root, ignore_errors=True)
     print(json.dumps(headline))

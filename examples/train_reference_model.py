@@ -1,6 +1,7 @@
 """Train the reference MoE language model and record its routing traces.
 
     python examples/train_reference_model.py [--minutes 4] [--out tests/data/reference_lm]
+    python examples/train_reference_model.py --dim 128 --ffn 512 --steps 1200 --out DIR   # wider experts
 
 A byte-level model (moe_compiler.reference_lm: 8 layers, 16 experts, top-2) trained with
 backend "moe" (its lowered, saving backward) on the Python standard library's source files;
@@ -67,9 +68,16 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--heldout-tokens", type=int, default=8192)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="stop after this many steps (reproducible across machines) instead of --minutes")
+    defaults = ReferenceLMConfig()
+    for name in ("dim", "ffn", "layers", "heads", "experts", "top_k"):
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name),
+                        help=f"model {name} (default {getattr(defaults, name)})")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
-    cfg = ReferenceLMConfig()
+    cfg = ReferenceLMConfig(dim=args.dim, ffn=args.ffn, layers=args.layers, heads=args.heads,
+                            experts=args.experts, top_k=args.top_k)
     files = corpus_files()
     split = int(len(files) * 0.95)
     train, held = corpus_bytes(files[:split]), corpus_bytes(files[split:])
@@ -96,7 +104,7 @@ def main(argv=None):
         if step % 50 == 0:
             print(f"step {step:5d}  loss {loss.item():.3f} (bits/byte {loss.item() / math.log(2):.2f})  "
                   f"balance {aux.item():.3f}  {time.time() - t0:.0f}s", flush=True)
-        if time.time() - t0 > args.minutes * 60:
+        if (step >= args.steps) if args.steps is not None else (time.time() - t0 > args.minutes * 60):
             break
     model.eval()
     model.save(args.out)
