@@ -329,12 +329,34 @@ def test_loader_process_serves_more_reads_than_it_has_slots(tmp_path):
             assert torch.equal(w["w2"], layers[1]["w2"][e])
     store.drain()
     assert not store._unsent and store._proc.in_flight() == 0
-    assert store.resident() == [(l, e) for l in range(2) for e in range(40)]
+    resident = store.resident()
+    # layer 1's other predicted experts were dropped by begin_step unless their reads had started
+    assert [k for k in resident if k[0] == 0] == [(0, e) for e in range(40)] and {(1, 38), (1, 39)} <= set(resident)
     for l in range(2):
         for e in range(40):
             with store.use(l, e) as w:
                 assert torch.equal(w["w1"], layers[l]["w1"][e]) and torch.equal(w["w2"], layers[l]["w2"][e])
     assert store.stats()["bytes_loaded"] == store.total_expert_bytes
+    store.close()
+
+
+def test_a_step_drops_the_predicted_loads_it_does_not_use_and_nobody_started(tmp_path):
+    """begin_step forgets the layer's unused prefetches still waiting for a loader (their room comes
+    back); a loaded one stays cached, and a dropped one still loads when a later step uses it."""
+    layers = [_layer(6, seed=0)]
+    store = _store(tmp_path, layers, budget=1.0, policy="lru", loader="readahead")  # nothing starts by itself
+    assert store.prefetch(0, [1, 2, 3]) == [1, 2, 3]
+    with store.use(0, 3):   # loaded before the step: stays
+        pass
+    used = store.cached_bytes()
+    assert store.begin_step(0, [1, 4]) == [1, 4]
+    assert sorted(store._entries) == [(0, 1), (0, 3), (0, 4)]
+    sizes = store.layers[0].manifest["bytes"]
+    assert store.cached_bytes() == used - sizes[2] + sizes[4]
+    for e in (1, 4, 2):
+        with store.use(0, e) as w:
+            assert torch.equal(w["w1"], layers[0]["w1"][e])
+    assert store.stats()["prefetched"] == 3 and store.stats()["prefetch_used"] == 1
     store.close()
 
 

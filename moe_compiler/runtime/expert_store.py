@@ -606,6 +606,13 @@ class ExpertStore:
                 self.policy.on_access((layer, e))
                 (ready if entry.done else flying).append(e)
                 st.ready += entry.done
+            if predicted:
+                # predicted experts this step does not use, whose loads no loader has started: reading
+                # them now would only hold up the loads that are needed (a later prediction asks again)
+                for e in predicted.difference(experts):
+                    entry = self._entries.get((layer, e))
+                    if entry is not None and entry.by_prefetch:
+                        self._drop_unstarted((layer, e))
             self.policy.on_use(layer, experts)
             self._last_used[layer] = experts
             protect = {(layer, e) for e in experts}
