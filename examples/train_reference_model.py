@@ -1,7 +1,7 @@
 """Train the reference MoE language model and record its routing traces.
 
     python examples/train_reference_model.py [--minutes 4] [--out tests/data/reference_lm]
-    python examples/train_reference_model.py --dim 128 --ffn 512 --steps 1200 --out DIR   # wider experts
+    python examples/train_reference_model.py --dim 128 --ffn 512 --steps 1500 --out DIR   # wider experts
 
 A byte-level model (moe_compiler.reference_lm: 8 layers, 16 experts, top-2) trained with
 backend "moe" (its lowered, saving backward) on the Python standard library's source files;

@@ -6,9 +6,9 @@
 
 Reads go to the disk, as they would for a model larger than host memory: with ``drop_page_cache``
 (the default) a file is read with O_DIRECT where the OS and file system allow it (Linux: the disk's
-DMA fills an aligned staging buffer, no page-cache copy: a cold 768 KiB read took 0.20 ms of CPU
-against 0.74 ms buffered on the 2-core test machine), else read through the page cache and its pages
-dropped afterwards (posix_fadvise DONTNEED). ``direct_io=False`` keeps buffered reads (the store's
+DMA fills an aligned staging buffer, no page-cache copy: a cold 768 KiB read took 0.11-0.20 ms of CPU
+against 0.50-0.74 ms buffered on the 2-core test machine), else read through the page cache and its
+pages dropped afterwards (posix_fadvise DONTNEED). ``direct_io=False`` keeps buffered reads (the store's
 readahead loader needs them: it reads what the kernel prefetched into the page cache). A missing
 file, a file whose header cannot be parsed, or one whose bytes do not match the CRC32 written with it
 raises ExpertReadError naming the file: the store never computes with garbage.
