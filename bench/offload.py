@@ -9,7 +9,7 @@
 
 ``--model wide`` is examples/train_reference_model.py --dim 128 --ffn 512 --steps 1500 (the reference
 model's recipe and step count, experts of 768 KiB instead of 48 KiB), trained on first use into
-~/.cache/moe_compiler/reference_lm_wide (~17 minutes on 2 cores). On the reference model a 48 KiB read
+~/.cache/moe_compiler/reference_lm_wide (~20 minutes on 2 cores). On the reference model a 48 KiB read
 costs about what the expert's compute costs; with wider experts a load costs several times the
 compute, as it does when real experts come over PCIe or from disk, which is where prediction pays.
 
@@ -86,7 +86,7 @@ def model_folder(name: str) -> str:
     folder = os.path.join(cache, "moe_compiler", "reference_lm_wide")
     if not os.path.exists(os.path.join(folder, "affinity.json")):  # written last by the training script
         train = os.path.join(os.path.dirname(HERE), "examples", "train_reference_model.py")
-        print(f"training the wide reference model into {folder} (~17 minutes on 2 cores)", flush=True)
+        print(f"training the wide reference model into {folder} (~20 minutes on 2 cores)", flush=True)
         subprocess.run([sys.executable, train, *WIDE_TRAINING, "--out", folder], check=True)
     return folder
 
