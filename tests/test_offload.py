@@ -346,8 +346,8 @@ def test_a_step_drops_the_predicted_loads_it_does_not_use_and_nobody_started(tmp
     layers = [_layer(6, seed=0)]
     store = _store(tmp_path, layers, budget=1.0, policy="lru", loader="readahead")  # nothing starts by itself
     assert store.prefetch(0, [1, 2, 3]) == [1, 2, 3]
-    with store.use(0, 3):   # loaded before the step: stays
-        pass
+    with store.use(0, 3) as w:   # loaded before the step: stays
+        assert torch.equal(w["w1"], layers[0]["w1"][3])
     used = store.cached_bytes()
     assert store.begin_step(0, [1, 4]) == [1, 4]
     assert sorted(store._entries) == [(0, 1), (0, 3), (0, 4)]
