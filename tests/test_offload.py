@@ -172,36 +172,52 @@ def test_damaged_files_raise_whether_or_not_the_layer_header_is_known(tmp_path, 
     assert all(torch.equal(got[n], w[n][5]) and got[n].data_ptr() % 64 == 0 for n in w)
 
 
-def test_direct_reads_grow_their_buffer_and_fall_back_where_the_os_refuses(tmp_path, monkeypatch):
-    """A file larger than any the layer had (the staging buffer grows) and a file system that refuses
-    O_DIRECT (EINVAL: the reader turns it off and reads buffered) both give the written tensors."""
+def _direct_open(monkeypatch, refuse: bool):
+    """Make os.open behave as a file system with O_DIRECT that accepts it (the flag is dropped, so the
+    test runs on tmpfs too) or that refuses it with EINVAL."""
     import errno
 
+    flag = getattr(os, "O_DIRECT", 0o40000)
+    monkeypatch.setattr(os, "O_DIRECT", flag, raising=False)
+    real_open = os.open
+
+    def fake_open(path, flags, *a):
+        if flags & flag:
+            if refuse:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            flags &= ~flag
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", fake_open)
+
+
+def test_direct_reads_grow_their_staging_buffer_for_a_larger_file(tmp_path, monkeypatch):
+    """A file larger than any the layer had: the read fills the staging buffer, which then grows to
+    the file's size; the tensors are the written ones."""
+    _direct_open(monkeypatch, refuse=False)
     files = ExpertFiles(str(tmp_path))
-    if not files.direct_io:
-        pytest.skip("no O_DIRECT on this OS")
+    files.direct_io = True   # as on Linux, whatever this OS is
     small = _layer(E=2)
     files.write_layer("L", small)
     man = files.manifest("L")
     assert torch.equal(files.read_expert("L", 0, man)["w1"], small["w1"][0])
-    if not files.direct_io:
-        pytest.skip("this file system refuses O_DIRECT")
     big = {"w1": torch.randn(2, 3000, 4), "w2": torch.randn(2, 4, 3)}   # 48 KB files after 0.2 KB ones
     files.write_layer("L", big)
     man = files.manifest("L")
     got = files.read_expert("L", 1, man)
     assert files.direct_io and all(torch.equal(got[n], big[n][1]) for n in big)
+    assert files._file_bytes["L"] == os.path.getsize(files.path("L", 1))
 
-    real_open = os.open
 
-    def refuse_direct(path, flags, *a):
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *a)
-
-    monkeypatch.setattr(os, "open", refuse_direct)
-    got = files.read_expert("L", 0, man)
-    assert not files.direct_io and all(torch.equal(got[n], big[n][0]) for n in big)
+def test_direct_reads_fall_back_where_the_os_refuses(tmp_path, monkeypatch):
+    """A file system that refuses O_DIRECT (EINVAL): the reader turns it off and reads buffered."""
+    _direct_open(monkeypatch, refuse=True)
+    files = ExpertFiles(str(tmp_path))
+    files.direct_io = True
+    w = _layer(E=2)
+    files.write_layer("L", w)
+    got = files.read_expert("L", 0, files.manifest("L"))
+    assert not files.direct_io and all(torch.equal(got[n], w[n][0]) for n in w)
 
 
 # ------------------------------------------------------------------ the store
