@@ -29,6 +29,10 @@ weights). Variants, all on identical teacher-forced tokens from held-out text:
     res+<policy>      prefetch_source "residual": each layer predicted from the residual stream entering
                       its block, through its own norm and router (loads overlap the block's attention)
     res2+predicted    the same with top-(k+2) per token and the predicted-demand policy
+    res0+predicted    the same with top-k per token (prefetch_extra 0)
+    res+ahead2+<p>    prefetch_lookahead 2: each layer also predicted from the residual stream entering the
+                      block before (loads start a block earlier; the nearer prediction refines them)
+    pred+ahead2+<p>   the same from the gate inputs of the two layers before
     <v>+int8          the same with quantize "int8": the fast tier holds int8 copies (results change:
                       reported as the largest logit difference and the top-1 agreement with resident)
     <v>/p, <v>/r      (--loaders thread,process,readahead) the same with the loader process or kernel
@@ -110,7 +114,8 @@ def heldout_tokens(batch: int, length: int, start: int = 0) -> torch.Tensor:
 
 class Variant:
     def __init__(self, name: str, budget, policy: str | None, prefetch: bool, root: str, extra: int = 1,
-                 source: str = "gate", device: str = "cpu", loader: str = "thread", quantize: str | None = None,
+                 source: str = "gate", lookahead: int = 1, device: str = "cpu", loader: str = "thread",
+                 quantize: str | None = None,
                  inner: str = "inductor", dynamic: bool | None = False, model_dir: str = MODEL_DIR):
         self.name, self.budget, self.policy, self.prefetch, self.extra = name, budget, policy, prefetch, extra
         self.model = ReferenceLM.load(model_dir).to(device)
@@ -122,6 +127,7 @@ class Variant:
             shutil.rmtree(folder, ignore_errors=True)
             options["offload"] = {"budget": budget, "policy": policy, "dir": folder, "prefetch": prefetch,
                                   "prefetch_extra": extra, "prefetch_source": source, "loader": loader,
+                                  "prefetch_lookahead": lookahead,
                                   "quantize": quantize}
             self.store_id, self.store = offload.store_for(offload.normalize_options(options["offload"]))
         self.fn = torch.compile(self.model, backend="moe", options=options, dynamic=dynamic)
@@ -240,6 +246,13 @@ def main(argv=None):
         for p in ("lru", "shallow", "predicted"):
             variant(f"res+{p}@{pct}", b, p, True, source="residual")
         variant(f"res2+predicted@{pct}", b, "predicted", True, source="residual", extra=2)
+        # top-k per token only (prefetch_extra 0): fewer wasted loads, less recall
+        variant(f"res0+predicted@{pct}", b, "predicted", True, source="residual", extra=0)
+        # predicted from two sources (prefetch_lookahead 2): loads start a block earlier, the nearer
+        # prediction refines them
+        for p in ("lru", "predicted"):
+            variant(f"res+ahead2+{p}@{pct}", b, p, True, source="residual", lookahead=2)
+        variant(f"pred+ahead2+predicted@{pct}", b, "predicted", True, lookahead=2)
         # int8 cached copies (results change): about four times the experts fit the same budget
         variant(f"lru+int8@{pct}", b, "lru", False, quantize="int8")
         variant(f"res+shallow+int8@{pct}", b, "shallow", True, source="residual", quantize="int8")

@@ -1,11 +1,15 @@
 """Custom ops of offloaded MoE layers (inference): experts come from an expert store.
 
-    p = moe_compiler.prefetch_experts(logits_hat, score_bias, store, layer, spec)
+    p = moe_compiler.prefetch_experts(logits_hat, score_bias, store, layer, spec, earlier)
         # logits_hat [T, E]: a later layer's router applied to an earlier gate input (Fate).
         # Scores as the router scores them, top-(k+extra) per token (extra: the spec's
         # "prefetch_extra" note, default 1), experts ranked by votes; issues
         # asynchronous loads of the ranked experts into the store; returns the per-token
         # predictions [T, k+1] int64 (the data dependency that orders it before the layer).
+        # earlier (optional): the same layer's prediction from a source further back
+        # (prefetch_lookahead); only orders that one first. The spec's "prefetch_ahead" note
+        # (default 0) counts the predictions of this layer still to come: the store queues
+        # this one's loads after those of nearer predictions.
     y = moe_compiler.offloaded_experts(x, ids, w, p, store, layer, spec)        # [T, H]
         # The same dropless grouped GEMMs as grouped_experts, each expert pinned in the store while
         # it computes, so the output equals the resident layer's bit for bit:
@@ -25,7 +29,8 @@ from moe_compiler.ir import _spec
 from moe_compiler.runtime import offload
 
 _LIB = torch.library.Library("moe_compiler", "FRAGMENT")
-_LIB.define("prefetch_experts(Tensor logits, Tensor? score_bias, str store, int layer, str spec) -> Tensor")
+_LIB.define("prefetch_experts(Tensor logits, Tensor? score_bias, str store, int layer, str spec, "
+            "Tensor? earlier=None) -> Tensor")
 _LIB.define("offloaded_experts(Tensor hidden, Tensor ids, Tensor weights, Tensor? prediction, str store, int layer, "
             "str spec) -> Tensor")
 
@@ -38,10 +43,14 @@ def predicted_per_token(spec) -> int:
 
 
 def predict(logits: torch.Tensor, score_bias, spec) -> tuple[torch.Tensor, list, dict]:
-    """logits [T, E] -> (per-token top-(k+extra) experts [T, k+extra], experts ranked by votes, votes).
+    """logits [T, E] -> (per-token top-(k+extra) experts [T, k+extra], experts ranked, votes).
 
-    NaN scores rank last. Decode-sized steps (a few tokens) are ranked in Python: a handful of
-    tensor ops would cost more than the ranking itself on the model's critical path.
+    Experts are ranked by votes (tokens predicting them), ties by how high the tokens rank them (the
+    sum over tokens of p - position, p = k+extra: a token's first choice before its last), then by
+    id. A decode step's single token thus asks for its likeliest expert first and its (k+extra)-th
+    last, which is the load dropped when the loader falls behind. NaN scores rank last. Decode-sized
+    steps (a few tokens) are ranked in Python: a handful of tensor ops would cost more than the
+    ranking itself on the model's critical path.
     """
     r = spec.router
     logits = logits.reshape(-1, r.num_experts).float()
@@ -57,14 +66,19 @@ def predict(logits: torch.Tensor, score_bias, spec) -> tuple[torch.Tensor, list,
                 for row in scores.tolist()]
         per_token = torch.tensor(rows, dtype=torch.int64).reshape(-1, k).to(logits.device)
         counts: dict = {}
+        places: dict = {}
         for row in rows:
-            for e in row:
+            for place, e in enumerate(row):
                 counts[e] = counts.get(e, 0) + 1
-        ranked = sorted(counts, key=lambda e: (-counts[e], e))
+                places[e] = places.get(e, 0) + k - place
+        ranked = sorted(counts, key=lambda e: (-counts[e], -places[e], e))
         return per_token, ranked, {e: counts[e] for e in ranked}
     per_token = torch.topk(torch.nan_to_num(scores, nan=-float("inf")), k, dim=-1).indices
-    votes = torch.bincount(per_token.reshape(-1), minlength=r.num_experts).tolist()
-    ranked = sorted((e for e in range(r.num_experts) if votes[e]), key=lambda e: (-votes[e], e))
+    flat = per_token.reshape(-1)
+    votes = torch.bincount(flat, minlength=r.num_experts).tolist()
+    worth = torch.arange(k, 0, -1, device=flat.device).repeat(per_token.shape[0])
+    places = torch.bincount(flat, weights=worth.double(), minlength=r.num_experts).tolist()
+    ranked = sorted((e for e in range(r.num_experts) if votes[e]), key=lambda e: (-votes[e], -places[e], e))
     return per_token, ranked, {e: votes[e] for e in ranked}
 
 
@@ -79,16 +93,16 @@ def used_experts(ids: torch.Tensor) -> list:
 
 
 @torch.library.impl(_LIB, "prefetch_experts", "CompositeExplicitAutograd")
-def _prefetch(logits, score_bias, store, layer, spec):
+def _prefetch(logits, score_bias, store, layer, spec, earlier=None):
     s = _spec(spec)
     per_token, ranked, votes = predict(logits, score_bias, s)
     st = offload.get_store(store)
-    st.prefetch(layer, ranked, votes=votes, token_predictions=per_token.cpu())
+    st.prefetch(layer, ranked, votes=votes, token_predictions=per_token.cpu(), ahead=int(s.note("prefetch_ahead", 0)))
     return per_token
 
 
 @torch.library.register_fake("moe_compiler::prefetch_experts")
-def _prefetch_fake(logits, score_bias, store, layer, spec):
+def _prefetch_fake(logits, score_bias, store, layer, spec, earlier=None):
     s = _spec(spec)
     t = logits.numel() // s.router.num_experts
     return logits.new_empty((t, predicted_per_token(s)), dtype=torch.int64)

@@ -57,8 +57,8 @@ class BackendConfig:
     expert_parallel: Optional[BoolOrDict] = None
     # Expert offloading for inference (passes offload_experts, hoist_prefetch): True or {"budget": 0.5 | "2GB",
     # "policy": "lru"|"arc"|"shallow"|"predicted", "dir": path, "host_budget": ..., "prefetch": True,
-    # "prefetch_depth": 1|"auto", "prefetch_extra": 1, "shallow_layers": 1, "release_parameters": True,
-    # "drop_page_cache": True};
+    # "prefetch_depth": 1|"auto", "prefetch_extra": 1, "prefetch_lookahead": 1, "shallow_layers": 1,
+    # "release_parameters": True, "drop_page_cache": True};
     # None/False = off. See moe_compiler/runtime/offload.py.
     offload: Optional[BoolOrDict] = None
 

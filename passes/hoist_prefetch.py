@@ -181,53 +181,120 @@ class HoistPrefetch:
         return PassResult(gm, counters["layers_predicted"] > 0, counters)
 
     def _hoist(self, gm, node, m, spec, gates, params, options, fake_mode, counters) -> str:
-        graph = gm.graph
         target = gates[m]
         if isinstance(target, str):
             counters["not_predicted"] += 1
             return f"not predicted: {target}"
         gate_input, nodes, logits, bias = target
-        depth = _depth(spec, options["prefetch_depth"])
-        src_index = m - depth
         residual = _residual_source(gate_input, params) if options["prefetch_source"] == "residual" else None
         if isinstance(residual, tuple):
-            source, norm_nodes, x_mid = residual
-            origin, depth = f"the residual stream {source.name} entering the layer's block", 0
-            nodes = set(nodes) | set(norm_nodes)
-            gate_input = x_mid
-        elif src_index >= 0 and not isinstance(gates[src_index], str):
-            source, origin = gates[src_index][0], f"layer {spec_path(gates, src_index, node)} gate input"
-        elif src_index >= 0:
+            # layer m's norm and router, applied to the residual stream entering block m, m-1, ...
+            nodes, gate_input = set(nodes) | set(residual[1]), residual[2]
+        router = (gate_input, nodes, logits, bias)
+        sources = self._sources(gm.graph, m, spec, gates, params, options, residual)
+        if isinstance(sources[0], str):
             counters["not_predicted"] += 1
-            return f"not predicted: the source layer {src_index} has no usable gate input"
-        else:
-            source = _embedding(graph, spec.experts.hidden_size)
-            origin = "the embedding output"
+            return f"not predicted: {sources[0]}"
+        made, skipped, earlier = [], [], None
+        for ahead in reversed(range(len(sources))):  # farthest first: each feeds the next as `earlier`
+            source, origin, depth = sources[ahead] if not isinstance(sources[ahead], str) else (None, sources[ahead], 0)
             if source is None:
-                counters["not_predicted"] += 1
-                return "not predicted: no earlier gate input in this graph (no embedding output of width H)"
+                skipped.append(origin)
+                continue
+            pred = self._predictor(gm.graph, node, spec, router, source, ahead, earlier, options, fake_mode)
+            if isinstance(pred, str):
+                if ahead == 0:
+                    counters["not_predicted"] += 1
+                    return f"not predicted: {pred.format(origin=origin)}"
+                skipped.append(pred.format(origin=origin))
+                continue
+            made.append((origin, depth, pred[1]))
+            counters["hoisted_nodes"] += pred[1]
+            earlier = pred[0]
+        node.args = node.args[:3] + (earlier,) + node.args[4:]
+        counters["layers_predicted"] += 1
+        counters["from_embedding"] += sources[0][1] == "the embedding output"
+        extra = options["prefetch_extra"]
+        (origin, depth, copied), farther = made[-1], made[-2::-1]
+        ahead = f"{depth} layer(s) ahead" if depth else "during the block's attention"
+        if isinstance(residual, str):
+            origin += f"; prefetch_source 'residual' not used: {residual}"
+        text = (f"predicted from {origin} ({ahead}): router copied ({copied} node(s)), "
+                f"top-{min(spec.top_k + extra, spec.num_experts)} per token, experts ranked by votes")
+        if farther:
+            text += "; earlier, nearest first, from " + ", ".join(
+                f"{o} ({d} layer(s) ahead; loads queued after nearer ones)" for o, d, _ in farther)
+        if skipped:
+            text += "; lookahead not used: " + "; ".join(skipped)
+        return text
+
+    def _sources(self, graph, m, spec, gates, params, options, residual) -> list:
+        """[(source node, description, layers ahead) or a reason string] for lookahead 0 (the nearest
+        source) .. prefetch_lookahead - 1; the first entry is a reason when layer m cannot be predicted."""
+        lookahead = options["prefetch_lookahead"]
+        out, seen = [], set()
+        if isinstance(residual, tuple):
+            out.append((residual[0], f"the residual stream {residual[0].name} entering the layer's block", 0))
+            seen.add(residual[0])
+            for ahead in range(1, lookahead):
+                j = m - ahead
+                if j < 0:
+                    break
+                if isinstance(gates[j], str):
+                    out.append(f"layer {j} has no usable gate input")
+                    break
+                r = _residual_source(gates[j][0], params)
+                if isinstance(r, str):
+                    out.append(f"the residual stream entering layer {j}'s block: {r}")
+                    break
+                if r[0] in seen:
+                    break
+                seen.add(r[0])
+                out.append((r[0], f"the residual stream {r[0].name} entering layer {j}'s block", ahead))
+            return out
+        depth = _depth(spec, options["prefetch_depth"])
+        for ahead in range(lookahead):
+            j = m - depth - ahead
+            if j >= 0 and not isinstance(gates[j], str):
+                source, origin = gates[j][0], f"layer {spec_path(gates, j)} gate input"
+            elif j >= 0:
+                out.append(f"the source layer {j} has no usable gate input")
+                break
+            else:
+                source, origin = _embedding(graph, spec.experts.hidden_size), "the embedding output"
+                if source is None:
+                    out.append("no earlier gate input in this graph (no embedding output of width H)")
+                    break
+            if source in seen:  # the embedding output stands for every source before layer 0
+                break
+            seen.add(source)
+            out.append((source, origin, depth + ahead))
+        return out
+
+    def _predictor(self, graph, node, spec, router, source, ahead, earlier, options, fake_mode):
+        """Copy layer node's router onto source right after it exists and issue its prefetch;
+        (prefetch node, nodes added) or a reason ("{origin}" stands for the source's description)."""
+        gate_input, nodes, logits, bias = router
         want, have = gate_input.meta["val"], source.meta["val"]
         reshape = None
         if str(tuple(want.shape)) != str(tuple(have.shape)):
             if want.dim() == 2 and isinstance(want.shape[-1], int) and have.shape[-1] == want.shape[-1]:
                 reshape = [-1, int(want.shape[-1])]
             else:
-                counters["not_predicted"] += 1
-                return f"not predicted: {origin} has shape {tuple(have.shape)}, the router reads {tuple(want.shape)}"
+                return f"{{origin}} has shape {tuple(have.shape)}, the router reads {tuple(want.shape)}"
         order = {n: i for i, n in enumerate(graph.nodes)}
         ext = [a for n in nodes for a in n.all_input_nodes if a not in nodes and a is not gate_input]
-        anchor = max([source] + ext, key=lambda n: order[n])
+        anchor = max([source] + ext + ([earlier] if earlier is not None else []), key=lambda n: order[n])
         if order[anchor] >= order[node]:
-            counters["not_predicted"] += 1
-            return "not predicted: the router's inputs exist only after the layer runs"
-        env, cursor = {}, anchor
+            return "the router's inputs exist only after the layer runs"
+        env, cursor, added = {}, anchor, 0
 
         def put(make):
-            nonlocal cursor
+            nonlocal cursor, added
             with graph.inserting_after(cursor):
                 new = make()
             new.meta["moe_compiler_pass"] = self.name
-            cursor = new
+            cursor, added = new, added + 1
             return new
 
         if reshape is not None:
@@ -245,25 +312,17 @@ class HoistPrefetch:
         new_logits = env.get(logits, logits)
         new_bias = env.get(bias, bias) if isinstance(bias, torch.fx.Node) else bias
         store, layer = node.args[4], node.args[5]
-        extra = options["prefetch_extra"]
-        pspec = spec.replace(notes=spec.notes + (("prefetch_extra", extra),)).to_json()
-        pred = put(lambda: graph.call_function(PREFETCH_EXPERTS_OP, (new_logits, new_bias, store, layer, pspec)))
+        notes = (("prefetch_extra", options["prefetch_extra"]),) + ((("prefetch_ahead", ahead),) if ahead else ())
+        pspec = spec.replace(notes=spec.notes + notes).to_json()
+        args = (new_logits, new_bias, store, layer, pspec) + ((earlier,) if earlier is not None else ())
+        pred = put(lambda: graph.call_function(PREFETCH_EXPERTS_OP, args))
         with fake_mode:
             pred.meta["val"] = PREFETCH_EXPERTS_OP(new_logits.meta["val"],
                                                    new_bias.meta["val"] if isinstance(new_bias, torch.fx.Node) else None,
                                                    store, layer, pspec)
-        node.args = node.args[:3] + (pred,) + node.args[4:]
-        counters["layers_predicted"] += 1
-        counters["hoisted_nodes"] += len(nodes) + 1 + (reshape is not None)
-        if origin == "the embedding output":
-            counters["from_embedding"] += 1
-        ahead = f"{depth} layer(s) ahead" if depth else "during the block's attention"
-        if isinstance(residual, str):
-            origin += f"; prefetch_source 'residual' not used: {residual}"
-        return (f"predicted from {origin} ({ahead}): router copied ({len(nodes)} node(s)), "
-                f"top-{min(spec.top_k + extra, spec.num_experts)} per token, experts ranked by votes")
+        return pred, added
 
 
-def spec_path(gates, index, node) -> str:
+def spec_path(gates, index) -> str:
     g = gates[index]
     return str(index) if isinstance(g, str) else f"{index} ({g[0].name})"

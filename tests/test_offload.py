@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import sys
+import time
 
 import pytest
 import torch
@@ -97,7 +99,14 @@ def test_prediction_width_follows_prefetch_extra():
         per_token, ranked, votes = predict(logits, None, s)
         assert per_token.shape == (5, width)
         assert torch.equal(per_token, torch.topk(torch.softmax(logits, -1), width, -1).indices)
-        assert sum(votes.values()) == 5 * width and ranked == sorted(votes, key=lambda e: (-votes[e], e))
+        assert sum(votes.values()) == 5 * width and sorted(ranked) == sorted(votes)
+        assert all(votes[a] >= votes[b] for a, b in zip(ranked, ranked[1:]))
+    # one token (a decode step): its experts in the order it ranks them, not by id
+    one = torch.tensor([[0.1, 3.0, -1.0, 2.0, 0.5, -2.0]])
+    assert predict(one, None, spec)[1] == [1, 3, 4]
+    # equal votes (two each): the expert the tokens rank higher goes first; the picks are [1, 2], [1, 0], [2, 0]
+    tied = torch.tensor([[-1.0, 5, 1, -1, -1, -1], [1.0, 5, -1, -1, -1, -1], [1.0, -1, 5, -1, -1, -1]])
+    assert predict(tied, None, spec.replace(notes=(("prefetch_extra", 0),)))[1] == [1, 2, 0]
 
 
 def test_parse_bytes():
@@ -376,6 +385,60 @@ def test_a_step_drops_the_predicted_loads_it_does_not_use_and_nobody_started(tmp
     store.close()
 
 
+def test_a_nearer_prediction_supersedes_a_farther_one(tmp_path):
+    """prefetch_lookahead: a layer's later (nearer) prediction drops the earlier one's unstarted loads it
+    no longer predicts and keeps the rest; a dropped expert still loads when a step uses it."""
+    layers = [_layer(6, seed=0)]
+    store = _store(tmp_path, layers, budget=1.0, policy="lru", loader="readahead")  # nothing starts by itself
+    assert store.prefetch(0, [1, 2, 3], ahead=1) == [1, 2, 3]
+    with store.use(0, 3) as w:   # loaded: a later prediction without it leaves it cached
+        assert torch.equal(w["w1"], layers[0]["w1"][3])
+    assert store.prefetch(0, [2, 4]) == [2, 4]
+    assert sorted(store._entries) == [(0, 2), (0, 3), (0, 4)]
+    sizes = store.layers[0].manifest["bytes"]
+    assert store.cached_bytes() == sizes[2] + sizes[3] + sizes[4]
+    assert store.begin_step(0, [1, 4]) == [4, 1]
+    for e in (1, 4):
+        with store.use(0, e) as w:
+            assert torch.equal(w["w1"], layers[0]["w1"][e])
+    s = store.stats()
+    assert s["prefetched"] == 4 and s["prefetch_used"] == 1 and s["misses"] == 1
+    assert s["prediction_recall"] == 0.5   # recall counts the nearest prediction: {2, 4} against {1, 4}
+    store.close()
+
+
+def test_loads_are_queued_nearest_prediction_first(tmp_path):
+    """A farther prediction's loads wait behind every nearer prediction's, issued before or after it; one
+    it shares with a nearer prediction moves up to that prediction's place."""
+    import threading
+
+    layers = [_layer(4, seed=i) for i in range(3)]
+    store = _store(tmp_path, layers, budget=1.0, policy="lru", loader="thread")
+    gate, order, read = threading.Event(), [], store._read
+
+    def reading(key):
+        order.append(key)
+        gate.wait(10)
+        return read(key)
+
+    store._read = reading
+    store.prefetch(0, [0])               # the loader takes it and waits at the gate
+    deadline = time.monotonic() + 10
+    while not order and time.monotonic() < deadline:
+        time.sleep(0.01)
+    store.prefetch(1, [0, 1], ahead=1)   # layer 1, predicted a source early
+    store.prefetch(2, [0])               # layer 2's nearest prediction, issued later
+    store.prefetch(1, [1])               # layer 1's nearest: drops (1, 0), moves (1, 1) up
+    gate.set()
+    for key in ((2, 0), (1, 1)):   # (not drain(): it reads a load nobody has started itself)
+        assert store._entries[key].ready.wait(10)
+    assert order == [(0, 0), (2, 0), (1, 1)]
+    for layer, e in ((1, 1), (2, 0)):
+        with store.use(layer, e) as w:
+            assert torch.equal(w["w1"], layers[layer]["w1"][e])
+    store.close()
+
+
 def test_loader_process_slots_grow_for_a_larger_layer(tmp_path):
     small, big = _layer(4, seed=0), {"w1": torch.randn(3, 64, 32), "w2": torch.randn(3, 32, 64)}
     store = _store(tmp_path, [small], budget=1.0, policy="lru", loader="process")
@@ -494,6 +557,34 @@ def test_residual_prefetch_source(tmp_path):
     assert text.count("prefetch_experts.default(") == MODEL["layers"]
     # layer 0's block has no residual branch before it: the embedding output (Fate's first-layer rule)
     assert text.count("predicted from the residual stream") == MODEL["layers"] - 1, text
+    assert store.stats()["prediction_recall"] is not None
+
+
+@pytest.mark.parametrize("source", ["gate", "residual"])
+def test_prefetch_lookahead_predicts_each_layer_from_several_sources(tmp_path, source):
+    """prefetch_lookahead 2: each layer is predicted from its nearest source and from the one a layer further
+    back, chained farthest first; outputs stay bit-equal. Nothing comes before the embedding output, so the
+    layers it is already the nearest source of have one prediction (gate: layer 0; residual: layers 0 and 1,
+    since Stack's layer 1 reads the embedding output plus layer 0's branch)."""
+    ids = [torch.randint(0, 50, (2, 5)), torch.randint(0, 50, (1, 3)), torch.randint(0, 50, (2, 5))]
+    ref = _resident(MODEL, ids)
+    torch._dynamo.reset()
+    _, outs, store = _offloaded(MODEL, ids, tmp_path, dump=str(tmp_path / "dumps"), budget=0.5,
+                                prefetch_source=source, prefetch_lookahead=2)
+    for a, b in zip(outs, ref):
+        assert torch.equal(a, b)
+    assert store.peak_bytes <= store.budget
+    text = open(sorted(glob.glob(str(tmp_path / "dumps" / "*" / "*_hoist_prefetch.after.py")))[0]).read()
+    twice = range(1 if source == "gate" else 2, MODEL["layers"])
+    assert text.count("prefetch_experts.default(") == MODEL["layers"] + len(twice), text
+    assert text.count("earlier, nearest first, from") == len(twice)
+    graph = text[text.index("def forward"):]
+    for m in twice:
+        # the farther prediction of layer m is an input of the nearer one (it runs first)
+        far, near = [line for line in graph.splitlines()
+                     if "prefetch_experts.default(" in line and f", {m}, " in line]
+        far_name = re.match(r"\s*(\w+)", far).group(1)
+        assert re.search(rf"\b{far_name}\)", near.split("prefetch_experts.default(")[1]), (far, near)
     assert store.stats()["prediction_recall"] is not None
 
 

@@ -53,6 +53,8 @@ from moe_compiler.runtime.quantize import dequantize_rows, int8_bytes, quantizab
 
 log = logging.getLogger(__name__)
 
+# loader queue priorities (lower first): demand loads, then prefetches, nearest layer first
+# (a prediction ``ahead`` further sources back gets priority _PREFETCH + ahead)
 _DEMAND, _PREFETCH = 0, 1
 # Handing a read to the loader thread and waking up for it costs more than the GEMMs of a few dozen
 # rows take, so decode-sized steps read their first miss themselves. Measured on the reference model's
@@ -135,6 +137,7 @@ class _Entry:
     started: bool = False
     handed: bool = False      # given to the loader thread's queue or the loader process (else a caller reads it)
     by_prefetch: bool = False
+    priority: int = 0         # the loader queue priority it was last handed with (_DEMAND, _PREFETCH + ahead)
 
 
 def _routed_in_prediction(ids: torch.Tensor, per_token: torch.Tensor) -> int:
@@ -419,10 +422,12 @@ class ExpertStore:
         entry = self._entries.get(key)
         by_process = self._by_process(key[0])
         if entry is not None:
-            if priority == _DEMAND and not entry.started and entry.handed:
-                # a queued prefetch is needed now: jump the queue
+            if priority < entry.priority and not entry.started and entry.handed:
+                # a queued load is needed sooner (a demand, or a nearer prediction): move it up the queue
+                # (the loader skips the stale queue item: the entry is started by then)
+                entry.priority = priority
                 if by_process:
-                    self._unsent = [(_DEMAND if k == key else p, n, k) for p, n, k in self._unsent]
+                    self._unsent = [(priority if k == key else p, n, k) for p, n, k in self._unsent]
                 else:
                     self._queue.put((priority, next(self._seq), key))
             elif send and not entry.started and not entry.handed and not self._by_readahead(key[0]):
@@ -432,7 +437,7 @@ class ExpertStore:
         nbytes = layer.cached_bytes if layer.quantized else layer.manifest["bytes"][key[1]]
         if not self._make_room(key, nbytes, protect, wait, demand=priority == _DEMAND):
             return False
-        entry = self._entries[key] = _Entry(nbytes, by_prefetch=priority == _PREFETCH)
+        entry = self._entries[key] = _Entry(nbytes, by_prefetch=priority >= _PREFETCH)
         self._used += nbytes
         self.peak_bytes = max(self.peak_bytes, self._used)
         self.policy.on_insert(key)
@@ -449,7 +454,7 @@ class ExpertStore:
     def _hand(self, key, entry, priority) -> None:
         """Give an unclaimed entry to the loader process (CPU layers with loader "process") or the
         loader thread; caller holds the lock."""
-        entry.handed = True
+        entry.handed, entry.priority = True, priority
         if not self._by_process(key[0]):
             self._ensure_thread()
             self._queue.put((priority, next(self._seq), key))
@@ -552,13 +557,22 @@ class ExpertStore:
                 entry.ready.wait(0.05)
 
     # ------------------------------------------------------------------ the API layers use
-    def prefetch(self, layer: int, experts, votes: dict | None = None, token_predictions=None) -> list:
+    def prefetch(self, layer: int, experts, votes: dict | None = None, token_predictions=None,
+                 ahead: int = 0) -> list:
         """Issue asynchronous loads of experts (best first) while the budget allows; returns those issued
-        or already cached. Records the prediction for recall (votes: expert -> tokens predicting it)."""
+        or already cached. Records the prediction for recall (votes: expert -> tokens predicting it).
+
+        ``ahead``: how many predictions of this layer are still to come (prefetch_lookahead; 0 for the
+        nearest source). Loads are queued nearest first: after every load of a nearer prediction. A
+        prediction supersedes the layer's earlier one: the earlier one's experts it no longer holds
+        are dropped while no loader has started them."""
         experts = [int(e) for e in experts]
         with self._lock:
             self._collect()
+            earlier, _ = self._predicted.get(layer, (None, None))
             self._predicted[layer] = (set(experts), token_predictions)
+            if earlier:
+                self._drop_unstarted_prefetches(layer, earlier.difference(experts))
             if votes:
                 self.policy.on_prediction(layer, votes)
             # a prefetch is a guess: it may not evict what any layer used in its latest step
@@ -566,11 +580,19 @@ class ExpertStore:
             taken = []
             for e in experts:
                 fresh = (layer, e) not in self._entries
-                if not self._issue((layer, e), _PREFETCH, protect=protect):
+                if not self._issue((layer, e), _PREFETCH + ahead, protect=protect):
                     break
                 taken.append(e)
                 self.layers[layer].stats.prefetched += fresh
             return taken
+
+    def _drop_unstarted_prefetches(self, layer: int, experts) -> None:
+        """Forget prefetches of layer's ``experts`` that no step has used and no loader has started
+        (their room comes back; caller holds the lock)."""
+        for e in experts:
+            entry = self._entries.get((layer, e))
+            if entry is not None and entry.by_prefetch:
+                self._drop_unstarted((layer, e))
 
     def begin_step(self, layer: int, experts, ids=None, rows: int | None = None) -> list:
         """A layer is about to use ``experts``: count hits/misses and recall, issue demand loads for the
@@ -609,10 +631,7 @@ class ExpertStore:
             if predicted:
                 # predicted experts this step does not use, whose loads no loader has started: reading
                 # them now would only hold up the loads that are needed (a later prediction asks again)
-                for e in predicted.difference(experts):
-                    entry = self._entries.get((layer, e))
-                    if entry is not None and entry.by_prefetch:
-                        self._drop_unstarted((layer, e))
+                self._drop_unstarted_prefetches(layer, predicted.difference(experts))
             self.policy.on_use(layer, experts)
             self._last_used[layer] = experts
             protect = {(layer, e) for e in experts}

@@ -11,6 +11,10 @@
                                    # stream entering the layer's block, through the layer's own norm and
                                    # router (more accurate, loads overlap only the block's attention)
         "prefetch_extra": 1,       # experts predicted per token beyond top-k (more recall, more wasted loads)
+        "prefetch_lookahead": 1,   # sources each layer is predicted from: the nearest (above) and the
+                                   # lookahead - 1 before it, one layer further back each; a farther
+                                   # prediction starts loads earlier, a nearer one refines it (the
+                                   # farther one's unstarted loads it no longer predicts are dropped)
         "shallow_layers": 1,       # policy "shallow": leading layers that keep all their experts
         "loader": "thread",        # "thread": a background thread reads experts; "process": a child process
                                    # does (CPU layers), so reads cost the model thread no GIL time;
@@ -45,7 +49,7 @@ from moe_compiler.runtime.memory import refilled
 from moe_compiler.runtime.quantize import MODES as QUANTIZE_MODES
 
 KEYS = ("budget", "policy", "dir", "host_budget", "prefetch", "prefetch_depth", "prefetch_extra", "prefetch_source",
-        "shallow_layers", "loader", "quantize", "release_parameters", "drop_page_cache")
+        "prefetch_lookahead", "shallow_layers", "loader", "quantize", "release_parameters", "drop_page_cache")
 PREFETCH_SOURCES = ("gate", "residual")
 
 _STORES: dict = {}          # store id -> ExpertStore
@@ -74,6 +78,7 @@ def normalize_options(value):
            "host_budget": value.get("host_budget", 0), "prefetch": value.get("prefetch", True),
            "prefetch_depth": value.get("prefetch_depth", 1), "shallow_layers": value.get("shallow_layers", 1),
            "prefetch_extra": value.get("prefetch_extra", 1), "prefetch_source": value.get("prefetch_source", "gate"),
+           "prefetch_lookahead": value.get("prefetch_lookahead", 1),
            "loader": value.get("loader", "thread"), "quantize": value.get("quantize"),
            "release_parameters": value.get("release_parameters", True),
            "drop_page_cache": value.get("drop_page_cache", True)}
@@ -98,6 +103,10 @@ def normalize_options(value):
     extra = out["prefetch_extra"]
     if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
         raise ConfigError(f"option offload['prefetch_extra'] must be an int >= 0, got {extra!r}")
+    lookahead = out["prefetch_lookahead"]
+    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 1:
+        raise ConfigError(f"option offload['prefetch_lookahead'] must be an int >= 1 (1: predict each layer from "
+                          f"one source), got {lookahead!r}")
     if out["prefetch_source"] not in PREFETCH_SOURCES:
         raise ConfigError(f"option offload['prefetch_source'] must be one of {list(PREFETCH_SOURCES)}, "
                           f"got {out['prefetch_source']!r}")
