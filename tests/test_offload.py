@@ -312,7 +312,7 @@ def test_quota_victims_order(policy, events, incoming):
         if policy == "shallow":
             assert mine == sorted(mine, key=recency.index)
         else:
-            demand = [p.demand.get(k, 0.0) for k in mine]
+            demand = [p.demand_of(k) for k in mine]
             assert demand == sorted(demand)
 
 

@@ -219,30 +219,35 @@ class PredictedDemand(_Quota):
     def __init__(self, decay: float = 0.8):
         super().__init__()
         self.decay = float(decay)
-        self.demand: dict = {}  # (layer, expert) -> decayed predicted + used count
+        # layer -> {expert: decayed predicted + used count}, and its sum (kept per layer, so a step's
+        # update and the quotas cost O(experts of one layer) and O(layers), not O(all experts))
+        self._demand: dict = {}
+        self._total: dict = {}
 
-    def _bump(self, layer, weights: dict):
-        for key in [k for k in self.demand if k[0] == layer]:
-            self.demand[key] *= self.decay
+    def demand_of(self, key) -> float:
+        """The decayed demand of (layer, expert)."""
+        return self._demand.get(key[0], {}).get(key[1], 0.0)
+
+    def _add(self, layer: int, weights: dict, decay: float = 1.0) -> None:
+        mine = self._demand.setdefault(layer, {})
+        if decay != 1.0:
+            for e in mine:
+                mine[e] *= decay
         for e, w in weights.items():
-            self.demand[(layer, int(e))] = self.demand.get((layer, int(e)), 0.0) + float(w)
+            mine[int(e)] = mine.get(int(e), 0.0) + float(w)
+        self._total[layer] = sum(mine.values())
 
     def on_prediction(self, layer, votes):
         total = sum(votes.values()) or 1.0
-        self._bump(layer, {e: v / total for e, v in votes.items()})
+        self._add(layer, {e: v / total for e, v in votes.items()}, self.decay)
 
     def on_use(self, layer, experts):
-        experts = list(experts)
-        for e in experts:  # real-time correction: what was used counts as demand too
-            key = (layer, int(e))
-            self.demand[key] = self.demand.get(key, 0.0) + 1.0 / max(1, len(experts))
+        experts = list(experts)  # real-time correction: what was used counts as demand too
+        self._add(layer, {e: 1.0 / max(1, len(experts)) for e in experts})
 
     def quotas(self):
         n = len(self.num_experts)
-        per_layer = [0.0] * n
-        for (layer, _), d in self.demand.items():
-            if layer < n:
-                per_layer[layer] += d
+        per_layer = [self._total.get(layer, 0.0) for layer in range(n)]
         floor = [min(b, self.budget / max(1, n)) for b in self.expert_bytes]  # every layer keeps >= one expert
         spare = max(0.0, self.budget - sum(floor))
         total = sum(per_layer)
@@ -252,7 +257,8 @@ class PredictedDemand(_Quota):
 
     def inner_order(self, keys):
         # keys arrive in LRU order; sorted() is stable, so recency breaks demand ties
-        return sorted(keys, key=lambda k: self.demand.get(k, 0.0))
+        mine = self._demand.get(keys[0][0], {}) if keys else {}
+        return sorted(keys, key=lambda k: mine.get(k[1], 0.0))
 
 
 def make_policy(name: str, **kwargs) -> CachePolicy:
