@@ -197,29 +197,32 @@ class HoistPrefetch:
             return f"not predicted: {sources[0]}"
         made, skipped, earlier = [], [], None
         for ahead in reversed(range(len(sources))):  # farthest first: each feeds the next as `earlier`
-            source, origin, depth = sources[ahead] if not isinstance(sources[ahead], str) else (None, sources[ahead], 0)
-            if source is None:
-                skipped.append(origin)
+            if isinstance(sources[ahead], str):
+                skipped.append(sources[ahead])
                 continue
+            source, origin, depth = sources[ahead]
             pred = self._predictor(gm.graph, node, spec, router, source, ahead, earlier, options, fake_mode)
             if isinstance(pred, str):
                 if ahead == 0:
+                    for _, _, added in reversed(made):  # farther predictors already inserted: take them out
+                        for n in reversed(added):
+                            gm.graph.erase_node(n)
                     counters["not_predicted"] += 1
                     return f"not predicted: {pred.format(origin=origin)}"
                 skipped.append(pred.format(origin=origin))
                 continue
             made.append((origin, depth, pred[1]))
-            counters["hoisted_nodes"] += pred[1]
             earlier = pred[0]
         node.args = node.args[:3] + (earlier,) + node.args[4:]
         counters["layers_predicted"] += 1
+        counters["hoisted_nodes"] += sum(len(added) for _, _, added in made)
         counters["from_embedding"] += sources[0][1] == "the embedding output"
         extra = options["prefetch_extra"]
-        (origin, depth, copied), farther = made[-1], made[-2::-1]
+        (origin, depth, _), farther = made[-1], made[-2::-1]
         ahead = f"{depth} layer(s) ahead" if depth else "during the block's attention"
         if isinstance(residual, str):
             origin += f"; prefetch_source 'residual' not used: {residual}"
-        text = (f"predicted from {origin} ({ahead}): router copied ({copied} node(s)), "
+        text = (f"predicted from {origin} ({ahead}): router copied ({len(router[1])} node(s)), "
                 f"top-{min(spec.top_k + extra, spec.num_experts)} per token, experts ranked by votes")
         if farther:
             text += "; earlier, nearest first, from " + ", ".join(
@@ -273,7 +276,8 @@ class HoistPrefetch:
 
     def _predictor(self, graph, node, spec, router, source, ahead, earlier, options, fake_mode):
         """Copy layer node's router onto source right after it exists and issue its prefetch;
-        (prefetch node, nodes added) or a reason ("{origin}" stands for the source's description)."""
+        (prefetch node, the nodes added in graph order) or a reason ("{origin}" stands for the
+        source's description)."""
         gate_input, nodes, logits, bias = router
         want, have = gate_input.meta["val"], source.meta["val"]
         reshape = None
@@ -287,14 +291,15 @@ class HoistPrefetch:
         anchor = max([source] + ext + ([earlier] if earlier is not None else []), key=lambda n: order[n])
         if order[anchor] >= order[node]:
             return "the router's inputs exist only after the layer runs"
-        env, cursor, added = {}, anchor, 0
+        env, cursor, added = {}, anchor, []
 
         def put(make):
-            nonlocal cursor, added
+            nonlocal cursor
             with graph.inserting_after(cursor):
                 new = make()
             new.meta["moe_compiler_pass"] = self.name
-            cursor, added = new, added + 1
+            cursor = new
+            added.append(new)
             return new
 
         if reshape is not None:

@@ -414,14 +414,14 @@ def test_loads_are_queued_nearest_prediction_first(tmp_path):
 
     layers = [_layer(4, seed=i) for i in range(3)]
     store = _store(tmp_path, layers, budget=1.0, policy="lru", loader="thread")
-    gate, order, read = threading.Event(), [], store._read
+    gate, order, read = threading.Event(), [], store._read_raw
 
     def reading(key):
         order.append(key)
         gate.wait(10)
         return read(key)
 
-    store._read = reading
+    store._read_raw = reading
     store.prefetch(0, [0])               # the loader takes it and waits at the gate
     deadline = time.monotonic() + 10
     while not order and time.monotonic() < deadline:
@@ -643,7 +643,7 @@ def test_store_close_stops_the_loader_and_a_later_load_restarts_it(tmp_path, loa
         store.prefetch(layer, range(store.layers[layer].num_experts))
     store.close()
     if loader == "thread":
-        assert not store._thread.is_alive()
+        assert not store._thread.is_alive() and not store._preparer.is_alive()
     else:
         assert store._proc is None and not store._unsent
     assert all(entry.done for entry in store._entries.values())  # the unstarted ones were dropped

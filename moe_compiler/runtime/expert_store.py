@@ -6,8 +6,10 @@
                  the fast tier need not go to disk (pinned memory on GPU machines)
     disk         runtime.expert_files: one checked safetensors file per expert
 
-Loads are asynchronous (demand loads before prefetches). ``loader="thread"``: one background thread
-reads and prepares experts, and on CUDA copies them to the device on a side stream.
+Loads are asynchronous (demand loads, then prefetches nearest prediction first). ``loader="thread"``:
+two background threads in a pipeline: one reads and checks expert files, the other prepares what
+was read (oneDNN packing on CPU; on CUDA the copy to the device on a side stream), so the disk reads
+the next expert while the CPU prepares the last.
 ``loader="process"`` (CPU layers; CUDA layers keep the thread): a child process reads and checks the
 files into shared staging slots (runtime.loader_process), so reads cost the model thread no GIL
 time; the model thread collects finished reads whenever it calls the store. ``loader="readahead"`` (CPU
@@ -209,6 +211,7 @@ class ExpertStore:
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._seq = itertools.count()
         self._thread = None
+        self._preparer = None
         self._predicted: dict = {}        # layer -> (set of predicted experts, per-token predictions or None)
         self._last_used: dict = {}        # layer -> experts its latest step used
         self.budget = 0
@@ -288,25 +291,53 @@ class ExpertStore:
                 log.info("expert loader thread starts while torch uses %d intra-op threads on %d cores: "
                          "its reads compete with the model's threads; torch.set_num_threads(%d) leaves it a core",
                          torch.get_num_threads(), cores, cores - 1)
-            self._thread = threading.Thread(target=self._loader, name="moe-expert-loader", daemon=True)
+            # a queue of one between the stages: at most one read expert waits for the preparer
+            handoff = queue.Queue(maxsize=1)
+            self._thread = threading.Thread(target=self._loader, args=(handoff,), name="moe-expert-loader",
+                                            daemon=True)
+            self._preparer = threading.Thread(target=self._prepare_loop, args=(handoff,),
+                                              name="moe-expert-preparer", daemon=True)
             self._thread.start()
+            self._preparer.start()
 
-    def _loader(self):
+    def _loader(self, handoff):
+        """The loader thread: claim queued loads and read them; the raw tensors go to the preparer
+        thread, so the disk reads the next file while the CPU checks and packs this one."""
         while True:
             _, _, key = self._queue.get()
             if key is None:  # close()
+                handoff.put(None)
                 return
             with self._lock:
                 entry = self._entries.get(key)
                 if entry is None or entry.started:
                     continue
                 entry.started = True
-            self._load(key, entry)
+            try:
+                raw, error = self._read_raw(key), None
+            except BaseException as e:  # surfaced to whoever waits for the expert
+                raw, error = None, e
+            handoff.put((key, entry, raw, error))
+
+    def _prepare_loop(self, handoff):
+        """The preparer thread: raw tensors from the loader thread -> compute-ready copies, published."""
+        while True:
+            item = handoff.get()
+            if item is None:
+                return
+            key, entry, raw, error = item
+            tensors = None
+            if error is None:
+                try:
+                    tensors = self._prepare(self.layers[key[0]], raw)
+                except BaseException as e:  # surfaced to whoever waits for the expert
+                    error = e
+            self._publish(key, entry, tensors, error)
 
     def _load(self, key, entry):
         """Read and prepare one claimed entry (entry.started set by the caller), then publish it."""
         try:
-            tensors = self._read(key)
+            tensors = self._prepare(self.layers[key[0]], self._read_raw(key))
         except BaseException as e:  # surfaced to whoever waits for the expert
             tensors, error = None, e
         else:
@@ -322,7 +353,8 @@ class ExpertStore:
             entry.ready.set()
             self._lock.notify_all()
 
-    def _read(self, key) -> dict:
+    def _read_raw(self, key) -> dict:
+        """The expert's raw tensors: from the host tier, else read from its file (and admitted)."""
         layer = self.layers[key[0]]
         with self._lock:
             raw = self._host.get(key)
@@ -331,7 +363,7 @@ class ExpertStore:
         if raw is None:
             raw = self.files.read_expert(layer.folder, key[1], layer.manifest)
             self._host_admit(key, raw, layer.manifest["bytes"][key[1]])
-        return self._prepare(layer, raw)
+        return raw
 
     def _host_admit(self, key, raw, nbytes):
         if self.host_budget <= 0 or nbytes > self.host_budget:
@@ -791,7 +823,7 @@ class ExpertStore:
         stopped in the middle of a read would otherwise abort the process ("terminate called without
         an active exception")."""
         self._close_process(timeout)
-        thread = self._thread
+        thread, preparer = self._thread, self._preparer
         if thread is None or not thread.is_alive():
             return
         with self._lock:
@@ -803,6 +835,8 @@ class ExpertStore:
                 self._drop_unstarted(key)
             self._queue.put((_DEMAND, next(self._seq), None))
         thread.join(timeout)
+        if preparer is not None:
+            preparer.join(timeout)
 
     def _close_process(self, timeout: float) -> None:
         with self._lock:
