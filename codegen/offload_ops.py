@@ -97,7 +97,8 @@ def _prefetch(logits, score_bias, store, layer, spec, earlier=None):
     s = _spec(spec)
     per_token, ranked, votes = predict(logits, score_bias, s)
     st = offload.get_store(store)
-    st.prefetch(layer, ranked, votes=votes, token_predictions=per_token.cpu(), ahead=int(s.note("prefetch_ahead", 0)))
+    st.prefetch(layer, ranked, votes=votes, token_predictions=per_token.cpu(),
+                ahead=int(s.note("prefetch_ahead", 0)))
     return per_token
 
 

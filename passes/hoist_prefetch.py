@@ -11,6 +11,16 @@ is copied with the source substituted, right after the source exists:
     ...   (layers j .. m-1 run while the experts load)
     y_m   = moe_compiler.offloaded_experts(x_m, ids_m, w_m, p_m, store, m, spec_m)
 
+With prefetch_lookahead n, layer m is also predicted from the n-1 sources before that one (layer
+m-d-1's gate input, ...; for prefetch_source "residual", the residual stream entering block m-1, ...),
+farthest first, each prediction the next one's ``earlier`` input:
+
+    p_far = moe_compiler.prefetch_experts(l_hat_far, bias_m, store, m, spec_m + ("prefetch_ahead", 1))
+    p_m   = moe_compiler.prefetch_experts(l_hat, bias_m, store, m, spec_m, p_far)
+
+The store queues a farther prediction's loads after every nearer one's, and a nearer prediction
+drops the farther one's unstarted loads it no longer predicts.
+
 The prediction only decides what is loaded early; layer m computes with the experts its own router
 picks (mispredicted ones load on demand), so outputs never change. The hoisted nodes carry
 meta["moe_compiler_pass"] = "hoist_prefetch" and show in the pass dumps; each layer's spec notes

@@ -78,6 +78,8 @@ def test_options_are_checked():
                      ({"budget": "lots"}, "cannot read"), ({"prefetch_depth": 0}, "prefetch_depth"),
                      ({"prefetch": "yes"}, "prefetch"), ({"shallow_layers": -1}, "shallow_layers"),
                      ({"prefetch_extra": -1}, "prefetch_extra"), ({"prefetch_extra": 1.5}, "prefetch_extra"),
+                     ({"prefetch_lookahead": 0}, r"prefetch_lookahead'\] must be an int >= 1"),
+                     ({"prefetch_lookahead": True}, "prefetch_lookahead"),
                      ({"prefetch_source": "router"}, r"prefetch_source'\] must be one of \['gate', 'residual'\]"),
                      ({"loader": "fork"}, r"loader'\] must be one of \['thread', 'process', 'readahead'\]"),
                      ({"quantize": "int4"}, r"quantize'\] must be one of \[None, 'int8'\]")]:

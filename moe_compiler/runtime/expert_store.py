@@ -302,7 +302,7 @@ class ExpertStore:
 
     def _loader(self, handoff):
         """The loader thread: claim queued loads and read them; the raw tensors go to the preparer
-        thread, so the disk reads the next file while the CPU checks and packs this one."""
+        thread, so the disk reads the next file while the preparer packs this one."""
         while True:
             _, _, key = self._queue.get()
             if key is None:  # close()
