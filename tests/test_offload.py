@@ -441,6 +441,51 @@ def test_loads_are_queued_nearest_prediction_first(tmp_path):
     store.close()
 
 
+@pytest.mark.parametrize("refuse", [None, "open", "read"])
+def test_loader_process_child_reads_past_the_page_cache_or_falls_back(tmp_path, monkeypatch, refuse):
+    """The loader child reads a file into its block-aligned slot with O_DIRECT (whole blocks) where the
+    file system takes it; one that refuses the flag on open or on read (EINVAL) gets a buffered read
+    and the child stops asking. A file larger than the slot is an error, not a partial read."""
+    import errno
+    import fcntl
+    import importlib.util
+    import mmap
+
+    from moe_compiler.runtime import loader_process
+
+    spec = importlib.util.spec_from_file_location("loader_child_under_test", loader_process.CHILD)
+    child = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(child)
+    data = os.urandom(3 * child.BLOCK + 123)   # not a whole number of blocks
+    path = tmp_path / "expert.bin"
+    path.write_bytes(data)
+    if refuse is not None and hasattr(os, "O_DIRECT"):
+        real_open, real_preadv = os.open, os.preadv
+
+        def opening(p, flags, *a):
+            if refuse == "open" and flags & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_open(p, flags, *a)
+
+        def reading(fd, buffers, offset):   # refuse == "read": no read through O_DIRECT
+            if refuse == "read" and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_preadv(fd, buffers, offset)
+
+        monkeypatch.setattr(child.os, "open", opening)
+        monkeypatch.setattr(child.os, "preadv", reading)
+    slot = mmap.mmap(-1, 4 * child.BLOCK)   # page-aligned, as the staging file's slots are
+    view = memoryview(slot)
+    assert child._read_into(str(path), view, True) == len(data)
+    assert bytes(view[:len(data)]) == data
+    assert child._direct[0] == (refuse is None and hasattr(os, "O_DIRECT"))
+    with pytest.raises(ValueError, match="more than the staging slot"):
+        child._read_into(str(path), view[:2 * child.BLOCK], True)
+    assert child._read_into(str(path), view, False) == len(data)   # buffered, pages dropped afterwards
+    del view
+    slot.close()
+
+
 def test_loader_process_slots_grow_for_a_larger_layer(tmp_path):
     small, big = _layer(4, seed=0), {"w1": torch.randn(3, 64, 32), "w2": torch.randn(3, 32, 64)}
     store = _store(tmp_path, [small], budget=1.0, policy="lru", loader="process")

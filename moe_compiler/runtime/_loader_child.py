@@ -9,10 +9,15 @@ Standard library only, and run by path, not ``-m`` (importing the package would 
                               "Q"                                      quit (so does end of input)
     stdout, a reply a line:   "ready" once, then "<id> ok <file bytes>" or "<id> err <message>"
 
+With DROP_PAGE_CACHE 1 files are read with O_DIRECT where the file system allows it (slots are
+whole 4096-byte blocks), else buffered and their pages dropped afterwards (posix_fadvise DONTNEED).
+
 A reply "ok" means the whole file is in the slot (bytes [slot * SLOT_BYTES, ... + file bytes) of
 STAGING), its safetensors header parses, every tensor's bytes lie inside the file, and the CRC32 of
 the tensors' bytes (names in sorted order, as runtime.expert_files writes it) equals the request's.
 """
+import errno
+import fcntl
 import json
 import mmap
 import os
@@ -21,21 +26,43 @@ import sys
 import zlib
 
 
+BLOCK = 4096            # O_DIRECT reads whole blocks into block-aligned memory (slots start on one)
+_direct = [hasattr(os, "O_DIRECT")]   # turned off for good by the first file system that refuses it
+
+
 def _read_into(path: str, view: memoryview, drop_page_cache: bool) -> int:
-    fd = os.open(path, os.O_RDONLY)
+    """Read the file into view (a slot); returns its size. With drop_page_cache the read bypasses the
+    page cache (O_DIRECT) where the file system allows it, else its pages are dropped afterwards."""
+    direct = drop_page_cache and _direct[0]
+    try:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    except OSError as e:
+        if not (direct and e.errno == errno.EINVAL):
+            raise
+        _direct[0] = direct = False
+        fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
-        if size > len(view):
+        end = -(-size // BLOCK) * BLOCK if direct else size
+        if end > len(view):
             raise ValueError(f"the file has {size} bytes, more than the staging slot's {len(view)}")
         got = 0
         while got < size:
-            n = os.readv(fd, [view[got:size]])
+            try:
+                n = os.preadv(fd, [view[got:end]], got)
+            except OSError as e:
+                if not (direct and e.errno == errno.EINVAL):
+                    raise
+                _direct[0] = direct = False   # the file system took the flag but not the read: read buffered
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                end = size
+                continue
             if n == 0:
                 raise ValueError(f"short read: {got} of {size} bytes")
             got += n
         return size
     finally:
-        if drop_page_cache and hasattr(os, "posix_fadvise"):
+        if drop_page_cache and not direct and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
 

@@ -47,7 +47,7 @@ class ProcessLoader:
     """A child process reading expert files into ``slots`` shared slots of ``slot_bytes`` each."""
 
     def __init__(self, slot_bytes: int, slots: int, drop_page_cache: bool, start_timeout: float = 60.0):
-        self.slot_bytes = -(-slot_bytes // 64) * 64
+        self.slot_bytes = -(-slot_bytes // 4096) * 4096   # whole blocks: the child may read with O_DIRECT
         self.slots = slots
         folder = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
         fd, path = tempfile.mkstemp(prefix="moe_compiler_staging_", dir=folder)
