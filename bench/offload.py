@@ -115,8 +115,8 @@ def heldout_tokens(batch: int, length: int, start: int = 0) -> torch.Tensor:
 class Variant:
     def __init__(self, name: str, budget, policy: str | None, prefetch: bool, root: str, extra: int = 1,
                  source: str = "gate", lookahead: int = 1, device: str = "cpu", loader: str = "thread",
-                 quantize: str | None = None,
-                 inner: str = "inductor", dynamic: bool | None = False, model_dir: str = MODEL_DIR):
+                 quantize: str | None = None, inner: str = "inductor", dynamic: bool | None = False,
+                 model_dir: str = MODEL_DIR):
         self.name, self.budget, self.policy, self.prefetch, self.extra = name, budget, policy, prefetch, extra
         self.model = ReferenceLM.load(model_dir).to(device)
         self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)

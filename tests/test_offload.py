@@ -459,21 +459,17 @@ def test_loader_process_child_reads_past_the_page_cache_or_falls_back(tmp_path, 
     data = os.urandom(3 * child.BLOCK + 123)   # not a whole number of blocks
     path = tmp_path / "expert.bin"
     path.write_bytes(data)
-    if refuse is not None and hasattr(os, "O_DIRECT"):
-        real_open, real_preadv = os.open, os.preadv
+    if refuse == "open" and hasattr(os, "O_DIRECT"):
+        _direct_open(monkeypatch, refuse=True)
+    elif refuse == "read" and hasattr(os, "O_DIRECT"):
+        real_preadv = os.preadv
 
-        def opening(p, flags, *a):
-            if refuse == "open" and flags & os.O_DIRECT:
-                raise OSError(errno.EINVAL, "Invalid argument")
-            return real_open(p, flags, *a)
-
-        def reading(fd, buffers, offset):   # refuse == "read": no read through O_DIRECT
-            if refuse == "read" and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+        def reading(fd, buffers, offset):   # no read through O_DIRECT
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
                 raise OSError(errno.EINVAL, "Invalid argument")
             return real_preadv(fd, buffers, offset)
 
-        monkeypatch.setattr(child.os, "open", opening)
-        monkeypatch.setattr(child.os, "preadv", reading)
+        monkeypatch.setattr(os, "preadv", reading)
     slot = mmap.mmap(-1, 4 * child.BLOCK)   # page-aligned, as the staging file's slots are
     view = memoryview(slot)
     assert child._read_into(str(path), view, True) == len(data)
