@@ -1,19 +1,20 @@
 """The loader process of an expert store (runtime.loader_process): reads expert files into a shared
 staging file and checks them, so that reads cost the model's process no GIL time.
 
-Standard library only, and run by path, not ``-m`` (importing the package would import torch):
+The standard library and xxhash only, run by path, not ``-m`` (importing the package would import
+torch):
 
     python _loader_child.py STAGING SLOTS SLOT_BYTES DROP_PAGE_CACHE
 
-    stdin, a request a line:  "<id> <slot> <priority> <crc32> <path>"  (lower priority first, then id)
-                              "Q"                                      quit (so does end of input)
+    stdin, a request a line:  "<id> <slot> <priority> <xxh3_64> <path>"  (lower priority first, then id)
+                              "Q"                                        quit (so does end of input)
     stdout, a reply a line:   "ready" once, then "<id> ok <file bytes>" or "<id> err <message>"
 
 With DROP_PAGE_CACHE 1 files are read with O_DIRECT where the file system allows it (slots are
 whole 4096-byte blocks), else buffered and their pages dropped afterwards (posix_fadvise DONTNEED).
 
 A reply "ok" means the whole file is in the slot (bytes [slot * SLOT_BYTES, ... + file bytes) of
-STAGING), its safetensors header parses, every tensor's bytes lie inside the file, and the CRC32 of
+STAGING), its safetensors header parses, every tensor's bytes lie inside the file, and the XXH3-64 of
 the tensors' bytes (names in sorted order, as runtime.expert_files writes it) equals the request's.
 """
 import errno
@@ -23,7 +24,8 @@ import mmap
 import os
 import select
 import sys
-import zlib
+
+import xxhash
 
 
 BLOCK = 4096            # O_DIRECT reads whole blocks into block-aligned memory (slots start on one)
@@ -67,8 +69,9 @@ def _read_into(path: str, view: memoryview, drop_page_cache: bool) -> int:
         os.close(fd)
 
 
-def _check(view: memoryview, size: int, crc: int):
-    """None when the safetensors file in view[:size] is whole and matches crc, else what is wrong."""
+def _check(view: memoryview, size: int, expected: int):
+    """None when the safetensors file in view[:size] is whole and its tensors' XXH3-64 is expected, else
+    what is wrong."""
     if size < 8:
         return "the file is shorter than a safetensors header"
     header_len = int.from_bytes(view[:8], "little")
@@ -80,13 +83,13 @@ def _check(view: memoryview, size: int, crc: int):
         spans = [(name, header[name]["data_offsets"]) for name in sorted(header) if name != "__metadata__"]
     except (ValueError, KeyError, TypeError) as e:
         return f"its safetensors header cannot be parsed ({e})"
-    got = 0
+    h = xxhash.xxh3_64()
     for name, (start, end) in spans:
         if not 0 <= start <= end <= size - base:
             return f"tensor {name!r} lies outside the file"
-        got = zlib.crc32(view[base + start:base + end], got)
-    if got != crc:
-        return "is corrupt: its CRC32 does not match the one written with it"
+        h.update(view[base + start:base + end])
+    if h.intdigest() != expected:
+        return "is corrupt: its XXH3-64 checksum does not match the one written with it"
     return None
 
 
@@ -115,8 +118,8 @@ def _serve(staging: str, slots: int, slot_bytes: int, drop_page_cache: bool) -> 
                 if line == b"Q":
                     closing = True
                     break
-                req, slot, priority, crc, path = line.decode().split(" ", 4)
-                pending.append((int(priority), int(req), int(slot), int(crc), path))
+                req, slot, priority, digest, path = line.decode().split(" ", 4)
+                pending.append((int(priority), int(req), int(slot), int(digest), path))
             if closing:
                 break
         if closing or not pending:
@@ -124,11 +127,11 @@ def _serve(staging: str, slots: int, slot_bytes: int, drop_page_cache: bool) -> 
                 return
             continue
         pending.sort()
-        _, req, slot, crc, path = pending.pop(0)
+        _, req, slot, digest, path = pending.pop(0)
         slot_view = view[slot * slot_bytes:(slot + 1) * slot_bytes]
         try:
             size = _read_into(path, slot_view, drop_page_cache)
-            problem = _check(slot_view, size, crc)
+            problem = _check(slot_view, size, digest)
         except (OSError, ValueError) as e:
             problem = f"cannot be read: {e}"
         reply = f"{req} ok {size}" if problem is None else f"{req} err {problem}".replace("\n", " ")

@@ -2,7 +2,7 @@
 
     <root>/<layer>/expert_<e>.safetensors   tensors {"w1": [N1, H] or [H, N1], "w2": ..., "b1": ...}
     <root>/<layer>/manifest.json            {"names": [...], "num_experts": E, "bytes": [...],
-                                             "crc32": [...], "shapes": {...}, "dtype": "..."}
+                                             "xxh3_64": [...], "shapes": {...}, "dtype": "..."}
 
 Reads go to the disk, as they would for a model larger than host memory: with ``drop_page_cache``
 (the default) a file is read with O_DIRECT where the OS and file system allow it (Linux: the disk's
@@ -10,8 +10,10 @@ DMA fills an aligned staging buffer, no page-cache copy: a cold 768 KiB read too
 against 0.50-0.74 ms buffered on the 2-core test machine), else read through the page cache and its
 pages dropped afterwards (posix_fadvise DONTNEED). ``direct_io=False`` keeps buffered reads (the store's
 readahead loader needs them: it reads what the kernel prefetched into the page cache). A missing
-file, a file whose header cannot be parsed, or one whose bytes do not match the CRC32 written with it
-raises ExpertReadError naming the file: the store never computes with garbage.
+file, a file whose header cannot be parsed, or one whose bytes do not match the checksum written with
+it raises ExpertReadError naming the file: the store never computes with garbage. The checksum is
+XXH3-64 over the tensors' bytes in name order: 0.016 ms for 768 KiB against zlib CRC32's 0.28 ms on
+the 2-core test machine, and a load's CPU is what a 2-core machine's decode pays for.
 """
 from __future__ import annotations
 
@@ -19,9 +21,9 @@ import errno
 import json
 import os
 import threading
-import zlib
 
 import torch
+import xxhash
 
 # O_DIRECT wants the buffer, the file offset and the length aligned to the device's logical block
 # (512 or 4096 bytes); 4096 covers both
@@ -32,12 +34,23 @@ class ExpertReadError(RuntimeError):
     """An expert could not be read back from disk intact (missing, unreadable or corrupt file)."""
 
 
-def _crc(tensors: dict) -> int:
-    crc = 0
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"", crc)
-    return crc
+def checksum(chunks) -> int:
+    """XXH3-64 of the concatenated byte buffers (the tensors' bytes in name order), as the manifest's
+    "xxh3_64" holds it."""
+    h = xxhash.xxh3_64()
+    for chunk in chunks:
+        h.update(chunk)
+    return h.intdigest()
+
+
+def _tensor_checksum(tensors: dict) -> int:
+    return checksum(t.contiguous().reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+                    for _, t in sorted(tensors.items()))
+
+
+def _corrupt(layer: str, expert: int, path: str) -> "ExpertReadError":
+    return ExpertReadError(f"expert {expert} of layer {layer!r}: {path} is corrupt: its XXH3-64 checksum does "
+                           "not match the one written with it")
 
 
 def _drop_page_cache(path: str) -> None:
@@ -82,15 +95,15 @@ class ExpertFiles:
             raise ValueError(f"layer {layer!r}: expert tensors disagree on the expert count: "
                              f"{ {n: tuple(t.shape) for n, t in stacked.items()} }")
         (E,) = num
-        sizes, crcs = [], []
+        sizes, sums = [], []
         for e in range(E):
             one = {n: t[e].detach().to("cpu", copy=True).contiguous() for n, t in stacked.items()}  # copies: numpy views pin storage
             save_file(one, self.path(layer, e))
             sizes.append(sum(t.numel() * t.element_size() for t in one.values()))
-            crcs.append(_crc(one))
+            sums.append(_tensor_checksum(one))
             if self.drop_page_cache:
                 _drop_page_cache(self.path(layer, e))
-        manifest = {"names": sorted(stacked), "num_experts": E, "bytes": sizes, "crc32": crcs,
+        manifest = {"names": sorted(stacked), "num_experts": E, "bytes": sizes, "xxh3_64": sums,
                     "shapes": {n: list(t.shape[1:]) for n, t in stacked.items()},
                     "dtypes": {n: str(t.dtype) for n, t in stacked.items()}}
         with open(os.path.join(d, "manifest.json"), "w") as f:
@@ -133,7 +146,7 @@ class ExpertFiles:
         if self.direct_io:
             data = self._direct_read(path, layer, expert)
             if data is not None:  # the staging buffer is reused: the tensors are copied out of it
-                return self.tensors_from_file_bytes(layer, expert, manifest, data, check_crc=True)
+                return self.tensors_from_file_bytes(layer, expert, manifest, data, check=True)
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as e:
@@ -149,10 +162,9 @@ class ExpertFiles:
         finally:
             os.close(fd)
         if out is None:
-            return self.tensors_from_file_bytes(layer, expert, manifest, data, check_crc=True)
-        if _crc(out) != manifest["crc32"][expert]:
-            raise ExpertReadError(f"expert {expert} of layer {layer!r}: {path} is corrupt: its CRC32 does not "
-                                  "match the one written with it")
+            return self.tensors_from_file_bytes(layer, expert, manifest, data, check=True)
+        if _tensor_checksum(out) != manifest["xxh3_64"][expert]:
+            raise _corrupt(layer, expert, path)
         return out
 
     def _direct_read(self, path: str, layer: str, expert: int) -> torch.Tensor | None:
@@ -222,10 +234,10 @@ class ExpertFiles:
         return {n: bufs[n].view(dtype).view(shape) for n, (dtype, shape, _, _) in spans.items()}
 
     def tensors_from_file_bytes(self, layer: str, expert: int, manifest: dict, data: torch.Tensor, *,
-                                check_crc: bool = False) -> dict:
+                                check: bool = False) -> dict:
         """name -> tensor of one expert from the bytes of its file (uint8 [file bytes]), copied into
-        fresh aligned memory (so ``data`` may be reused). ``check_crc``: compare with the manifest's
-        CRC32 (the loader process has already done so).
+        fresh aligned memory (so ``data`` may be reused). ``check``: compare with the manifest's
+        checksum (the loader process has already done so).
         Raises ExpertReadError naming the file when the header or the bytes are not what was written."""
         path = self.path(layer, expert)
         raw = data.numpy()  # the same memory; bytes() of a tensor would go element by element
@@ -244,13 +256,9 @@ class ExpertFiles:
         else:
             spans = _spans(f"expert {expert} of layer {layer!r}: {path}", head, manifest, size - base)
             self._headers[layer] = (head, spans, max((end for *_, end in spans.values()), default=0))
-        if check_crc:
-            crc = 0
-            for n in sorted(spans):
-                crc = zlib.crc32(raw[base + spans[n][2]:base + spans[n][3]], crc)
-            if crc != manifest["crc32"][expert]:
-                raise ExpertReadError(f"expert {expert} of layer {layer!r}: {path} is corrupt: its CRC32 does "
-                                      "not match the one written with it")
+        if check and checksum(raw[base + spans[n][2]:base + spans[n][3]] for n in sorted(spans)) \
+                != manifest["xxh3_64"][expert]:
+            raise _corrupt(layer, expert, path)
         out = {}
         for n, (dtype, shape, start, end) in spans.items():
             piece = data[base + start:base + end]

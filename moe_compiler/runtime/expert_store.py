@@ -514,7 +514,7 @@ class ExpertStore:
             slot_bytes = max(lay.file_bytes for lay in self.layers)
             self._proc = ProcessLoader(slot_bytes, staging_slots(slot_bytes), self.drop_page_cache)
         try:
-            sent = self._proc.submit(key, self.files.path(layer.folder, key[1]), layer.manifest["crc32"][key[1]],
+            sent = self._proc.submit(key, self.files.path(layer.folder, key[1]), layer.manifest["xxh3_64"][key[1]],
                                      priority)
         except LoaderProcessError as e:
             self._abandon_process(e)

@@ -3,13 +3,13 @@
 A Python loader thread costs the model thread more than its reads: every time it returns from a
 syscall it takes the GIL back, and the model thread waits for it (BENCHMARKS.md, "Expert offloading":
 a background thread doing 400 reads/s slowed resident decode by 3.6 ms per step; the same reads
-from another process, by at most 1.5). This loader hands the reads and the CRC checks to a child
-process (runtime/_loader_child.py, standard library only) that writes each file into a slot of a
-shared staging file; the model's process only sends a line per request, reads a line per reply and
-copies the checked bytes out of the slot.
+from another process, by at most 1.5). This loader hands the reads and the checksums to a child
+process (runtime/_loader_child.py, standard library and xxhash only) that writes each file into a
+slot of a shared staging file; the model's process only sends a line per request, reads a line per
+reply and copies the checked bytes out of the slot.
 
     loader = ProcessLoader(slot_bytes=1 << 20, slots=8, drop_page_cache=True)
-    loader.submit(key, path, crc32, priority)   # False when every slot is taken
+    loader.submit(key, path, xxh3_64, priority)   # False when every slot is taken
     for key, slot, size, error in loader.poll(timeout=0.0):
         raw = loader.slot(slot)[:size]          # uint8 view of the file; copy it out, then
         loader.release(slot)
@@ -90,7 +90,7 @@ class ProcessLoader:
     def in_flight_keys(self) -> list:
         return [key for key, _ in self._inflight.values()]
 
-    def submit(self, key, path: str, crc: int, priority: int) -> bool:
+    def submit(self, key, path: str, digest: int, priority: int) -> bool:
         """Ask the child to read ``path`` into a free slot; False when none is free."""
         if not self._free:
             return False
@@ -100,7 +100,7 @@ class ProcessLoader:
         self._next_id += 1
         self._inflight[req] = (key, slot)
         try:
-            self.proc.stdin.write(f"{req} {slot} {priority} {crc} {path}\n".encode())
+            self.proc.stdin.write(f"{req} {slot} {priority} {digest} {path}\n".encode())
             self.proc.stdin.flush()
         except OSError as e:
             raise LoaderProcessError(f"the expert loader process stopped taking requests ({e})") from e
