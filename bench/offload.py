@@ -116,7 +116,7 @@ class Variant:
     def __init__(self, name: str, budget, policy: str | None, prefetch: bool, root: str, extra: int = 1,
                  source: str = "gate", lookahead: int = 1, device: str = "cpu", loader: str = "thread",
                  quantize: str | None = None, inner: str = "inductor", dynamic: bool | None = False,
-                 model_dir: str = MODEL_DIR):
+                 model_dir: str = MODEL_DIR, host_budget=0):
         self.name, self.budget, self.policy, self.prefetch, self.extra = name, budget, policy, prefetch, extra
         self.model = ReferenceLM.load(model_dir).to(device)
         self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -127,7 +127,7 @@ class Variant:
             shutil.rmtree(folder, ignore_errors=True)
             options["offload"] = {"budget": budget, "policy": policy, "dir": folder, "prefetch": prefetch,
                                   "prefetch_extra": extra, "prefetch_source": source, "loader": loader,
-                                  "prefetch_lookahead": lookahead,
+                                  "prefetch_lookahead": lookahead, "host_budget": host_budget,
                                   "quantize": quantize}
             self.store_id, self.store = offload.store_for(offload.normalize_options(options["offload"]))
         self.fn = torch.compile(self.model, backend="moe", options=options, dynamic=dynamic)
@@ -190,6 +190,10 @@ def main(argv=None):
     ap.add_argument("--decode", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--budgets", default=None, help="comma-separated fractions, e.g. 0.25,0.5,0.75")
+    ap.add_argument("--host-budget", type=float, default=0.0,
+                    help="the host tier of every offload variant, a fraction of expert bytes (default 0: every "
+                         "load reads the disk; 1: the experts stay in host memory after their first read, "
+                         "as in Fate's and MoE-Infinity's setting, and a load only prepares a host copy)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (experts copied on the store's side stream)")
     ap.add_argument("--variants", default=None,
                     help="comma-separated name prefixes to run, e.g. on_demand,lru,res+shallow (resident always runs)")
@@ -228,7 +232,8 @@ def main(argv=None):
         if wanted is None or any(name.startswith(w + "@") for w in wanted):
             for loader in loaders:
                 variants.append(Variant(name + LOADER_SUFFIX[loader], *a, root=root, device=args.device,
-                                        loader=loader, inner=args.inner, dynamic=dynamic, model_dir=args.model, **kw))
+                                        loader=loader, inner=args.inner, dynamic=dynamic, model_dir=args.model,
+                                        host_budget=args.host_budget, **kw))
 
     variants = [Variant("resident", None, None, False, root, device=args.device, inner=args.inner, dynamic=dynamic,
                         model_dir=args.model)]
