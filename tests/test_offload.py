@@ -183,6 +183,43 @@ def test_damaged_files_raise_whether_or_not_the_layer_header_is_known(tmp_path, 
     assert all(torch.equal(got[n], w[n][5]) and got[n].data_ptr() % 64 == 0 for n in w)
 
 
+def _loader_child():
+    """The loader process's child module, loaded by path as the process runs it."""
+    import importlib.util
+
+    from moe_compiler.runtime import loader_process
+
+    spec = importlib.util.spec_from_file_location("loader_child_under_test", loader_process.CHILD)
+    child = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(child)
+    return child
+
+
+@settings(max_examples=30, deadline=None)
+@given(direct=st.booleans(), first_read=st.booleans(), data=st.data())
+def test_any_changed_tensor_byte_is_caught_by_every_reader(tmp_path_factory, direct, first_read, data):
+    """The checksum covers every byte of every tensor (odd sizes, several dtypes, names out of file
+    order): one changed byte anywhere after the header makes the thread's read (O_DIRECT or buffered,
+    the layer's header known or not) and the loader child's check both report the file corrupt."""
+    files = ExpertFiles(str(tmp_path_factory.mktemp("flip")), direct_io=direct)
+    w = {"w2": torch.randn(3, 5, 3), "b1": torch.randn(3, 7).to(torch.bfloat16), "w1": torch.randn(3, 3, 5)}
+    files.write_layer("L", w)
+    man = files.manifest("L")
+    if first_read:
+        files.read_expert("L", 0, man)
+    path = files.path("L", 1)
+    raw = bytearray(open(path, "rb").read())
+    base = 8 + int.from_bytes(raw[:8], "little")
+    pos = data.draw(st.integers(base, len(raw) - 1), label="byte")
+    raw[pos] ^= data.draw(st.integers(1, 255), label="xor")
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(ExpertReadError, match="corrupt"):
+        files.read_expert("L", 1, man)
+    assert "corrupt" in _loader_child()._check(memoryview(raw), len(raw), man["xxh3_64"][1])
+    intact = bytearray(open(files.path("L", 2), "rb").read())
+    assert _loader_child()._check(memoryview(intact), len(intact), man["xxh3_64"][2]) is None
+
+
 def _direct_open(monkeypatch, refuse: bool):
     """Make os.open behave as a file system with O_DIRECT that accepts it (the flag is dropped, so the
     test runs on tmpfs too) or that refuses it with EINVAL."""
@@ -448,14 +485,9 @@ def test_loader_process_child_reads_past_the_page_cache_or_falls_back(tmp_path, 
     and the child stops asking. A file larger than the slot is an error, not a partial read."""
     import errno
     import fcntl
-    import importlib.util
     import mmap
 
-    from moe_compiler.runtime import loader_process
-
-    spec = importlib.util.spec_from_file_location("loader_child_under_test", loader_process.CHILD)
-    child = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(child)
+    child = _loader_child()
     data = os.urandom(3 * child.BLOCK + 123)   # not a whole number of blocks
     path = tmp_path / "expert.bin"
     path.write_bytes(data)
