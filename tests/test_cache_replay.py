@@ -134,3 +134,26 @@ def test_speedup_model():
     assert hit_rate_for_speedup(1.0, 1.0) == 0.0
     with pytest.raises(ValueError, match="resident_over_on_demand"):
         speedup_over_on_demand(0.5, 0.5)
+
+
+def test_replay_gives_predictions_to_the_policy_before_each_layer():
+    """predicted_ids reach the policy as votes (on_prediction) before the layer's own accesses, one
+    call per step and layer; a prediction trace of other steps or layers is refused."""
+    from moe_compiler.runtime.cache_policy import LRU
+
+    calls = []
+
+    class Recording(LRU):
+        def on_prediction(self, layer, votes):
+            calls.append(("predict", layer, sorted(votes)))
+
+        def on_use(self, layer, experts):
+            calls.append(("use", layer, list(experts)))
+
+    ids = np.array([[[0, 1], [2, 3]], [[1, 2], [0, 3]]])          # [steps 2, layers 2, k 2]
+    predicted = np.array([[[0, 1, 2], [2, 3, 3]], [[1, 2, 0], [0, 3, 1]]])
+    replay(ids, Recording(), capacity=4, num_experts=4, predicted_ids=predicted)
+    assert calls == [("predict", 0, [0, 1, 2]), ("use", 0, [0, 1]), ("predict", 1, [2, 3]), ("use", 1, [2, 3]),
+                     ("predict", 0, [0, 1, 2]), ("use", 0, [1, 2]), ("predict", 1, [0, 1, 3]), ("use", 1, [0, 3])]
+    with pytest.raises(ValueError, match="predicted_ids must have expert_ids' steps and layers"):
+        replay(ids, "predicted", capacity=4, num_experts=4, predicted_ids=predicted[:1])

@@ -325,6 +325,63 @@ def test_token_recall_counts_small_and_large_steps_alike(tokens, k, extra, seed)
     assert _routed_in_prediction(ids, pred) == want
 
 
+def test_predicted_demand_decays_like_the_plain_recurrence_over_long_runs():
+    """The predicted-demand policy decays a layer by scaling it (folded in before it underflows):
+    after thousands of predictions each expert's demand and each layer's total still equal the
+    plain recurrence d <- decay * d + votes, and stay finite."""
+    import random
+
+    p = make_policy("predicted")
+    p.setup([1, 1], [6, 6], 6)
+    rng = random.Random(0)
+    plain = {(l, e): 0.0 for l in range(2) for e in range(6)}
+    for step in range(5000):
+        layer = step % 2
+        votes = {rng.randrange(6): rng.randint(1, 3) for _ in range(2)}
+        p.on_prediction(layer, votes)
+        total = sum(votes.values())
+        for e in range(6):
+            plain[(layer, e)] = plain[(layer, e)] * p.decay + votes.get(e, 0) / total
+        if step % 7 == 0:
+            p.on_use(layer, [step % 6])
+            plain[(layer, step % 6)] += 1.0
+    for key, want in plain.items():
+        assert p.demand_of(key) == pytest.approx(want, rel=1e-9, abs=1e-300)
+    for layer in range(2):
+        assert p._total[layer] == pytest.approx(sum(v for k, v in plain.items() if k[0] == layer), rel=1e-9)
+
+
+@given(policy=st.sampled_from(POLICIES), data=st.data())
+@settings(max_examples=60, deadline=None)
+def test_policy_order_survives_evictions_while_iterating(policy, data):
+    """A store walks ``order`` and evicts some of the keys it is given as it goes (the orders read
+    the cache a batch at a time, not from a copy): every key the policy holds is still given exactly
+    once, in the order it had when the walk began, and the evicted keys are gone afterwards."""
+    p = make_policy(policy)
+    p.setup([10, 20, 10], [40, 40, 40], 400)
+    held = []
+    keys = st.tuples(st.integers(0, 2), st.integers(0, 39))
+    for key in data.draw(st.lists(keys, min_size=1, max_size=80), label="events"):
+        if key in held:
+            p.on_access(key)
+        else:
+            p.on_insert(key)
+            held.append(key)
+        p.on_prediction(key[0], {key[1]: 1, (key[1] + 1) % 40: 2})
+        p.on_use(key[0], [key[1]])
+    incoming = data.draw(keys, label="incoming")
+    before = list(p.order(incoming))
+    assert sorted(before) == sorted(held)
+    walked, evicted = [], set()
+    for key in p.order(incoming):
+        walked.append(key)
+        if data.draw(st.booleans(), label=f"evict {key}"):
+            p.on_evict(key)
+            evicted.add(key)
+    assert walked == before
+    assert sorted(p.order(incoming)) == sorted(k for k in held if k not in evicted)
+
+
 @given(policy=st.sampled_from(["shallow", "predicted"]), events=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3)),
                                                                        min_size=1, max_size=30),
        incoming=st.tuples(st.integers(0, 2), st.integers(0, 3)))
@@ -350,7 +407,9 @@ def test_quota_victims_order(policy, events, incoming):
         mine = [k for k in order if k[0] == layer]
         if policy == "shallow":
             assert mine == sorted(mine, key=recency.index)
-        else:
+        else:   # least demand first, then least recently used
+            recency = list(p._layers.get(layer, ()))
+            assert mine == sorted(mine, key=lambda k: (p._stored[layer].get(k[1], 0.0), recency.index(k)))
             demand = [p.demand_of(k) for k in mine]
             assert demand == sorted(demand)
 

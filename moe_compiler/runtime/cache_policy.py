@@ -17,9 +17,28 @@ can evict, so a policy never has to know about pins and an eviction costs O(1) i
 """
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import OrderedDict
 
 POLICIES = ("lru", "arc", "shallow", "predicted")
+
+
+def front_first(keys: OrderedDict):
+    """Iterator over ``keys`` from the front, without copying them all: a store that needs one victim
+    reads one or two keys, not the whole cache (58 layers x 256 experts at 50% hold 7424). The caller
+    may evict keys it has been given while iterating (the only change allowed meanwhile); each batch
+    is read afresh from the front, skipping those, with batches doubling in size."""
+    given: set = set()
+    batch = 4
+    while True:
+        # keys already given that are still there come first: len(given) covers them
+        fresh = [k for k in itertools.islice(keys, len(given) + batch) if k not in given]
+        if not fresh:
+            return
+        given.update(fresh)
+        yield from fresh
+        batch *= 2
 
 
 class CachePolicy:
@@ -75,7 +94,7 @@ class LRU(CachePolicy):
         self._order.pop(key, None)
 
     def order(self, incoming):
-        return iter(list(self._order))  # a copy: the caller evicts while iterating
+        return front_first(self._order)
 
 
 class ARC(CachePolicy):
@@ -131,9 +150,10 @@ class ARC(CachePolicy):
             self.b2[key] = None
 
     def order(self, incoming):
-        t1, t2 = list(self.t1), list(self.t2)
-        t1_first = bool(t1) and (len(t1) > self.p or (self._incoming_from_b2 and len(t1) == int(self.p)))
-        return iter(t1 + t2 if t1_first else t2 + t1)
+        n1 = len(self.t1)
+        t1_first = n1 > 0 and (n1 > self.p or (self._incoming_from_b2 and n1 == int(self.p)))
+        first, second = (self.t1, self.t2) if t1_first else (self.t2, self.t1)
+        return itertools.chain(front_first(first), front_first(second))
 
 
 class _Quota(CachePolicy):
@@ -158,23 +178,25 @@ class _Quota(CachePolicy):
         self._lru.on_evict(key)
         self._layers.get(key[0], {}).pop(key, None)
 
-    def inner_order(self, keys: list) -> list:
-        """keys of one layer, first to evict first; ``keys`` arrive in LRU order."""
-        return keys
+    def inner_order(self, layer: int):
+        """Iterator over one layer's keys, first to evict first (here: least recently used first)."""
+        return front_first(self._layers[layer])
 
     def order(self, incoming):
         quotas = self.quotas()
         own = incoming[0] if incoming is not None else -1
-        pressure = {}  # bytes over quota (the incoming layer counts its new entry); most over quota goes first
+        # bytes over quota (the incoming layer counts its new entry); most over quota goes first, ties
+        # by layer. A heap: the usual eviction reads the first layer only.
+        pressure = []
         for layer, keys in self._layers.items():
             if not keys:
                 continue
-            if layer >= len(quotas):
-                pressure[layer] = float("inf")
-            else:
-                pressure[layer] = (len(keys) + (layer == own)) * self.expert_bytes[layer] - quotas[layer]
-        for layer in sorted(pressure, key=lambda l: -pressure[l]):
-            yield from self.inner_order(list(self._layers[layer]))
+            over = float("inf") if layer >= len(quotas) else \
+                (len(keys) + (layer == own)) * self.expert_bytes[layer] - quotas[layer]
+            pressure.append((-over, layer))
+        heapq.heapify(pressure)
+        while pressure:
+            yield from self.inner_order(heapq.heappop(pressure)[1])
 
 
 class ShallowFavoring(_Quota):
@@ -219,23 +241,36 @@ class PredictedDemand(_Quota):
     def __init__(self, decay: float = 0.8):
         super().__init__()
         self.decay = float(decay)
-        # layer -> {expert: decayed predicted + used count}, and its sum (kept per layer, so a step's
-        # update and the quotas cost O(experts of one layer) and O(layers), not O(all experts))
-        self._demand: dict = {}
-        self._total: dict = {}
+        # layer -> {expert: stored demand}; an expert's demand is stored * scale[layer]. Decaying a
+        # layer only shrinks its scale, so a step's update costs O(its votes), not O(experts of the layer)
+        self._stored: dict = {}
+        self._scale: dict = {}
+        self._total: dict = {}    # layer -> the sum of its demand
+        self._quotas = None       # until the demand or the setup changes
+
+    def setup(self, expert_bytes, num_experts, budget):
+        super().setup(expert_bytes, num_experts, budget)
+        self._quotas = None
 
     def demand_of(self, key) -> float:
         """The decayed demand of (layer, expert)."""
-        return self._demand.get(key[0], {}).get(key[1], 0.0)
+        return self._stored.get(key[0], {}).get(key[1], 0.0) * self._scale.get(key[0], 1.0)
 
     def _add(self, layer: int, weights: dict, decay: float = 1.0) -> None:
-        mine = self._demand.setdefault(layer, {})
-        if decay != 1.0:
-            for e in mine:
-                mine[e] *= decay
+        stored = self._stored.setdefault(layer, {})
+        scale = self._scale.get(layer, 1.0) * decay
+        if scale < 1e-200:  # fold the scale in before it underflows (every ~2000 decays at 0.8)
+            for e in stored:
+                stored[e] *= scale
+            scale = 1.0
+        self._scale[layer] = scale
+        added = 0.0
         for e, w in weights.items():
-            mine[int(e)] = mine.get(int(e), 0.0) + float(w)
-        self._total[layer] = sum(mine.values())
+            e, w = int(e), float(w)
+            stored[e] = stored.get(e, 0.0) + w / scale
+            added += w
+        self._total[layer] = self._total.get(layer, 0.0) * decay + added
+        self._quotas = None
 
     def on_prediction(self, layer, votes):
         total = sum(votes.values()) or 1.0
@@ -246,19 +281,31 @@ class PredictedDemand(_Quota):
         self._add(layer, {e: 1.0 / max(1, len(experts)) for e in experts})
 
     def quotas(self):
-        n = len(self.num_experts)
-        per_layer = [self._total.get(layer, 0.0) for layer in range(n)]
-        floor = [min(b, self.budget / max(1, n)) for b in self.expert_bytes]  # every layer keeps >= one expert
-        spare = max(0.0, self.budget - sum(floor))
-        total = sum(per_layer)
-        if total <= 0:
-            return [f + spare / max(1, n) for f in floor]
-        return [f + spare * d / total for f, d in zip(floor, per_layer)]
+        if self._quotas is None:
+            n = len(self.num_experts)
+            per_layer = [self._total.get(layer, 0.0) for layer in range(n)]
+            floor = [min(b, self.budget / max(1, n)) for b in self.expert_bytes]  # every layer keeps >= one expert
+            spare = max(0.0, self.budget - sum(floor))
+            total = sum(per_layer)
+            if total <= 0:
+                self._quotas = [f + spare / max(1, n) for f in floor]
+            else:
+                self._quotas = [f + spare * d / total for f, d in zip(floor, per_layer)]
+        return self._quotas
 
-    def inner_order(self, keys):
-        # keys arrive in LRU order; sorted() is stable, so recency breaks demand ties
-        mine = self._demand.get(keys[0][0], {}) if keys else {}
-        return sorted(keys, key=lambda k: mine.get(k[1], 0.0))
+    def inner_order(self, layer):
+        # least demand first, recency (the keys' LRU order) breaking ties. The usual eviction takes the
+        # first key: one min() over the layer, no sort; a heap of the rest only if the caller reads on.
+        # The caller may evict what it was given.
+        keys, stored = self._layers[layer], self._stored.get(layer, {})
+        if not keys:
+            return
+        first = min(keys, key=lambda k: stored.get(k[1], 0.0))   # the first of equal minima: LRU order
+        yield first
+        heap = [(stored.get(k[1], 0.0), i, k) for i, k in enumerate(keys) if k != first]
+        heapq.heapify(heap)
+        while heap:
+            yield heapq.heappop(heap)[2]
 
 
 def make_policy(name: str, **kwargs) -> CachePolicy:

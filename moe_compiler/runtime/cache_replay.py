@@ -54,11 +54,20 @@ def _check_capacity(capacity: int, steps: list) -> None:
                          "give at least that many")
 
 
-def replay(expert_ids, policy: str | CachePolicy, capacity: int, num_experts: int | None = None) -> Replay:
+def replay(expert_ids, policy: str | CachePolicy, capacity: int, num_experts: int | None = None,
+           predicted_ids=None) -> Replay:
     """Hit rate of ``policy`` (a name from cache_policy.POLICIES or an instance) holding ``capacity``
-    experts over the trace (module docstring)."""
+    experts over the trace (module docstring). ``predicted_ids`` [steps, layers, k'] (optional): each
+    layer's predicted experts, given to the policy as votes (``on_prediction``) before the layer runs,
+    as the store does when prefetching; nothing is loaded for them."""
     steps = _steps(expert_ids)
     _check_capacity(capacity, steps)
+    predicted = None
+    if predicted_ids is not None:
+        predicted = _steps(predicted_ids)
+        if [len(step) for step in predicted] != [len(step) for step in steps]:
+            raise ValueError(f"predicted_ids must have expert_ids' steps and layers "
+                             f"{list(np.asarray(expert_ids).shape[:2])}, got {list(np.asarray(predicted_ids).shape[:2])}")
     layers = len(steps[0]) if steps else 0
     if num_experts is None:
         num_experts = int(np.asarray(expert_ids).max()) + 1 if steps else 1
@@ -66,8 +75,10 @@ def replay(expert_ids, policy: str | CachePolicy, capacity: int, num_experts: in
     pol.setup([1] * layers, [num_experts] * layers, capacity)
     cached: set = set()
     uses = hits = 0
-    for step in steps:
+    for i, step in enumerate(steps):
         for layer, used in enumerate(step):
+            if predicted is not None:
+                pol.on_prediction(layer, {e: 1 for e in predicted[i][layer]})
             missing = []
             for e in used:
                 uses += 1
