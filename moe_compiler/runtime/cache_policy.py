@@ -4,7 +4,9 @@ A key is (layer index, expert id); layers are numbered in the order the model ru
 store owns the budget, the pins and the bytes; a policy only keeps its bookkeeping and, when room is
 needed, yields the keys it holds from "evict first" to "evict last" (``order``; ``victims`` is the
 same ranking of a given list). The store skips keys that are in use and stops at the first key it
-can evict, so a policy never has to know about pins and an eviction costs O(1) in the usual case.
+can evict, so a policy never has to know about pins. Orders are read lazily, never copied: the usual
+eviction costs O(1) (lru, arc), O(layers) (shallow) or O(layers + experts of one layer) (predicted),
+not O(cached experts) (bench/cache_policy.py).
 
     lru        least recently used (the baseline)
     arc        Adaptive Replacement Cache (Megiddo & Modha): recency list T1, frequency list T2,
