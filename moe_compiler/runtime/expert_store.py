@@ -214,6 +214,7 @@ class ExpertStore:
         self._preparer = None
         self._predicted: dict = {}        # layer -> (set of predicted experts, per-token predictions or None)
         self._last_used: dict = {}        # layer -> experts its latest step used
+        self._recently_used: set = set()  # the same as (layer, expert) keys: what prefetches may not evict
         self.budget = 0
         self.host_budget = 0
 
@@ -608,7 +609,7 @@ class ExpertStore:
             if votes:
                 self.policy.on_prediction(layer, votes)
             # a prefetch is a guess: it may not evict what any layer used in its latest step
-            protect = {(l, e) for l, used in self._last_used.items() for e in used}
+            protect = self._recently_used
             taken = []
             for e in experts:
                 fresh = (layer, e) not in self._entries
@@ -665,6 +666,8 @@ class ExpertStore:
                 # them now would only hold up the loads that are needed (a later prediction asks again)
                 self._drop_unstarted_prefetches(layer, predicted.difference(experts))
             self.policy.on_use(layer, experts)
+            self._recently_used.difference_update((layer, e) for e in self._last_used.get(layer, ()))
+            self._recently_used.update((layer, e) for e in experts)
             self._last_used[layer] = experts
             protect = {(layer, e) for e in experts}
             overlap = bool(ready or flying) and (rows is None or rows >= HANDOFF_MIN_ROWS)
