@@ -402,13 +402,13 @@ def test_quota_victims_order(policy, events, incoming):
     held = {l: sum(k[0] == l for k in resident) for l in range(3)}
     over = [(held[k[0]] + (k[0] == incoming[0])) * p.expert_bytes[k[0]] - quotas[k[0]] for k in order]
     assert over == sorted(over, reverse=True)
-    recency = [k for k in p._lru._order]
     for layer in range(3):
         mine = [k for k in order if k[0] == layer]
+        recency = [k for k in events[::-1] if k[0] == layer]   # the latest event of a key is its last use
+        recency = sorted(set(recency), key=recency.index, reverse=True)
         if policy == "shallow":
             assert mine == sorted(mine, key=recency.index)
         else:   # least demand first, then least recently used
-            recency = list(p._layers.get(layer, ()))
             assert mine == sorted(mine, key=lambda k: (p._stored[layer].get(k[1], 0.0), recency.index(k)))
             demand = [p.demand_of(k) for k in mine]
             assert demand == sorted(demand)

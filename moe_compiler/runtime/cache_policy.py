@@ -162,14 +162,12 @@ class _Quota(CachePolicy):
     """Per-layer byte quotas; over-quota layers give up entries first, LRU order inside a layer."""
 
     def __init__(self):
-        self._lru = LRU()
         self._layers: dict = {}   # layer -> OrderedDict of its keys, least recently used first
 
     def quotas(self) -> list:
         raise NotImplementedError
 
     def on_access(self, key):
-        self._lru.on_access(key)
         mine = self._layers.setdefault(key[0], OrderedDict())
         mine[key] = None
         mine.move_to_end(key)
@@ -177,7 +175,6 @@ class _Quota(CachePolicy):
     on_insert = on_access
 
     def on_evict(self, key):
-        self._lru.on_evict(key)
         self._layers.get(key[0], {}).pop(key, None)
 
     def inner_order(self, layer: int):
