@@ -66,8 +66,8 @@ def replay(expert_ids, policy: str | CachePolicy, capacity: int, num_experts: in
     if predicted_ids is not None:
         predicted = _steps(predicted_ids)
         if [len(step) for step in predicted] != [len(step) for step in steps]:
-            raise ValueError(f"predicted_ids must have expert_ids' steps and layers "
-                             f"{list(np.asarray(expert_ids).shape[:2])}, got {list(np.asarray(predicted_ids).shape[:2])}")
+            want, got = np.asarray(expert_ids).shape[:2], np.asarray(predicted_ids).shape[:2]
+            raise ValueError(f"predicted_ids must have expert_ids' steps and layers {list(want)}, got {list(got)}")
     layers = len(steps[0]) if steps else 0
     if num_experts is None:
         num_experts = int(np.asarray(expert_ids).max()) + 1 if steps else 1

@@ -214,7 +214,7 @@ class ExpertStore:
         self._preparer = None
         self._predicted: dict = {}        # layer -> (set of predicted experts, per-token predictions or None)
         self._last_used: dict = {}        # layer -> experts its latest step used
-        self._recently_used: set = set()  # the same as (layer, expert) keys: what prefetches may not evict
+        self._recently_used: set = set()  # _last_used as (layer, expert) keys: what prefetches may not evict
         self.budget = 0
         self.host_budget = 0
 
