@@ -233,7 +233,7 @@ def main(argv=None):
             for loader in loaders:
                 variants.append(Variant(name + LOADER_SUFFIX[loader], *a, root=root, device=args.device,
                                         loader=loader, inner=args.inner, dynamic=dynamic, model_dir=args.model,
-                                        host_budget=args.host_budget, **kw))
+                                        host_budget=args.host_budget or 0, **kw))   # 0: no host tier
 
     variants = [Variant("resident", None, None, False, root, device=args.device, inner=args.inner, dynamic=dynamic,
                         model_dir=args.model)]
