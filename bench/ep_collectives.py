@@ -4,9 +4,9 @@
 
 A transformers Mixtral built from a config (random weights; hidden 256, 8 experts, top-2, 2 layers)
 on N gloo ranks, each feeding its own batch, compiled with backend "moe" and Inductor twice:
-``expert_parallel={"collectives": "op"}`` (the default: one opaque ep_moe op per layer, run by the
-collective executor) and ``{"collectives": "functional"}`` (functional collectives traced into the
-graph). ``--overlap N`` sets overlap_degree (token chunks), ``--reorder`` turns on Inductor's
+``expert_parallel={"collectives": "op"}`` (one opaque ep_moe op per layer, run by the collective
+executor) and ``{"collectives": "functional"}`` (the default: functional collectives traced into
+the graph). ``--overlap N`` sets overlap_degree (token chunks), ``--reorder`` turns on Inductor's
 reorder_for_compute_comm_overlap in the ranks. Both are timed in one process, interleaved, for an
 inference forward and a training step (forward + backward); medians over the repetitions, the
 slowest rank's time per step. Every

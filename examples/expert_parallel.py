@@ -14,9 +14,11 @@ tensors; each mode therefore compiles a fresh copy of the model). The "fssdp" mo
 (``{"movement": "weights"}``) moves the experts each rank's tokens use instead of the tokens.
 Mode "coherent" keeps tokens on their experts' ranks between MoE layers joined by per-token ops
 only; Mixtral has attention between its MoE layers, so the script prints why it falls back to two
-all-to-alls there (tests/test_ep_distributed.py runs it where it applies). "functional" is mode
-all_to_all with ``"collectives": "functional"``: the all-to-alls are functional collectives traced
-into the graph, which the traffic recorder does not see (no byte count is printed for it).
+all-to-alls there (tests/test_ep_distributed.py runs it where it applies). The byte counts come
+from the collective executor, so these modes run with ``"collectives": "op"`` (one ep_moe op per
+layer). "functional" is mode all_to_all as users get it by default: the all-to-alls are functional
+collectives traced into the graph, which the traffic recorder does not see (no byte count is
+printed for it; it moves the same rows as all_to_all).
 """
 from __future__ import annotations
 
@@ -26,10 +28,11 @@ import sys
 
 import torch
 
-MODES = (("all_to_all", {}), ("hierarchical", {"ranks_per_node": 2}),
-         ("coherent", {}),                     # ExFlow: applies only where MoE layers are joined by per-token ops
+OP = {"collectives": "op"}   # the ep_moe op: its collectives go through the executor, which counts bytes
+MODES = (("all_to_all", OP), ("hierarchical", {"ranks_per_node": 2, **OP}),
+         ("coherent", OP),                     # ExFlow: applies only where MoE layers are joined by per-token ops
          ("fssdp", {"movement": "weights"}),   # Hecate: the experts move to the tokens instead
-         ("functional", {"collectives": "functional"}))   # all_to_all as functional collectives in the graph
+         ("functional", {}))                   # the default: all_to_all as functional collectives in the graph
 
 
 def build_model():

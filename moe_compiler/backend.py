@@ -138,12 +138,17 @@ def _compile_moe(gm, example_inputs, config: BackendConfig, graph_id: str, recor
     record.moe_op_count = _count_moe_ops(final) if final is new_gm else 0
     write_summary(dumps, run, ctx.moe_layers, {"moe_ops": record.moe_op_count})
     _check_released_inputs(final, example_inputs, ctx.placeholder_paths)
-    if _has_functional_collectives(final):
+    functional = _has_functional_collectives(final)
+    if functional:
         _compat.allow_data_dependent_scalars(final)
     compiled = _inner(final, example_inputs, config, dumps)
     if final is new_gm:
         for hook in ctx.after_compile:
             hook()
+    if functional:
+        from moe_compiler.codegen.comm.functional import name_collective_failures
+
+        compiled = name_collective_failures(compiled)
     return compiled
 
 

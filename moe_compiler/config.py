@@ -52,7 +52,7 @@ class BackendConfig:
     # "ranks_per_node": M (hierarchical), "placement": path|Placement, "overlap_degree": n,
     # "movement": "tokens"|"weights"|"auto" (weights = FSSDP, Hecate), "materialize": "needed"|"sparse",
     # "replicate": n|"auto", "rematerialize": bool, "load_window": n, "release_parameters": bool,
-    # "collectives": "op"|"functional"}; None/False = off.
+    # "collectives": "functional"|"op"}; None/False = off.
     # See moe_compiler/runtime/expert_parallel.py.
     expert_parallel: Optional[BoolOrDict] = None
     # Expert offloading for inference (passes offload_experts, hoist_prefetch): True or {"budget": 0.5 | "2GB",

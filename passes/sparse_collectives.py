@@ -5,7 +5,11 @@ torch.distributed is initialised; otherwise the graph is unchanged (a logged rea
 
 Before:
     y = moe_compiler.moe(x, logits, bias, w1, w3, w2, b1, b3, b2, spec)        # x [T, H] this rank's tokens
-After:
+After (modes all_to_all / hierarchical, option collectives "functional", the default):
+    y = codegen.comm.functional.ep_layer(x, logits, bias, w1, w3, w2, b1, b3, b2, spec')   # [T, H]
+        # a call that aot_autograd traces into functional collectives (all_to_all_single with SymInt
+        # splits, wait_tensor) beside the rest of the graph; kept rows become buffers of the graph module
+After (option collectives "op"):
     y = moe_compiler.ep_moe(x, logits, bias, w1, w3, w2, b1, b3, b2, spec')    # [T, H]
         # spec' notes += ("expert_parallel", {"group", "mode", "placement": ((ranks of e0), ...),
         #                                     "ranks_per_node", "overlap_degree"})
@@ -23,12 +27,10 @@ Hecate's FSSDP instead (codegen/comm/fssdp.py): experts move to the tokens.
     (y, need, handle) = moe_compiler.fssdp_moe(x, logits, bias, w1, w3, w2, b1, b3, b2, spec'')
     y' = getitem(..., 0)             # spec'' notes += ("fssdp", {"group", "owners", "materialize", ...})
 
-The collectives sit inside one opaque custom op with an autograd formula, so the graph compiles in
-one piece and Inductor never reorders a collective. With option collectives "functional" an
-all_to_all or hierarchical layer becomes instead
-    y = codegen.comm.functional.ep_layer(x, logits, bias, w1, w3, w2, b1, b3, b2, spec')
-a call that aot_autograd traces into functional collectives (all_to_all_single with SymInt splits,
-wait_tensor) beside the rest of the graph; kept rows become buffers of the graph module.
+Either way the graph compiles in one piece. The ep_moe op keeps its collectives inside one opaque
+custom op with an autograd formula (its backward re-runs the forward's communication; the executor
+records its traffic); functional collectives are Inductor's to place, and the backward graph holds
+the reverse all-to-alls. Coherent chains and FSSDP layers always run as their ops.
 
 Placement per layer: the option's placement (file or Placement; layers matched by the placement's
 layer_names, else by order in the graph), else the ("placement", ...) note of plan_placement, else
@@ -159,7 +161,7 @@ class SparseCollectives:
             new_spec = kept.note(new_spec, node.args[3:9], plan.local_experts(kept.rank))
             functional = opts["collectives"] == "functional"  # all_to_all or hierarchical
             for r in reports[:1]:
-                r.strategy += "; functional collectives in the graph" if functional else ""
+                r.strategy += "; functional collectives in the graph" if functional else "; in the ep_moe op"
             with graph.inserting_before(node):
                 if functional:
                     args, new_spec = _functional_operands(gm, node, new_spec, i)

@@ -225,18 +225,18 @@ def compiled_worker(rank, world, dump_dir, placement_path, modes):
 
     out = {}
     halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates both, in order
-    for mode, inner, shard in modes:
+    for mode, inner, shard, collectives in modes:
         torch._dynamo.reset()
         counters.clear()
         torch.manual_seed(0)
         model = _Stack()
         ref = copy.deepcopy(model)
         x = torch.randn(2 + rank, 5, 16, generator=torch.Generator().manual_seed(rank))
-        opts = {"mode": mode}
+        opts = {"mode": mode, "collectives": collectives}
         if mode in ("hierarchical", "auto"):  # auto: the cost model's ep_mode decision per layer
             opts["ranks_per_node"] = 2
         if mode == "subgroup":  # two independent EP groups of 2 ranks, contiguous placement
-            opts = {"group": halves[rank // 2]}
+            opts = {"group": halves[rank // 2], "collectives": collectives}
         elif placement_path:
             opts["placement"] = placement_path
         full_bytes = expert_bytes_per_rank(model, placement_path, world)
@@ -260,7 +260,9 @@ def compiled_worker(rank, world, dump_dir, placement_path, modes):
             return [s.name for s in plan_layer("l", m, world, 2, [[]] * world, 1).steps if s.kind == "all_to_all"]
 
         executed = [t["step"] for t in traffic]
-        if mode == "auto":
+        if collectives == "functional":   # Inductor runs the collectives: nothing goes through the executor
+            steps_match = executed in ([], _expected_coherent_steps(2) if mode == "auto" else [])
+        elif mode == "auto":
             steps_match = executed in (planned("all_to_all") * 2, planned("hierarchical") * 2,
                                        _expected_coherent_steps(2))   # cost model chose single_all_to_all
         else:
@@ -272,7 +274,7 @@ def compiled_worker(rank, world, dump_dir, placement_path, modes):
         gw = torch.zeros_like(gw_ref)
         gw[local] = model.layers[0].gate_up_proj.grad  # replicas hold partial sums: add them up
         dist.all_reduce(gw)
-        out[f"{mode}/{inner}/{shard}"] = dict(
+        out[f"{mode}/{inner}/{shard}/{collectives}"] = dict(
             y=_rel(y, y_ref), gx=_rel(xa.grad, xb.grad),
             gw=_rel(gw, gw_ref),
             layers=layers_ep,
@@ -288,8 +290,11 @@ def test_compiled_ep_four_ranks(tmp_path):
     layers[0][5] = [1, 3]
     path = str(tmp_path / "placement.json")
     Placement(4, layers).save(path)
-    modes = [("all_to_all", "eager", True), ("hierarchical", "eager", False), ("subgroup", "eager", False),
-             ("all_to_all", "inductor", True), ("auto", "eager", False)]
+    # the ep_moe op (its executed all-to-alls are checked against the schedule) and functional
+    # collectives (the default), sharded weights, 2 "nodes" of 2 ranks, a subgroup, the cost model
+    modes = [("all_to_all", "eager", True, "op"), ("hierarchical", "eager", False, "op"),
+             ("hierarchical", "eager", False, "functional"), ("subgroup", "eager", False, "functional"),
+             ("all_to_all", "inductor", True, "functional"), ("auto", "eager", False, "functional")]
     results = run_ranks("test_ep_distributed:compiled_worker", 4,
                         {"dump_dir": str(tmp_path / "dumps"), "placement_path": path, "modes": modes},
                         timeout=170, pg_timeout=90, python_path=(HERE,))
@@ -299,7 +304,7 @@ def test_compiled_ep_four_ranks(tmp_path):
             assert r["y"] < 1e-5 and r["gx"] < 1e-5, (rank, key, r)
             assert r["gw"] < 1e-5, (rank, key, r)
             assert r["steps_match"], (rank, key, r)
-        sharded = res["all_to_all/eager/True"]
+        sharded = res["all_to_all/eager/True/op"]
         held = sum(1 for e in range(6) if rank in layers[0][e])
         assert sharded["w_rows"] == held
         row = 24 * 16 * 4 + 16 * 12 * 4  # gate_up [24, 16] + down [16, 12] fp32 per expert
@@ -438,11 +443,23 @@ def failure_worker(rank, world, how):
         spec.to_json()))
 
 
+def compiled_failure_worker(rank, world, how):
+    """The default path: a model compiled with expert_parallel=True (functional collectives in the graph)."""
+    from dist_failures import fail_last_rank
+
+    torch.manual_seed(0)
+    cm = torch.compile(_Stack(), backend="moe", options={"expert_parallel": True, "inner_backend": "eager",
+                                                          "strict": True})
+    return fail_last_rank(rank, world, how, lambda: cm(torch.randn(5, 16)))
+
+
 @pytest.mark.parametrize("how", ["die", "hang"])
-def test_dead_or_stuck_rank_fails_the_others_in_bounded_time(how):
+@pytest.mark.parametrize("path", ["op", "compiled"])
+def test_dead_or_stuck_rank_fails_the_others_in_bounded_time(how, path):
     from dist_failures import assert_others_fail_in_bounded_time
 
-    assert_others_fail_in_bounded_time("test_ep_distributed:failure_worker", how, "expert parallelism")
+    worker = "failure_worker" if path == "op" else "compiled_failure_worker"
+    assert_others_fail_in_bounded_time(f"test_ep_distributed:{worker}", how, "expert parallelism")
 
 
 def test_a_failed_rendezvous_is_run_again_on_a_new_store(monkeypatch):

@@ -26,7 +26,7 @@ from moe_compiler.runtime.expert_parallel import contiguous_rows, expert_bytes_p
     ({"ranks_per_node": 2}, r"only accepted with mode 'hierarchical'"),
     ({"overlap_degree": 0}, r"overlap_degree'\] must be an int >= 1"),
     ({"placement": 3}, r"placement'\] must be a placement file path"),
-    ({"collectives": "graph"}, r"collectives'\] must be one of \['op', 'functional'\]"),
+    ({"collectives": "graph"}, r"collectives'\] must be one of \['functional', 'op'\]"),
     ("yes please", r"option 'expert_parallel' must be True/False or a dict"),
 ])
 def test_bad_options_name_the_key_and_accepted_values(value, match):

@@ -29,16 +29,24 @@ eagerly, autograd through all_to_all_single_autograd gave wrong input and weight
 Modes all_to_all and hierarchical, with any overlap_degree, are built this way (coherent chains
 and FSSDP keep their ops). The collectives are then Inductor's to place: nothing here records
 their traffic (executor.record_traffic sees the op path only), and the comm schedule dump
-describes the same steps.
+describes the same steps. A collective that fails in the compiled graph's forward (a peer died or
+timed out) is raised as executor.CommError (name_collective_failures), as the op raises it.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 from moe_compiler.codegen.comm.ep import (combine, expert_rows, hop_destinations, local_index, local_weights,
                                           plan_hops, plan_of, route_tokens, slot_chunks)
+from moe_compiler.codegen.comm.executor import CommError
 from moe_compiler.ir import _spec
+
+# what the process group's own errors say when a peer is gone or late (gloo, NCCL), beside DistError
+_PEER_FAILURE_WORDS = ("connection closed", "connection reset", "timed out", "timeout", "gloo", "nccl", "c10d")
 
 
 def ep_layer(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec: str) -> torch.Tensor:
@@ -91,3 +99,32 @@ def _local_experts(rows, local_ids, local_w, spec: str) -> torch.Tensor:
     ones = torch.ones((rows.shape[0], 1), dtype=torch.float32, device=rows.device)
     op = torch.ops.moe_compiler.routed_experts if torch.is_grad_enabled() else torch.ops.moe_compiler.grouped_experts
     return op(rows, local_ids.unsqueeze(1), ones, *local_w, spec).float()
+
+
+def name_collective_failures(compiled):
+    """The compiled forward of a graph with functional collectives -> the same callable, except that
+    a failing collective (a peer died, timed out or ran a different graph: the process group's own
+    error, raised from inside the graph) is raised as CommError naming expert parallelism."""
+
+    @functools.wraps(compiled)
+    def run(*args):
+        try:
+            return compiled(*args)
+        except CommError:
+            raise
+        except Exception as e:  # noqa: BLE001 - collective failures re-raised with context, others as they are
+            if not _is_peer_failure(e):
+                raise
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            first = str(e).splitlines()[0][:300] if str(e) else ""
+            raise CommError(f"expert parallelism: a collective of the compiled graph (functional collectives) failed "
+                            f"on rank {rank} (a peer process died, timed out, or ran a different graph): "
+                            f"{type(e).__name__}: {first}") from e
+
+    return run
+
+
+def _is_peer_failure(e: Exception) -> bool:
+    if isinstance(e, dist.DistError):
+        return True
+    return isinstance(e, RuntimeError) and any(w in str(e).lower() for w in _PEER_FAILURE_WORDS)

@@ -11,9 +11,12 @@
                                  "placement": "plan.json",     # or a Placement object; default contiguous
                                  "overlap_degree": 1,          # token chunks per layer (Tutel)
                                  "movement": "tokens",         # or "weights" (FSSDP, Hecate) or "auto"
-                                 "collectives": "op",          # or "functional": all_to_all / hierarchical
-                                                               # layers as functional collectives in the
-                                                               # graph (codegen/comm/functional.py)
+                                 "collectives": "functional",  # all_to_all / hierarchical layers as
+                                                               # functional collectives in the graph
+                                                               # (codegen/comm/functional.py); or "op": one
+                                                               # ep_moe op per layer, run by the executor
+                                                               # (which records traffic). Coherent chains
+                                                               # and FSSDP always run as their ops.
                                  "release_parameters": True}}  # inference graphs: keep only this rank's
                                                                # expert rows, free the module's whole tensors
                                                                # (runtime/ep_weights.py); False for a model
@@ -41,7 +44,7 @@ import torch
 MODES = ("all_to_all", "hierarchical", "coherent")
 KEYS = ("group", "mode", "placement", "ranks_per_node", "overlap_degree", "movement", "materialize", "replicate",
         "rematerialize", "load_window", "release_parameters", "collectives")
-COLLECTIVES = ("op", "functional")   # ep_moe op with the schedule executor | functional collectives in the graph
+COLLECTIVES = ("functional", "op")   # functional collectives in the graph | ep_moe op with the schedule executor
 MOVEMENTS = ("tokens", "weights", "auto")
 MATERIALIZE = ("needed", "sparse")
 FSSDP_KEYS = ("materialize", "replicate", "rematerialize", "load_window")
@@ -71,7 +74,7 @@ def normalize_options(value):
            "movement": value.get("movement", "tokens"), "materialize": value.get("materialize", "needed"),
            "replicate": value.get("replicate", "auto"), "rematerialize": value.get("rematerialize", False),
            "load_window": value.get("load_window", 5), "release_parameters": value.get("release_parameters", True)}
-    out["collectives"] = value.get("collectives", "op")
+    out["collectives"] = value.get("collectives", "functional")
     if out["collectives"] not in COLLECTIVES:
         raise ConfigError(f"option expert_parallel['collectives'] must be one of {list(COLLECTIVES)}, got "
                           f"{out['collectives']!r}")
