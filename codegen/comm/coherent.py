@@ -367,3 +367,4 @@ def _backward(ctx, grad_out):
 torch.library.register_autograd("moe_compiler::coherent_moe_chain", _backward, setup_context=_setup)
 
 COHERENT_CHAIN_OP = torch.ops.moe_compiler.coherent_moe_chain.default
+executor.runs_collectives(COHERENT_CHAIN_OP, torch.ops.moe_compiler.coherent_moe_chain_backward.default)

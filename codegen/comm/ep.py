@@ -293,3 +293,4 @@ def _backward(ctx, grad_out):
 torch.library.register_autograd("moe_compiler::ep_moe", _backward, setup_context=_setup)
 
 EP_MOE_OP = torch.ops.moe_compiler.ep_moe.default
+executor.runs_collectives(EP_MOE_OP, torch.ops.moe_compiler.ep_moe_backward.default)

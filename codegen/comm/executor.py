@@ -21,10 +21,20 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.fx
 
 
 class CommError(RuntimeError):
     """A collective of the expert-parallel schedule failed (peer died, timed out, or mismatched)."""
+
+
+def runs_collectives(*ops) -> None:
+    """Mark custom ops that run collectives inside as side-effecting, so that neither FX dead-code
+    elimination nor Inductor drops them. Inductor treats a read of a zero-element buffer as a no-op:
+    on a rank that passes no tokens the op's [0, H] output has no readers and the op would be removed,
+    leaving the other ranks waiting in its collectives (or receiving another layer's)."""
+    for op in ops:
+        torch.fx.node.has_side_effect(op)
 
 
 # ------------------------------------------------------------------ groups

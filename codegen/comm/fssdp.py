@@ -491,3 +491,6 @@ def _backward(ctx, grad_out, _grad_need, _grad_handle):
 torch.library.register_autograd("moe_compiler::fssdp_moe", _backward, setup_context=_setup)
 
 FSSDP_MOE_OP = torch.ops.moe_compiler.fssdp_moe.default
+executor.runs_collectives(FSSDP_MOE_OP, torch.ops.moe_compiler.fssdp_moe_backward.default,
+                          torch.ops.moe_compiler.sparse_all_gather.default,
+                          torch.ops.moe_compiler.sparse_reduce_scatter.default)

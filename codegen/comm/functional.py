@@ -79,7 +79,11 @@ def _route(rows, meta, dest, hop):
     order = torch.argsort(dest, stable=True)
     send_counts = (dest.unsqueeze(1) == torch.arange(size, device=dest.device)).sum(0)   # fixed size [G]
     recv_counts = funcol.all_to_all_single(send_counts, [1] * size, [1] * size, hop.group)
-    send, recv = send_counts.tolist(), recv_counts.tolist()
+    # the last send split is the rows left over, so the splits sum to rows.shape[0] by construction: the
+    # reverse all-to-all's output then has the rows' own size, not an unbacked sum (Inductor could not
+    # view a zero-row batch's [0, k, H] gradient as [u0 + u1, H])
+    send, recv = send_counts[:-1].tolist(), recv_counts.tolist()
+    send.append(dest.shape[0] - sum(send))
     for n in send + recv:
         torch._check_is_size(n)
     got = funcol.all_to_all_single_autograd(rows.index_select(0, order), recv, send, hop.group)
