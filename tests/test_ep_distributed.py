@@ -487,6 +487,29 @@ def test_a_rank_without_tokens_still_joins_every_collective():
         assert all(err < 1e-5 for err in res.values()), (rank, res)
 
 
+def generate_worker(rank, world):
+    """Greedy generation with a KV cache (prefill, then decode graphs with a growing cache) under the
+    default expert parallelism; each rank its own prompts, batch 1 and 2."""
+    from hf_models import make_model
+
+    model = make_model("mixtral")
+    ids = torch.randint(0, 96, (1 + rank, 5), generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        compiled = copy.deepcopy(model)
+        compiled.forward = torch.compile(compiled.forward, backend="moe",
+                                         options={"expert_parallel": True, "strict": True})
+        got = compiled.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    return dict(equal=bool(torch.equal(ref, got)), shape=list(got.shape))
+
+
+def test_greedy_generation_under_expert_parallelism_equals_eager():
+    results = run_ranks("test_ep_distributed:generate_worker", 2, {}, timeout=300, pg_timeout=120,
+                        python_path=(HERE,))
+    for rank, r in enumerate(results):
+        assert r["equal"] and r["shape"] == [1 + rank, 11], (rank, r)
+
+
 def test_a_failed_rendezvous_is_run_again_on_a_new_store(monkeypatch):
     """The first store points at a port nobody serves: both ranks fail to join, the run starts again."""
     import torch.distributed as dist
