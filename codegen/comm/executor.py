@@ -165,10 +165,15 @@ def _a2a(out, inp, out_splits, in_splits, hop: Hop, what: str):
 
 
 def _comm_error(kind: str, what: str, hop: Hop, e: Exception) -> CommError:
+    return peer_failure(f"{kind} {what!r} on group {hop.name} failed on group rank {hop.rank} of {hop.size}",
+                        "schedule", e)
+
+
+def peer_failure(where: str, ran: str, e: Exception) -> CommError:
+    """The CommError for a collective that failed at `where` with the process group's error e."""
     return CommError(
-        f"expert parallelism: {kind} {what!r} on group {hop.name} failed on group rank {hop.rank} of "
-        f"{hop.size} (a peer process died, timed out, or ran a different schedule): {type(e).__name__}: "
-        f"{str(e).splitlines()[0][:300] if str(e) else ''}")
+        f"expert parallelism: {where} (a peer process died, timed out, or ran a different {ran}): "
+        f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
 
 
 def all_gather_rows(t: torch.Tensor, hop: Hop, what: str) -> torch.Tensor:

@@ -42,7 +42,7 @@ import torch.distributed._functional_collectives as funcol
 
 from moe_compiler.codegen.comm.ep import (combine, expert_rows, hop_destinations, local_index, local_weights,
                                           plan_hops, plan_of, route_tokens, slot_chunks)
-from moe_compiler.codegen.comm.executor import CommError
+from moe_compiler.codegen.comm.executor import CommError, peer_failure
 from moe_compiler.ir import _spec
 
 # what the process group's own errors say when a peer is gone or late (gloo, NCCL), beside DistError
@@ -120,10 +120,8 @@ def name_collective_failures(compiled):
             if not _is_peer_failure(e):
                 raise
             rank = dist.get_rank() if dist.is_initialized() else 0
-            first = str(e).splitlines()[0][:300] if str(e) else ""
-            raise CommError(f"expert parallelism: a collective of the compiled graph (functional collectives) failed "
-                            f"on rank {rank} (a peer process died, timed out, or ran a different graph): "
-                            f"{type(e).__name__}: {first}") from e
+            raise peer_failure(f"a collective of the compiled graph (functional collectives) failed on rank {rank}",
+                               "graph", e) from e
 
     return run
 
