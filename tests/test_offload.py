@@ -21,7 +21,7 @@ from moe_compiler.modules import MoELayer
 from moe_compiler.runtime import memory, offload
 from moe_compiler.runtime.cache_policy import POLICIES, make_policy
 from moe_compiler.runtime.expert_files import ExpertFiles, ExpertReadError
-from moe_compiler.runtime.expert_store import LOADERS, ExpertStore, parse_bytes
+from moe_compiler.runtime.expert_store import LOADERS, PROCESS_PREFETCHES_AHEAD, ExpertStore, parse_bytes
 from moe_compiler.runtime.loader_process import LoaderProcessError
 from moe_compiler.runtime.quantize import dequantize_rows, quantize_rows
 
@@ -460,6 +460,28 @@ def test_loader_process_serves_more_reads_than_it_has_slots(tmp_path):
             with store.use(l, e) as w:
                 assert torch.equal(w["w1"], layers[l]["w1"][e]) and torch.equal(w["w2"], layers[l]["w2"][e])
     assert store.stats()["bytes_loaded"] == store.total_expert_bytes
+    store.close()
+
+
+def test_loader_process_holds_few_prefetches_so_a_step_can_drop_the_rest(tmp_path):
+    """The loader process is handed PROCESS_PREFETCHES_AHEAD prefetches at a time; a step that uses none
+    of the predicted experts drops those still waiting in the store, so they are never read."""
+    ahead = PROCESS_PREFETCHES_AHEAD
+    layers = [_layer(12, seed=0)]
+    store = _store(tmp_path, layers, budget=1.0, policy="lru", loader="process")
+    assert store.prefetch(0, range(11)) == list(range(11))
+    assert store._proc.in_flight() == ahead and len(store._unsent) == 11 - ahead
+    assert store.begin_step(0, [11]) == [11]   # drops the waiting ones before it sends any more
+    with store.use(0, 11) as w:
+        assert torch.equal(w["w1"], layers[0]["w1"][11])
+    store.drain()
+    resident = sorted(store.resident())
+    assert resident == [(0, e) for e in range(ahead)] + [(0, 11)]
+    sizes = store.layers[0].manifest["bytes"]
+    assert store.stats()["bytes_loaded"] == sum(sizes[e] for _, e in resident)
+    for e in range(12):   # a dropped prefetch still loads when used
+        with store.use(0, e) as w:
+            assert torch.equal(w["w2"], layers[0]["w2"][e])
     store.close()
 
 

@@ -12,7 +12,8 @@ was read (oneDNN packing on CPU; on CUDA the copy to the device on a side stream
 the next expert while the CPU prepares the last.
 ``loader="process"`` (CPU layers; CUDA layers keep the thread): a child process reads and checks the
 files into shared staging slots (runtime.loader_process), so reads cost the model thread no GIL
-time; the model thread collects finished reads whenever it calls the store. ``loader="readahead"`` (CPU
+time; the model thread collects finished reads whenever it calls the store, and hands the child at
+most PROCESS_PREFETCHES_AHEAD prefetches at once, so a step can still drop the ones it does not use. ``loader="readahead"`` (CPU
 layers; CUDA layers keep the thread): no loader at all; a load only asks the kernel to read the file
 into the page cache in the background (posix_fadvise WILLNEED) and the layer that uses the expert
 copies it in from there (its first use claims it), so loading costs the model thread no GIL
@@ -63,6 +64,11 @@ _DEMAND, _PREFETCH = 0, 1
 # layer (2 cores, 1 intra-op thread, page cache dropped): a 1-token step with one hit and one miss
 # took ~0.60 ms reading the miss itself against ~0.73 ms handing it to the loader thread.
 HANDOFF_MIN_ROWS = 64
+# prefetches the loader process holds at once (demand loads may add to them): the rest wait in the
+# store's queue, where a step that does not use them can still drop them (a request the child holds
+# is read whatever happens). One, as the loader thread reads: on the wide reference model's decode,
+# 1 read 134 MiB per repetition, 2 read 162 and 16 (every staging slot) 166 (BENCHMARKS.md)
+PROCESS_PREFETCHES_AHEAD = 1
 LOADERS = ("thread", "process", "readahead")
 
 
@@ -192,7 +198,7 @@ class ExpertStore:
         self.quantize = quantize
         self.loader = loader
         self._proc: ProcessLoader | None = None   # loader "process": the child reading CPU layers' experts
-        self._unsent: list = []                    # loader "process": keys waiting for a free staging slot
+        self._unsent: list = []                    # loader "process": keys waiting for a slot or their turn
         self.drop_page_cache = drop_page_cache
         # the readahead loader copies in what the kernel read ahead into the page cache: no O_DIRECT
         self.files = ExpertFiles(root, drop_page_cache=drop_page_cache, direct_io=loader != "readahead")
@@ -503,9 +509,11 @@ class ExpertStore:
 
     def _send(self, key, priority) -> bool:
         """Hand an unclaimed entry to the loader process (started, lazily); False when no staging slot
-        is free, or the slots must grow for this layer's files while reads are in flight. Caller holds
-        the lock."""
+        is free, when a prefetch would go beyond PROCESS_PREFETCHES_AHEAD requests in flight, or when
+        the slots must grow for this layer's files while reads are in flight. Caller holds the lock."""
         layer = self.layers[key[0]]
+        if priority >= _PREFETCH and self._proc is not None and self._proc.in_flight() >= PROCESS_PREFETCHES_AHEAD:
+            return False
         if self._proc is not None and layer.file_bytes > self._proc.slot_bytes:
             if self._proc.in_flight():
                 return False
@@ -528,6 +536,7 @@ class ExpertStore:
     def _collect(self, timeout: float = 0.0) -> None:
         """Publish the loader process's finished reads (waiting up to timeout s for one when none has
         finished) and send waiting keys to the slots they freed. Caller holds the lock."""
+        self._send_unsent()   # (a demand load moved up in the queue need not wait for a read to finish)
         proc = self._proc
         if proc is not None and proc.in_flight():
             try:
@@ -553,6 +562,10 @@ class ExpertStore:
                 except BaseException as e:  # surfaced to whoever waits for the expert
                     error = e
                 self._publish(key, self._entries[key], tensors, error)
+        self._send_unsent()
+
+    def _send_unsent(self) -> None:
+        """Send waiting keys, best priority first, while the loader process takes them."""
         if self._unsent:
             self._unsent.sort()
             while self._unsent:
@@ -601,11 +614,11 @@ class ExpertStore:
         are dropped while no loader has started them."""
         experts = [int(e) for e in experts]
         with self._lock:
-            self._collect()
             earlier, _ = self._predicted.get(layer, (None, None))
             self._predicted[layer] = (set(experts), token_predictions)
             if earlier:
                 self._drop_unstarted_prefetches(layer, earlier.difference(experts))
+            self._collect()   # (after the drop: a slot it frees goes to a load still wanted)
             if votes:
                 self.policy.on_prediction(layer, votes)
             # a prefetch is a guess: it may not evict what any layer used in its latest step
@@ -637,10 +650,14 @@ class ExpertStore:
         GEMMs would end long before a read handed to the loader did."""
         experts = [int(e) for e in experts]
         with self._lock:
-            self._collect()
+            predicted, per_token = self._predicted.pop(layer, (None, None))
+            if predicted:
+                # predicted experts this step does not use, whose loads no loader has started: reading
+                # them now would only hold up the loads that are needed (a later prediction asks again)
+                self._drop_unstarted_prefetches(layer, predicted.difference(experts))
+            self._collect()   # (after the drop: a slot it frees goes to a load still wanted)
             st = self.layers[layer].stats
             st.steps += 1
-            predicted, per_token = self._predicted.pop(layer, (None, None))
             if predicted is not None:
                 st.predicted_steps_used += len(experts)
                 st.predicted += len(predicted.intersection(experts))
@@ -661,10 +678,6 @@ class ExpertStore:
                 self.policy.on_access((layer, e))
                 (ready if entry.done else flying).append(e)
                 st.ready += entry.done
-            if predicted:
-                # predicted experts this step does not use, whose loads no loader has started: reading
-                # them now would only hold up the loads that are needed (a later prediction asks again)
-                self._drop_unstarted_prefetches(layer, predicted.difference(experts))
             self.policy.on_use(layer, experts)
             self._recently_used.difference_update((layer, e) for e in self._last_used.get(layer, ()))
             self._recently_used.update((layer, e) for e in experts)
