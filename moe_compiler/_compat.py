@@ -1,7 +1,11 @@
 """The one place that touches private torch APIs (checked on torch 2.11 and 2.13)."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import logging
+import os
 import re
 
 import torch
@@ -119,8 +123,44 @@ def _clone_outputs(gm: torch.fx.GraphModule):
     return restore
 
 
+def source_fingerprint(root: str) -> str:
+    """16 hex digits of a digest of the Python sources under ``root`` (names and contents)."""
+    digest = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, root).encode() + b"\0")
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def _package_cache_tag() -> str:
+    return "moe_compiler-" + source_fingerprint(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextlib.contextmanager
+def inductor_caches_keyed_by_package():
+    """Add this package's source fingerprint to the key of Inductor's and AOTAutograd's on-disk caches
+    while inside. The graphs the backend compiles call the package's ops, and those caches do not key
+    on how an op is registered: a graph compiled while an op was not marked side-effecting (Inductor
+    then drops one whose output nobody reads) would otherwise be served again after an upgrade.
+    The user's own ``torch.compiler.config.cache_key_tag`` is kept in front."""
+    config = getattr(torch.compiler, "config", None)
+    tag = getattr(config, "cache_key_tag", None)
+    ours = _package_cache_tag()
+    if tag is None or ours in tag:
+        yield
+        return
+    with config.patch(cache_key_tag=f"{tag}+{ours}" if tag else ours):
+        yield
+
+
 def compile_inductor(gm: torch.fx.GraphModule, example_inputs: list, mode: str | None = None, inner_compile=None):
-    """Hand a graph to Inductor (which runs aot_autograd: forward and backward graphs)."""
+    """Hand a graph to Inductor (which runs aot_autograd: forward and backward graphs); its on-disk
+    caches are keyed by this package's sources too (``inductor_caches_keyed_by_package``)."""
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
     patches = {}
@@ -129,13 +169,17 @@ def compile_inductor(gm: torch.fx.GraphModule, example_inputs: list, mode: str |
     kwargs = {"config_patches": patches} if patches else {}
     if inner_compile is not None:
         kwargs["inner_compile"] = inner_compile
-    return compile_fx(gm, example_inputs, **kwargs)
+    with inductor_caches_keyed_by_package():
+        return compile_fx(gm, example_inputs, **kwargs)
 
 
 def compile_fx_inner(*args, **kwargs):
+    """Inductor's compile of one ATen graph (the backward's is called lazily, at the first backward:
+    outside ``compile_inductor``, so the cache key is salted here too)."""
     from torch._inductor.compile_fx import compile_fx_inner as inner
 
-    return inner(*args, **kwargs)
+    with inductor_caches_keyed_by_package():
+        return inner(*args, **kwargs)
 
 
 def compile_eager_aot(gm: torch.fx.GraphModule, example_inputs: list, fw_hook=None):

@@ -98,6 +98,33 @@ def test_training_step_equals_eager():
         torch.testing.assert_close(p2.grad, p1.grad)
 
 
+def test_inductor_caches_are_keyed_by_the_package_sources(monkeypatch, tmp_path):
+    """Forward and backward compile with this package's source fingerprint in Inductor's cache key (a
+    graph cached before an op's registration changed must not be served again), after the user's tag."""
+    import torch._inductor.compile_fx as inductor
+    from moe_compiler import _compat
+
+    tags, real = [], inductor.compile_fx_inner
+
+    def recording(*args, **kwargs):
+        tags.append((bool(kwargs.get("is_backward")), torch.compiler.config.cache_key_tag))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inductor, "compile_fx_inner", recording)
+    torch._dynamo.reset()
+    model = torch.compile(MLP(), backend="moe")
+    with torch.compiler.config.patch(cache_key_tag="user"):
+        model(torch.randn(8, 16, requires_grad=True)).sum().backward()
+    ours = _compat._package_cache_tag()
+    assert ours.startswith("moe_compiler-") and sorted(tags) == [(False, f"user+{ours}"), (True, f"user+{ours}")]
+    assert torch.compiler.config.cache_key_tag == ""
+
+    (tmp_path / "a.py").write_text("x = 1\n")
+    before = _compat.source_fingerprint(str(tmp_path))
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert _compat.source_fingerprint(str(tmp_path)) != before
+
+
 def test_dumps_written(tmp_path):
     layer = moe_compiler.MoELayer(16, 24, 4, 2)
     x = torch.randn(6, 16)
