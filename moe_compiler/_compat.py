@@ -123,22 +123,31 @@ def _clone_outputs(gm: torch.fx.GraphModule):
     return restore
 
 
-def source_fingerprint(root: str) -> str:
-    """16 hex digits of a digest of the Python sources under ``root`` (names and contents)."""
+def source_fingerprint(*roots: str) -> str:
+    """16 hex digits of a digest of the Python sources under ``roots`` (names and contents)."""
     digest = hashlib.sha256()
-    for folder, dirs, files in sorted(os.walk(root)):
-        dirs.sort()
-        for name in sorted(f for f in files if f.endswith(".py")):
-            path = os.path.join(folder, name)
-            digest.update(os.path.relpath(path, root).encode() + b"\0")
-            with open(path, "rb") as f:
-                digest.update(f.read())
+    for root in roots:
+        for folder, dirs, files in sorted(os.walk(root)):
+            dirs.sort()
+            for name in sorted(f for f in files if f.endswith(".py")):
+                path = os.path.join(folder, name)
+                digest.update(os.path.relpath(path, root).encode() + b"\0")
+                with open(path, "rb") as f:
+                    digest.update(f.read())
     return digest.hexdigest()[:16]
+
+
+# the package's source folders: one in an installed wheel, four in a checkout (pyproject's package-dir)
+_SOURCE_PACKAGES = ("moe_compiler", "moe_compiler.passes", "moe_compiler.codegen", "moe_compiler.cost_model")
 
 
 @functools.cache
 def _package_cache_tag() -> str:
-    return "moe_compiler-" + source_fingerprint(os.path.dirname(os.path.abspath(__file__)))
+    import importlib
+
+    folders = sorted({os.path.realpath(p) for name in _SOURCE_PACKAGES for p in importlib.import_module(name).__path__})
+    roots = [f for f in folders if not any(f.startswith(other + os.sep) for other in folders)]
+    return "moe_compiler-" + source_fingerprint(*roots)
 
 
 @contextlib.contextmanager

@@ -119,10 +119,14 @@ def test_inductor_caches_are_keyed_by_the_package_sources(monkeypatch, tmp_path)
     assert ours.startswith("moe_compiler-") and sorted(tags) == [(False, f"user+{ours}"), (True, f"user+{ours}")]
     assert torch.compiler.config.cache_key_tag == ""
 
-    (tmp_path / "a.py").write_text("x = 1\n")
-    before = _compat.source_fingerprint(str(tmp_path))
-    (tmp_path / "a.py").write_text("x = 2\n")
-    assert _compat.source_fingerprint(str(tmp_path)) != before
+    # a checkout keeps the ops in codegen/, beside moe_compiler/: every source folder counts
+    first, second = tmp_path / "moe_compiler", tmp_path / "codegen"
+    for folder in (first, second):
+        folder.mkdir()
+        (folder / "a.py").write_text("x = 1\n")
+    before = _compat.source_fingerprint(str(first), str(second))
+    (second / "a.py").write_text("x = 2\n")
+    assert _compat.source_fingerprint(str(first), str(second)) != before
 
 
 def test_dumps_written(tmp_path):
