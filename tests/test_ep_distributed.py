@@ -489,18 +489,27 @@ def test_a_rank_without_tokens_still_joins_every_collective():
 
 def generate_worker(rank, world):
     """Greedy generation with a KV cache (prefill, then decode graphs with a growing cache) under the
-    default expert parallelism; each rank its own prompts, batch 1 and 2."""
+    default expert parallelism; each rank its own prompts, batch 1 and 2. First every rank makes six
+    new tokens; then rank 0 meets its end-of-sequence token after two, and ``synced_gpus=True`` keeps
+    it calling the model (its collectives) until rank 1 is done."""
     from hf_models import make_model
 
     model = make_model("mixtral")
     ids = torch.randint(0, 96, (1 + rank, 5), generator=torch.Generator().manual_seed(rank))
+    fixed = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        ref = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        ref = model.generate(ids, **fixed)
+        # rank 0 stops at its second new token; rank 1 at a token it never makes
+        eos = int(ref[0, 6]) if rank == 0 else next(t for t in range(95, 0, -1) if t not in ref)
+        early = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=eos)
+        ref_early = model.generate(ids, **early)
         compiled = copy.deepcopy(model)
         compiled.forward = torch.compile(compiled.forward, backend="moe",
                                          options={"expert_parallel": True, "strict": True})
-        got = compiled.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    return dict(equal=bool(torch.equal(ref, got)), shape=list(got.shape))
+        got = compiled.generate(ids, **fixed)
+        got_early = compiled.generate(ids, synced_gpus=True, **early)
+    return dict(equal=bool(torch.equal(ref, got)), shape=list(got.shape),
+                equal_early=bool(torch.equal(ref_early, got_early)), shape_early=list(got_early.shape))
 
 
 def test_greedy_generation_under_expert_parallelism_equals_eager():
@@ -508,6 +517,7 @@ def test_greedy_generation_under_expert_parallelism_equals_eager():
                         python_path=(HERE,))
     for rank, r in enumerate(results):
         assert r["equal"] and r["shape"] == [1 + rank, 11], (rank, r)
+        assert r["equal_early"] and r["shape_early"] == [1 + rank, 7 if rank == 0 else 11], (rank, r)
 
 
 def test_a_failed_rendezvous_is_run_again_on_a_new_store(monkeypatch):
