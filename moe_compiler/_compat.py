@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib
 import logging
 import os
 import re
@@ -143,8 +144,6 @@ _SOURCE_PACKAGES = ("moe_compiler", "moe_compiler.passes", "moe_compiler.codegen
 
 @functools.cache
 def _package_cache_tag() -> str:
-    import importlib
-
     folders = sorted({os.path.realpath(p) for name in _SOURCE_PACKAGES for p in importlib.import_module(name).__path__})
     roots = [f for f in folders if not any(f.startswith(other + os.sep) for other in folders)]
     return "moe_compiler-" + source_fingerprint(*roots)

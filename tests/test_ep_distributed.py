@@ -326,38 +326,39 @@ def functional_worker(rank, world, dump_dir, placement_path):
     from moe_compiler.pipeline import counters
 
     out = {}
-    for inner in ("inductor",):   # training: forward and backward through the functional collectives
-        # (the eager inner backend: test_compiled_ep_four_ranks)
-        torch._dynamo.reset()
-        counters.clear()
-        torch.manual_seed(0)
-        model = _Stack()
-        ref = copy.deepcopy(model)
-        opts = {"expert_parallel": {"collectives": "functional", "placement": placement_path}, "inner_backend": inner,
-                "strict": True, "dump_dir": os.path.join(dump_dir, inner)}
-        cm = torch.compile(model, backend="moe", options=opts)
-        res = {}
-        for n in (5, 7 + rank):   # a second length: a recompile with a symbolic length, still equal
-            x = torch.randn(2 + rank, n, 16, generator=torch.Generator().manual_seed(rank + n))
-            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-            model.zero_grad()
-            ref.zero_grad()
-            y = cm(xa)
-            y.square().sum().backward()
-            y_ref = ref(xb)
-            y_ref.square().sum().backward()
-            gw_ref = ref.layers[0].gate_up_proj.grad.clone()
-            dist.all_reduce(gw_ref)
-            gw = model.layers[0].gate_up_proj.grad.clone()   # full-size rows: other ranks' experts get 0 here
-            dist.all_reduce(gw)
-            res[n] = max(_rel(y, y_ref), _rel(xa.grad, xb.grad), _rel(gw, gw_ref))
-        graphs = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(dump_dir, inner)) for f in fs]
-        text = {os.path.basename(f): open(f).read() for f in graphs if f.endswith(".py")}
-        out[inner] = dict(err=max(res.values()), layers=counters["sparse_collectives"].get("layers_expert_parallel", 0),
-                          in_pass_dump=any("ep_layer" in t for n, t in text.items() if "sparse_collectives" in n),
-                          fwd_a2a=sum(t.count("all_to_all_single") for n, t in text.items() if n == "aot_forward.py"),
-                          bwd_a2a=sum(t.count("all_to_all_single") for n, t in text.items() if n == "aot_backward.py"),
-                          no_op=not any("ep_moe" in t for t in text.values()))
+    # training with Inductor: forward and backward through the functional collectives
+    # (the eager inner backend: test_compiled_ep_four_ranks)
+    inner = "inductor"
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = _Stack()
+    ref = copy.deepcopy(model)
+    opts = {"expert_parallel": {"collectives": "functional", "placement": placement_path}, "inner_backend": inner,
+            "strict": True, "dump_dir": os.path.join(dump_dir, inner)}
+    cm = torch.compile(model, backend="moe", options=opts)
+    res = {}
+    for n in (5, 7 + rank):   # a second length: a recompile with a symbolic length, still equal
+        x = torch.randn(2 + rank, n, 16, generator=torch.Generator().manual_seed(rank + n))
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        model.zero_grad()
+        ref.zero_grad()
+        y = cm(xa)
+        y.square().sum().backward()
+        y_ref = ref(xb)
+        y_ref.square().sum().backward()
+        gw_ref = ref.layers[0].gate_up_proj.grad.clone()
+        dist.all_reduce(gw_ref)
+        gw = model.layers[0].gate_up_proj.grad.clone()   # full-size rows: other ranks' experts get 0 here
+        dist.all_reduce(gw)
+        res[n] = max(_rel(y, y_ref), _rel(xa.grad, xb.grad), _rel(gw, gw_ref))
+    graphs = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(dump_dir, inner)) for f in fs]
+    text = {os.path.basename(f): open(f).read() for f in graphs if f.endswith(".py")}
+    out[inner] = dict(err=max(res.values()), layers=counters["sparse_collectives"].get("layers_expert_parallel", 0),
+                      in_pass_dump=any("ep_layer" in t for n, t in text.items() if "sparse_collectives" in n),
+                      fwd_a2a=sum(t.count("all_to_all_single") for n, t in text.items() if n == "aot_forward.py"),
+                      bwd_a2a=sum(t.count("all_to_all_single") for n, t in text.items() if n == "aot_backward.py"),
+                      no_op=not any("ep_moe" in t for t in text.values()))
 
     # token chunks and hierarchical mode (2 "nodes" of 1 rank) as functional collectives too, forward and backward
     for extra in ({"overlap_degree": 2}, {"mode": "hierarchical", "ranks_per_node": 1, "overlap_degree": 3}):
@@ -401,11 +402,10 @@ def test_functional_collectives_in_the_graph(tmp_path):
                         {"dump_dir": str(tmp_path / "dumps"), "placement_path": path},
                         timeout=300, pg_timeout=120, python_path=(HERE,))
     for rank, r in enumerate(results):
-        for inner in ("inductor",):
-            f = r[inner]
-            assert f["err"] < 1e-5 and f["layers"] == 4, (rank, inner, f)   # 2 layers, 2 graphs (new length)
-            assert f["in_pass_dump"] and f["no_op"], (rank, inner, f)
-            assert f["fwd_a2a"] >= 6 and f["bwd_a2a"] >= 4, (rank, inner, f)   # counts, rows, ids; rows back
+        f = r["inductor"]
+        assert f["err"] < 1e-5 and f["layers"] == 4, (rank, f)   # 2 layers, 2 graphs (new length)
+        assert f["in_pass_dump"] and f["no_op"], (rank, f)
+        assert f["fwd_a2a"] >= 6 and f["bwd_a2a"] >= 4, (rank, f)   # counts, rows, ids; rows back
         for extra in ('{"overlap_degree": 2}', '{"mode": "hierarchical", "ranks_per_node": 1, "overlap_degree": 3}'):
             assert r[extra]["err"] < 1e-5, (rank, extra, r[extra])
             assert all("functional collectives in the graph" in s for s in r[extra]["strategy"]), r[extra]
