@@ -137,6 +137,12 @@ def _main(argv) -> None:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - a dead peer can make teardown fail; the result is saved
             pass
+    # the result is saved: leave without interpreter finalization. After a peer died or hung, gloo can
+    # still hold a timed-out collective's work, whose tensors are freed during finalization without the
+    # interpreter (SIGABRT, "terminate called without an active exception"), failing a finished rank.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
