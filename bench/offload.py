@@ -50,7 +50,9 @@ DONTNEED). Reported per variant: median
 tokens/s for prefill and decode, hit rate (used experts resident or already in flight when the layer
 needed them), ready rate (of those, already loaded: the layer did not wait), prediction recall (used
 experts inside the predicted set), token recall (a token's routed experts inside its own top-(k+1)
-prediction), MiB loaded, stall time and the store's peak bytes against its budget; outputs are
+prediction), useful (prefetched experts a step then used), late (of those, the ones no loader had
+started when the layer needed them: the model's thread read them itself), MiB loaded, stall time and
+the store's peak bytes against its budget; outputs are
 compared with the resident model's bit for bit (torch.equal), repetition by repetition.
 """
 from __future__ import annotations
@@ -142,7 +144,7 @@ class Variant:
         if before is not None:
             acc = self.phase[phase]
             for k in ("hits", "ready", "misses", "predicted", "predicted_of", "token_hits", "token_total",
-                      "bytes_loaded", "stall_s", "prefetched", "prefetch_used"):
+                      "bytes_loaded", "stall_s", "prefetched", "prefetch_used", "prefetches_read_by_caller"):
                 acc[k] = acc.get(k, 0) + now[k] - before[k]
         return now
 
@@ -176,7 +178,8 @@ class Variant:
                 "prediction_recall": ratio("predicted", "predicted_of"),
                 "token_recall": ratio("token_hits", "token_total"), "bytes_loaded": a.get("bytes_loaded", 0),
                 "stall_s": a.get("stall_s", 0.0), "prefetched": a.get("prefetched", 0),
-                "prefetch_used": a.get("prefetch_used", 0)}
+                "prefetch_used": a.get("prefetch_used", 0),
+                "prefetches_read_by_caller": a.get("prefetches_read_by_caller", 0)}
 
 
 def main(argv=None):
@@ -308,20 +311,24 @@ def main(argv=None):
                                   prediction_recall=m["prediction_recall"], token_recall=m["token_recall"],
                                   mib_loaded=m["bytes_loaded"] / 2 ** 20 / reps,
                                   stall_ms=1e3 * m["stall_s"] / reps,
-                                  prefetch_useful=m["prefetch_used"] / m["prefetched"] if m["prefetched"] else None)
+                                  prefetch_useful=m["prefetch_used"] / m["prefetched"] if m["prefetched"] else None,
+                                  # used prefetches no loader had started in time: the model's thread read them
+                                  prefetch_late=(m["prefetches_read_by_caller"] / m["prefetch_used"]
+                                                 if m["prefetch_used"] else None))
             row.update(peak_mib=st["peak_bytes"] / 2 ** 20, budget_mib=st["budget_bytes"] / 2 ** 20,
                        within_budget=st["peak_bytes"] <= st["budget_bytes"])
         rows.append(row)
     f = (lambda x, fmt: "-" if x is None else format(x, fmt))
     for phase in ("prefill", "decode"):
         print(f"\n{phase}: {'variant':16s} {'tok/s':>8s} {'hit':>6s} {'ready':>6s} {'recall':>6s} {'tokrec':>6s} "
-              f"{'useful':>6s} {'MiB/rep':>8s} {'stall ms':>8s} {'peak/budget MiB':>16s} equal")
+              f"{'useful':>6s} {'late':>6s} {'MiB/rep':>8s} {'stall ms':>8s} {'peak/budget MiB':>16s} equal")
         for r in rows:
             p = r.get(phase, {})
             print(f"{'':9s}{r['variant']:16s} {r[phase + '_tok_s']:8.1f} {f(p.get('hit_rate'), '6.3f'):>6s} "
                   f"{f(p.get('ready_rate'), '6.3f'):>6s} {f(p.get('prediction_recall'), '6.3f'):>6s} "
                   f"{f(p.get('token_recall'), '6.3f'):>6s} "
-                  f"{f(p.get('prefetch_useful'), '6.3f'):>6s} {f(p.get('mib_loaded'), '8.2f'):>8s} "
+                  f"{f(p.get('prefetch_useful'), '6.3f'):>6s} {f(p.get('prefetch_late'), '6.3f'):>6s} "
+                  f"{f(p.get('mib_loaded'), '8.2f'):>8s} "
                   f"{f(p.get('stall_ms'), '8.1f'):>8s} "
                   f"{(f(r.get('peak_mib'), '.2f') + '/' + f(r.get('budget_mib'), '.2f')) if 'peak_mib' in r else '-':>16s} "
                   f"{r['equal_to_resident']}")

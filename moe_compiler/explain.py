@@ -94,7 +94,8 @@ class ExplainReport:
     expert_bytes_held: int = -1
     # with option offload: the expert store's counters after the example run (ExpertStore.stats():
     # hit_rate (resident or in flight), ready_rate (already loaded), prediction_recall, token_recall,
-    # bytes_loaded, stall_s, peak_bytes, per layer)
+    # bytes_loaded, stall_s, read_by_caller and prefetches_read_by_caller (loads the model's own thread
+    # read: no loader had started them), peak_bytes, per layer)
     offload: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
@@ -122,7 +123,8 @@ class ExplainReport:
                          f"(already loaded {pct(o['ready_rate'])}), prediction recall {pct(o['prediction_recall'])}, "
                          f"token recall {pct(o['token_recall'])}, "
                          f"{o['bytes_loaded'] / 2**20:.2f} MiB loaded, stall {1e3 * o['stall_s']:.2f} ms, "
-                         f"peak {o['peak_bytes'] / 2**20:.2f} MiB")
+                         f"{o['read_by_caller']} loads read by the model's thread ({o['prefetches_read_by_caller']} "
+                         f"of them predicted), peak {o['peak_bytes'] / 2**20:.2f} MiB")
             for layer in o["layers"]:
                 lines.append(f"  {layer['name']}: hit rate {pct(layer['hit_rate'])} "
                              f"(loaded {pct(layer['ready_rate'])}), "

@@ -6,6 +6,7 @@ import glob
 import os
 import re
 import sys
+import threading
 import time
 
 import pytest
@@ -820,6 +821,7 @@ def test_explain_reports_offload_metrics(tmp_path):
     assert o["policy"] == "lru" and len(o["layers"]) == MODEL["layers"] and o["hits"] + o["misses"] > 0
     assert "offload (lru" in str(report) and "hit rate" in str(report) and "already loaded" in str(report)
     assert 0 <= o["ready"] <= o["hits"] and sum(layer["ready"] for layer in o["layers"]) == o["ready"]
+    assert 0 <= o["prefetches_read_by_caller"] <= o["read_by_caller"] and "read by the model's thread" in str(report)
     assert model.moes[0].gate_up_proj.untyped_storage().nbytes() > 0  # explain does not free weights
 
 
@@ -1056,3 +1058,39 @@ def test_loader_thread_start_notes_cores_taken_by_intra_op_threads(tmp_path, cap
         assert noted == []
     else:
         assert len(noted) == 1 and "torch.set_num_threads(3)" in noted[0], noted
+
+
+
+@pytest.mark.parametrize("loader", ["thread", "readahead"])
+def test_loads_the_layer_reads_itself_are_counted(tmp_path, loader):
+    """A load no loader has started when the layer needs it is read by the layer's own thread and
+    counted (read_by_caller; prefetches_read_by_caller when a prediction issued it); a load a loader
+    read is not. Readahead gives no loader the read: the caller reads every prefetch it uses."""
+    layer = _layer(6)
+    store = _store(tmp_path, [layer], budget=1.0, policy="lru", loader=loader)
+    gate = threading.Event()
+    read = store._read_raw
+
+    def held_read(key):   # the loader thread's reads wait for the gate
+        if threading.current_thread() is not threading.main_thread():
+            assert gate.wait(10)
+        return read(key)
+
+    store._read_raw = held_read
+    assert store.prefetch(0, [1, 2]) == [1, 2]
+    if loader == "thread":   # the loader holds expert 1; expert 2 waits in its queue
+        deadline = time.monotonic() + 10
+        while not store._entries[(0, 1)].started and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert store._entries[(0, 1)].started
+    for e in (2, 3):   # 2: a queued prefetch the layer reads itself; 3: a miss
+        with store.use(0, e) as w:
+            assert torch.equal(w["w1"], layer["w1"][e])
+    gate.set()
+    with store.use(0, 1) as w:   # the loader's read (thread) or the caller's (readahead)
+        assert torch.equal(w["w1"], layer["w1"][1])
+    s = store.stats()
+    by_loader = loader == "thread"
+    assert (s["read_by_caller"], s["prefetches_read_by_caller"]) == ((2, 1) if by_loader else (3, 2))
+    assert s["layers"][0]["read_by_caller"] == s["read_by_caller"]
+    store.close()

@@ -89,6 +89,10 @@ class LayerStats:
     token_total: int = 0
     bytes_loaded: int = 0
     stall_s: float = 0.0       # time the layer waited for loads
+    read_by_caller: int = 0    # loads the layer's own thread read (no loader had started them)
+    # of those, predicted experts: with the loader thread or process, a prefetch issued too late for a
+    # loader to start it before the layer needed it (with readahead, every prefetch the layer used)
+    prefetches_read_by_caller: int = 0
 
     def as_dict(self) -> dict:
         used = self.hits + self.misses
@@ -98,7 +102,8 @@ class LayerStats:
                 "prediction_recall": self.predicted / self.predicted_steps_used if self.predicted_steps_used else None,
                 "token_recall": self.token_hits / self.token_total if self.token_total else None,
                 "prefetched": self.prefetched, "prefetch_used": self.prefetch_used,
-                "bytes_loaded": self.bytes_loaded, "stall_s": self.stall_s}
+                "bytes_loaded": self.bytes_loaded, "stall_s": self.stall_s,
+                "read_by_caller": self.read_by_caller, "prefetches_read_by_caller": self.prefetches_read_by_caller}
 
 
 @dataclass
@@ -144,7 +149,8 @@ class _Entry:
     done: bool = False        # ready.is_set(), as a plain field read under the store's lock (hot loops)
     started: bool = False
     handed: bool = False      # given to the loader thread's queue or the loader process (else a caller reads it)
-    by_prefetch: bool = False
+    by_prefetch: bool = False  # issued by a prediction and not yet used by a step
+    predicted: bool = False    # issued by a prediction (kept after a step uses it)
     priority: int = 0         # the loader queue priority it was last handed with (_DEMAND, _PREFETCH + ahead)
 
 
@@ -476,7 +482,8 @@ class ExpertStore:
         nbytes = layer.cached_bytes if layer.quantized else layer.manifest["bytes"][key[1]]
         if not self._make_room(key, nbytes, protect, wait, demand=priority == _DEMAND):
             return False
-        entry = self._entries[key] = _Entry(nbytes, by_prefetch=priority >= _PREFETCH)
+        predicted = priority >= _PREFETCH
+        entry = self._entries[key] = _Entry(nbytes, by_prefetch=predicted, predicted=predicted)
         self._used += nbytes
         self.peak_bytes = max(self.peak_bytes, self._used)
         self.policy.on_insert(key)
@@ -738,6 +745,10 @@ class ExpertStore:
             entry.pins += 1
             claimed = not entry.started  # not picked up by the loader yet: load it here, without a hand-off
             entry.started = True
+            if claimed:
+                st = self.layers[layer].stats
+                st.read_by_caller += 1
+                st.prefetches_read_by_caller += entry.predicted
         waited = not entry.ready.is_set()
         try:
             if claimed:
@@ -809,7 +820,9 @@ class ExpertStore:
                 "prediction_recall": pred / pred_n if pred_n else None,
                 "token_recall": tok / tok_n if tok_n else None,
                 "bytes_loaded": sum(l["bytes_loaded"] for l in layers),
-                "stall_s": sum(l["stall_s"] for l in layers), "layers": layers}
+                "stall_s": sum(l["stall_s"] for l in layers),
+                "read_by_caller": sum(l["read_by_caller"] for l in layers),
+                "prefetches_read_by_caller": sum(l["prefetches_read_by_caller"] for l in layers), "layers": layers}
 
     def clear(self) -> int:
         """Drop every cached expert that is neither pinned nor loading, and the host tier, and give the
