@@ -319,12 +319,13 @@ def main(argv=None):
                        within_budget=st["peak_bytes"] <= st["budget_bytes"])
         rows.append(row)
     f = (lambda x, fmt: "-" if x is None else format(x, fmt))
+    width = max(len(r["variant"]) for r in rows)   # names like res+ahead2+predicted@50/p
     for phase in ("prefill", "decode"):
-        print(f"\n{phase}: {'variant':16s} {'tok/s':>8s} {'hit':>6s} {'ready':>6s} {'recall':>6s} {'tokrec':>6s} "
+        print(f"\n{phase + ':':9s}{'variant':{width}s} {'tok/s':>8s} {'hit':>6s} {'ready':>6s} {'recall':>6s} {'tokrec':>6s} "
               f"{'useful':>6s} {'late':>6s} {'MiB/rep':>8s} {'stall ms':>8s} {'peak/budget MiB':>16s} equal")
         for r in rows:
             p = r.get(phase, {})
-            print(f"{'':9s}{r['variant']:16s} {r[phase + '_tok_s']:8.1f} {f(p.get('hit_rate'), '6.3f'):>6s} "
+            print(f"{'':9s}{r['variant']:{width}s} {r[phase + '_tok_s']:8.1f} {f(p.get('hit_rate'), '6.3f'):>6s} "
                   f"{f(p.get('ready_rate'), '6.3f'):>6s} {f(p.get('prediction_recall'), '6.3f'):>6s} "
                   f"{f(p.get('token_recall'), '6.3f'):>6s} "
                   f"{f(p.get('prefetch_useful'), '6.3f'):>6s} {f(p.get('prefetch_late'), '6.3f'):>6s} "
