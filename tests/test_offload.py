@@ -1060,7 +1060,6 @@ def test_loader_thread_start_notes_cores_taken_by_intra_op_threads(tmp_path, cap
         assert len(noted) == 1 and "torch.set_num_threads(3)" in noted[0], noted
 
 
-
 @pytest.mark.parametrize("loader", ["thread", "readahead"])
 def test_loads_the_layer_reads_itself_are_counted(tmp_path, loader):
     """A load no loader has started when the layer needs it is read by the layer's own thread and
