@@ -387,6 +387,8 @@ def main(argv=None):
         "fastest_decode_speedup_vs_on_demand": speedup(fastest),
         "fastest_exact_by_budget": by_budget,
         "prediction_recall": best["decode"]["prediction_recall"] if best else None,
+        # of the prefetches it used, the share no loader had started in time (the model's thread read them)
+        "prefetch_late_at_50pct": best["decode"]["prefetch_late"] if best else None,
         "outputs_equal": all(r["equal_to_resident"] for r in rows if not r["quantized"]),
         "int8_hit_rate_at_50pct": int8["decode"]["hit_rate"] if int8 else None,
         "int8_decode_speedup_vs_on_demand": speedup(int8),
