@@ -13,11 +13,11 @@ the next expert while the CPU prepares the last.
 ``loader="process"`` (CPU layers; CUDA layers keep the thread): a child process reads and checks the
 files into shared staging slots (runtime.loader_process), so reads cost the model thread no GIL
 time; the model thread collects finished reads whenever it calls the store, and hands the child at
-most PROCESS_PREFETCHES_AHEAD prefetches at once, so a step can still drop the ones it does not use. ``loader="readahead"`` (CPU
-layers; CUDA layers keep the thread): no loader at all; a load only asks the kernel to read the file
-into the page cache in the background (posix_fadvise WILLNEED) and the layer that uses the expert
-copies it in from there (its first use claims it), so loading costs the model thread no GIL
-hand-offs, only a short read from memory.
+most PROCESS_PREFETCHES_AHEAD prefetches at once, so a step can still drop the ones it does not use.
+``loader="readahead"`` (CPU layers; CUDA layers keep the thread): no loader at all; a load only asks
+the kernel to read the file into the page cache in the background (posix_fadvise WILLNEED) and the
+layer that uses the expert copies it in from there (its first use claims it), so loading costs the
+model thread no GIL hand-offs, only a short read from memory.
 
 ``quantize="int8"``: the fast tier holds int8 copies of the expert weight matrices (runtime.quantize;
 changes results, so off by default) and is charged their bytes; ``use`` yields dequantized tensors.
