@@ -173,16 +173,20 @@ def _empty_run(graph_id):
 
 
 def _inner(gm, example_inputs, config: BackendConfig, dumps: DumpWriter):
-    """Compile with aot_autograd + Inductor (or eager), dumping the forward/backward ATen graphs."""
+    """Compile with aot_autograd + Inductor (or eager), dumping the forward/backward ATen graphs
+    (after moving each all-to-all's wait to the first use of its result: functional.sink_waits)."""
 
-    def dump(g, kind):
+    def overlap_and_dump(g, kind):
+        from moe_compiler.codegen.comm.functional import sink_waits
+
+        sink_waits(g)
         dumps.write(f"aot_{kind}.py", graph_code(g))
 
     if config.inner_backend == "eager":
-        return _compat.compile_eager_aot(gm, example_inputs, fw_hook=dump)
+        return _compat.compile_eager_aot(gm, example_inputs, fw_hook=overlap_and_dump)
 
     def inner_compile(g, inputs, **kwargs):
-        dump(g, "backward" if kwargs.get("is_backward") else "forward" if not kwargs.get("is_inference") else "inference")
+        overlap_and_dump(g, "backward" if kwargs.get("is_backward") else "forward" if not kwargs.get("is_inference") else "inference")
         return _compat.compile_fx_inner(g, inputs, **kwargs)
 
     return _compat.compile_inductor(gm, example_inputs, mode=config.mode, inner_compile=inner_compile)

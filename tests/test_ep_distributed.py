@@ -171,9 +171,29 @@ def ep_cases_worker(rank, world, cases, functional_every=1):
                        fgw1=_rel(gwf[0], gw1_all), fgw2=_rel(gwf[1], gw2_all))
             if qs is not None:
                 err["fgscale"] = _rel(gwf[2], gs_all)
+        issued = [t["step"] for t in traffic]
         report.append(dict(case=case, err=err, grads_stay=stays, received=got, expected=expected,
-                           sent=sent, slots=x.shape[0] * spec.top_k, totals=totals.tolist()))
+                           sent=sent, slots=x.shape[0] * spec.top_k, totals=totals.tolist(),
+                           pipelined=issued == _pipelined_issue_order(case["mode"], case["overlap"])))
     return report
+
+
+def _pipelined_issue_order(mode: str, chunks: int) -> list:
+    """The order in which the ep_moe forward issues its all-to-alls with `chunks` token chunks: chunk
+    c+1's dispatch goes out before chunk c's experts run, each chunk's combine right after its experts
+    (hierarchical: a hop is issued once the hop before it has arrived; the intra-node combines last)."""
+    if mode == "all_to_all":
+        first, second, back_first, back_second = ["dispatch", "dispatch_meta"], [], ["combine"], []
+    else:
+        first = ["dispatch_intra_node", "dispatch_intra_node_meta"]
+        second = ["dispatch_inter_node", "dispatch_inter_node_meta"]
+        back_first, back_second = ["combine_inter_node"], ["combine_intra_node"]
+    order = list(first)
+    for c in range(chunks):
+        if c + 1 < chunks:
+            order += first
+        order += second + back_first
+    return order + back_second * chunks
 
 
 def _rel(a, b):
@@ -194,6 +214,7 @@ def _check_report(reports, world):
             assert r["sent"] == r["slots"], f"{where}: sent {r['sent']} of {r['slots']} slots"
             assert r["totals"][0] == r["totals"][1], \
                 f"{where}: slots sent {r['totals'][1]} != received {r['totals'][0]}"
+            assert r["pipelined"], f"{where}: the forward did not issue its all-to-alls in the pipelined order"
     assert total >= 0
 
 
@@ -368,15 +389,19 @@ def functional_worker(rank, world, dump_dir, placement_path):
         ref = copy.deepcopy(model)
         x = torch.randn(2 + rank, 5, 16, generator=torch.Generator().manual_seed(rank))
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        chunk_dumps = os.path.join(dump_dir, "chunks", str(len(out)))
         cm = torch.compile(model, backend="moe", options={"expert_parallel": {"collectives": "functional", **extra},
-                                                          "inner_backend": "eager", "strict": True})
+                                                          "inner_backend": "eager", "strict": True,
+                                                          "dump_dir": chunk_dumps})
         with collect_records() as records:
             y = cm(xa)
         y.square().sum().backward()
         y_ref = ref(xb)
         y_ref.square().sum().backward()
+        forward = [os.path.join(d, f) for d, _, fs in os.walk(chunk_dumps) for f in fs if f == "aot_forward.py"]
         out[json.dumps(extra)] = dict(err=max(_rel(y, y_ref), _rel(xa.grad, xb.grad)),
-                                      strategy=[m.strategy for rec in records for m in rec.moe_layers])
+                                      strategy=[m.strategy for rec in records for m in rec.moe_layers],
+                                      in_flight=_in_flight_at_first_experts(open(forward[0]).read()))
     # coherent chains keep their op, and say so
     torch._dynamo.reset()
     from torch_moe_styles import ChainedMoEStack
@@ -385,6 +410,17 @@ def functional_worker(rank, world, dump_dir, placement_path):
                                   expert_parallel={"collectives": "functional", "mode": "coherent"})
     out["coherent"] = [r.strategy for r in report.moe_layers]
     return out
+
+
+def _in_flight_at_first_experts(graph_code: str) -> int:
+    """All-to-alls issued and not yet waited for when a dumped ATen graph first runs experts."""
+    issued = waited = 0
+    for line in graph_code.splitlines():
+        if "routed_experts.default(" in line or "grouped_experts.default(" in line:
+            return issued - waited
+        issued += "_c10d_functional.all_to_all_single.default(" in line
+        waited += "_c10d_functional.wait_tensor.default(" in line
+    raise AssertionError("no expert call in the graph")
 
 
 def test_functional_collectives_in_the_graph(tmp_path):
@@ -408,6 +444,9 @@ def test_functional_collectives_in_the_graph(tmp_path):
         assert f["fwd_a2a"] >= 6 and f["bwd_a2a"] >= 4, (rank, f)   # counts, rows, ids; rows back
         for extra in ('{"overlap_degree": 2}', '{"mode": "hierarchical", "ranks_per_node": 1, "overlap_degree": 3}'):
             assert r[extra]["err"] < 1e-5, (rank, extra, r[extra])
+            # the later chunks' dispatch (rows and meta of each hop still to wait for) is in flight while the
+            # first chunk's experts run: the waits were moved to the first use (functional.sink_waits)
+            assert r[extra]["in_flight"] >= 2, (rank, extra, r[extra]["in_flight"])
             assert all("functional collectives in the graph" in s for s in r[extra]["strategy"]), r[extra]
         assert all("in the coherent_moe_chain op" in s for s in r["coherent"]), r["coherent"]
 

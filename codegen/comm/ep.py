@@ -7,7 +7,8 @@ sparse_collectives rewrites ``moe(x, L, bias, w1, w3, w2, b1, b3, b2, spec)`` in
     x [T, H], L [T, E]  (this rank's own tokens)
     ids [T, k]   = top-k routing, locally                      weights [T, k] fp32 (differentiable in L)
     dest [T*k]   = rank of each slot's expert (replicas: slots of an expert spread round-robin over them)
-    -- per token chunk (overlap_degree chunks) --
+    -- per token chunk (overlap_degree chunks; in the forward, chunk c+1's dispatch and chunk c's
+       combine are in flight while chunk c's experts run) --
     counts [G]   = scatter_add(dest)                           fixed size, exchanged with all_to_all_single
     xr [S_recv, H], er [S_recv] = all_to_all_single(x[slot token], ids)     data-dependent splits
     yr [S_recv, H] fp32 = local grouped experts (this rank's weights only)
@@ -175,24 +176,90 @@ def slot_chunks(x, ids, plan: EPPlan, rank: int):
 
 
 def ep_experts(x, ids, local_w, spec: MoESpec, plan: EPPlan) -> torch.Tensor:
-    """x [T, H], ids [T, k] -> per-slot expert outputs [T*k, H] fp32, computed on the experts' ranks."""
+    """x [T, H], ids [T, k] -> per-slot expert outputs [T*k, H] fp32, computed on the experts' ranks.
+
+    Without gradients (the op's forward) and with overlap_degree > 1 the chunks are pipelined as the
+    schedule plans: chunk c+1's dispatch is in flight while chunk c's experts run, and chunk c's
+    combine while the next chunks' experts run (Tutel's overlap). Under autograd (the backward's
+    recompute) the chunks run one after another through the differentiable all-to-all."""
     layer = spec.path or "moe"
     hops, rank = plan_hops(plan)
     local = local_index(plan, rank, x.device)
+    chunks = list(slot_chunks(x, ids, plan, rank))
+    if len(chunks) > 1 and not torch.is_grad_enabled():
+        return _pipelined_chunks(chunks, hops, local_w, local, spec, plan, layer)
     outs = []
-    for xs, meta in slot_chunks(x, ids, plan, rank):
+    for xs, meta in chunks:
         routes = []
         for hop in hops:
             (xs, meta), route = executor.route_rows([xs, meta], hop_destinations(meta[:, 1], hop, plan), hop,
-                                                    layer=layer,
-                                                    name="dispatch" + ("" if hop.name == "world" else "_" + hop.name))
+                                                    layer=layer, name=_step("dispatch", hop))
             routes.append(route)
         yr = _run_experts(xs, meta[:, 0], local_w, local, spec)
         for route in reversed(routes):
-            yr = executor.reverse_rows(yr, route, name="combine" + ("" if route.hop.name == "world"
-                                                                     else "_" + route.hop.name))
+            yr = executor.reverse_rows(yr, route, name=_step("combine", route.hop))
         outs.append(yr)
     return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+
+
+def _step(kind: str, hop) -> str:
+    """The schedule's step name of a hop: "dispatch", "dispatch_intra_node", "combine_inter_node", ..."""
+    return kind if hop.name == "world" else f"{kind}_{hop.name}"
+
+
+def _pipelined_chunks(chunks, hops, local_w, local, spec: MoESpec, plan: EPPlan, layer: str) -> torch.Tensor:
+    """ep_experts' chunks with their collectives in flight across the neighbouring chunks' experts.
+    Every rank issues the same collectives in the same order (empty chunks included), so the
+    in-flight all-to-alls pair up across ranks."""
+    dispatch = _ChunkDispatch(*chunks[0], hops, plan, layer)
+    combines = []
+    for c in range(len(chunks)):
+        following = _ChunkDispatch(*chunks[c + 1], hops, plan, layer) if c + 1 < len(chunks) else None
+        xs, meta, routes = dispatch.finish()
+        combines.append(_ChunkCombine(_run_experts(xs, meta[:, 0], local_w, local, spec), routes))
+        dispatch = following
+    return torch.cat([c.finish() for c in combines], 0)
+
+
+class _ChunkDispatch:
+    """One chunk's dispatch through the hops: the first hop's rows are issued at construction, each
+    later hop when the one before has arrived (its destinations are in the received meta)."""
+
+    def __init__(self, rows, meta, hops, plan: EPPlan, layer: str):
+        self.hops, self.plan, self.layer, self.routes = hops, plan, layer, []
+        self.in_flight = self._issue(0, rows, meta)
+
+    def _issue(self, i, rows, meta):
+        hop = self.hops[i]
+        return executor.start_route_rows([rows, meta], hop_destinations(meta[:, 1], hop, self.plan), hop,
+                                         layer=self.layer, name=_step("dispatch", hop))
+
+    def finish(self):
+        """-> (rows [R, H] for this rank's experts, their meta [R, 2], the routes taken)."""
+        for i in range(len(self.hops)):
+            (rows, meta), route = self.in_flight.finish()
+            self.routes.append(route)
+            if i + 1 < len(self.hops):
+                self.in_flight = self._issue(i + 1, rows, meta)
+        return rows, meta, self.routes
+
+
+class _ChunkCombine:
+    """One chunk's expert outputs going back through the hops in reverse; the last hop is issued at
+    construction, each earlier one when the later has arrived."""
+
+    def __init__(self, y, routes):
+        self.routes = list(reversed(routes))
+        self.in_flight = executor.start_reverse_rows(y, self.routes[0], name=_step("combine", self.routes[0].hop))
+
+    def finish(self):
+        """-> the chunk's per-slot outputs [S, H] fp32 in slot order."""
+        for i in range(len(self.routes)):
+            y = self.in_flight.finish()
+            if i + 1 < len(self.routes):
+                route = self.routes[i + 1]
+                self.in_flight = executor.start_reverse_rows(y, route, name=_step("combine", route.hop))
+        return y
 
 
 def route_tokens(hidden, router_logits, score_bias, spec: MoESpec) -> tuple:

@@ -6,6 +6,9 @@
         splits  = counts.tolist(), recv.tolist()      # the only host sync
         rows    = all_to_all_single(tensor[argsort(dest)], recv splits, send splits)
     reverse_rows(y [S_recv, ...], route)          -> [S, ...] in the order route_rows was given
+    start_route_rows / start_reverse_rows         the same, issued with async_op=True: an InFlight whose
+                                                  finish() waits and returns what the blocking call returns
+                                                  (no autograd: for forwards that run without gradients)
 
 Float tensors move through ``AllToAll`` (an autograd Function: its backward is the reverse
 all-to-all), so gradients flow back to the sending rank. A failing collective (a dead peer, a
@@ -224,11 +227,8 @@ class Route:
     name: str = ""
 
 
-def route_rows(tensors: list, dest: torch.Tensor, hop: Hop, *, layer: str = "", name: str = "dispatch"):
-    """Send row i of every tensor to group rank dest[i]; returns (received tensors, Route).
-
-    Received rows are ordered by source group rank, and within a source in send order.
-    """
+def _send_splits(dest: torch.Tensor, hop: Hop, layer: str, name: str) -> tuple:
+    """Exchange per-destination row counts: -> (send order [S], send splits, receive splits)."""
     counts = torch.zeros(hop.size, dtype=torch.int64, device=dest.device)
     counts.scatter_add_(0, dest, torch.ones_like(dest))
     recv = _a2a(torch.empty_like(counts), counts, [1] * hop.size, [1] * hop.size, hop, f"{layer}:{name}_counts")
@@ -236,19 +236,87 @@ def route_rows(tensors: list, dest: torch.Tensor, hop: Hop, *, layer: str = "", 
     for src, n in enumerate(recv_splits):  # a peer that ran another schedule sends garbage counts
         torch._check(n >= 0, lambda: f"expert parallelism: {layer}:{name}: group rank {src} announced {n} rows "
                                       f"(a peer ran a different schedule?)")
-    order = torch.argsort(dest, stable=True)
+    return torch.argsort(dest, stable=True), send_splits, recv_splits
+
+
+def route_rows(tensors: list, dest: torch.Tensor, hop: Hop, *, layer: str = "", name: str = "dispatch"):
+    """Send row i of every tensor to group rank dest[i]; returns (received tensors, Route).
+
+    Received rows are ordered by source group rank, and within a source in send order.
+    """
+    order, send_splits, recv_splits = _send_splits(dest, hop, layer, name)
     out = []
     for t in tensors:
         out.append(all_to_all(t.index_select(0, order), recv_splits, send_splits, hop, f"{layer}:{name}"))
-        step = name if t.is_floating_point() else name + "_meta"
-        note_traffic(layer, step, hop, send_splits, recv_splits, _row_bytes(t))
+        _note_route_step(layer, name, hop, t, send_splits, recv_splits)
     return out, Route(hop, order, send_splits, recv_splits, layer, name)
+
+
+def _note_route_step(layer, name, hop, t, send_splits, recv_splits):
+    step = name if t.is_floating_point() else name + "_meta"
+    note_traffic(layer, step, hop, send_splits, recv_splits, _row_bytes(t))
 
 
 def reverse_rows(y: torch.Tensor, route: Route, name: str = "combine") -> torch.Tensor:
     """Send received rows back to where route_rows took them from, restoring the original order."""
     back = all_to_all(y, route.send_splits, route.recv_splits, route.hop, f"{route.layer}:{name}")
     note_traffic(route.layer, name, route.hop, route.recv_splits, route.send_splits, _row_bytes(y))
+    return _restore_order(back, route)
+
+
+def _restore_order(back: torch.Tensor, route: Route) -> torch.Tensor:
     inv = torch.empty_like(route.order)
     inv[route.order] = torch.arange(route.order.numel(), device=route.order.device)
     return back.index_select(0, inv)
+
+
+# ------------------------------------------------------------------ collectives in flight
+class InFlight:
+    """All-to-alls issued with ``async_op=True``. ``finish()`` waits for them (a failing one raises
+    CommError naming its step) and returns ``result()``; the wait counts as collective time."""
+
+    def __init__(self, works: list, result):
+        self._works = works          # [(Work, hop, what)]
+        self._result = result
+
+    def finish(self):
+        for work, hop, what in self._works:
+            try:
+                with timed_collective():
+                    work.wait()
+            except Exception as e:  # noqa: BLE001 - re-raised with context
+                raise _comm_error("all_to_all", what, hop, e) from e
+        self._works = []
+        return self._result()
+
+
+def _start_a2a(x: torch.Tensor, out_splits, in_splits, hop: Hop, what: str):
+    """Issue all_to_all_single(x) without waiting: -> (output buffer, (Work, hop, what))."""
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    try:
+        work = dist.all_to_all_single(out, x.contiguous(), list(out_splits), list(in_splits), group=hop.group,
+                                      async_op=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        raise _comm_error("all_to_all", what, hop, e) from e
+    return out, (work, hop, what)
+
+
+def start_route_rows(tensors: list, dest: torch.Tensor, hop: Hop, *, layer: str = "", name: str = "dispatch"
+                     ) -> InFlight:
+    """route_rows without waiting for the rows: the counts exchange blocks (the splits are needed to
+    issue the rows), the rows' all-to-alls are left in flight. finish() -> (received tensors, Route)."""
+    order, send_splits, recv_splits = _send_splits(dest, hop, layer, name)
+    outs, works = [], []
+    for t in tensors:
+        out, work = _start_a2a(t.index_select(0, order), recv_splits, send_splits, hop, f"{layer}:{name}")
+        outs.append(out)
+        works.append(work)
+        _note_route_step(layer, name, hop, t, send_splits, recv_splits)
+    return InFlight(works, lambda: (outs, Route(hop, order, send_splits, recv_splits, layer, name)))
+
+
+def start_reverse_rows(y: torch.Tensor, route: Route, name: str = "combine") -> InFlight:
+    """reverse_rows without waiting: finish() -> y's rows back in the order route_rows was given."""
+    back, work = _start_a2a(y, route.send_splits, route.recv_splits, route.hop, f"{route.layer}:{name}")
+    note_traffic(route.layer, name, route.hop, route.recv_splits, route.send_splits, _row_bytes(y))
+    return InFlight([work], lambda: _restore_order(back, route))

@@ -9,18 +9,27 @@ it when the graph is compiled, so the ATen graph Inductor schedules holds, per l
                     per-expert scale applied, Gemma 4; with an input-scaling router, Llama 4, one
                     row x * w_j per slot routed top-1 with unit weights, ep.expert_rows)
     dest [T*k]    = rank of each slot's expert (replicas: round-robin, as ep_moe)
-    per token chunk (overlap_degree chunks), per hop (world; hierarchical: intra-node by
-    dest % M, then inter-node by dest // M, Tutel's 2DH):
+    per token chunk (overlap_degree chunks; every chunk's dispatch is traced before the first chunk's
+    experts), per hop (world; hierarchical: intra-node by dest % M, then inter-node by dest // M,
+    Tutel's 2DH):
       send [G]      = per-destination slot counts: a one-hot sum, fixed size (no bincount)
       recv [G]      = _c10d_functional.all_to_all_single(send)          + wait_tensor
       s_i, r_i      = send.tolist(), recv.tolist(): unbacked SymInts, torch._check_is_size'd
       rows [sum r_i, H] = all_to_all_single(rows sorted by dest, r, s)  (autograd: the backward is
                           the reverse all-to-all, _c10d_functional_autograd)
       meta          = all_to_all_single((expert, final rank) of each row, r, s)   (no gradient)
+    per chunk:
     y [R, H]      = this rank's experts (moe_compiler.routed_experts in training, for its
                     backward; grouped_experts in inference)
-    back          = the reverse all-to-alls, hops in reverse order, back into slot order
+    back          = the reverse all-to-alls, hops in reverse order (the first hop's left in flight
+                    while the next chunk's experts run), then back into slot order
     out [T, H]    = sum_k back[slot] * weights                         fp32, as ep_moe
+
+Tracing puts each collective's wait_tensor right after it; ``sink_waits`` (run by the backend on the
+forward and backward ATen graphs) moves every wait down to the first op that reads the result, so a
+chunk's experts run while the later chunks' dispatch and the earlier chunks' combine are in flight
+(Tutel's overlap; the collectives run on gloo's worker threads or NCCL's stream). The issue order is
+unchanged, so the ranks still pair their collectives up.
 
 The function is meant to be traced (the backend always hands its graph to aot_autograd): called
 eagerly, autograd through all_to_all_single_autograd gave wrong input and weight gradients on gloo
@@ -59,16 +68,21 @@ def ep_layer(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec: st
     x, ids, weights = expert_rows(x, ids, weights, s)   # Llama 4: a row x * w_j per slot
     local_w = local_weights(s, (w1, w3, w2, b1, b3, b2), plan.local_experts(rank))
     local = local_index(plan, rank, x.device)
-    outs = []
-    for rows, meta in slot_chunks(x, ids, plan, rank):   # token chunks: independent exchanges, in order
+    dispatched = []
+    for rows, meta in slot_chunks(x, ids, plan, rank):   # every chunk's dispatch is issued before any experts run
         routes = []
         for hop in hops:   # hierarchical: to the final rank's position in this node, then across nodes
             rows, meta, route = _route(rows, meta, hop_destinations(meta[:, 1], hop, plan), hop)
             routes.append(route)
+        dispatched.append((rows, meta, routes))
+    returning = []
+    for rows, meta, routes in dispatched:   # chunk c's experts run while the later chunks' rows are in flight
         y = _local_experts(rows, local[meta[:, 0]], local_w, spec)
-        for route in reversed(routes):
+        first_hop, *later_hops = routes
+        for route in reversed(later_hops):   # hierarchical: back across nodes before back within the node
             y = _reverse(y, route)
-        outs.append(y)
+        returning.append((_send_back(y, first_hop), first_hop))   # in flight while the next chunk's experts run
+    outs = [_restore_order(back, route) for back, route in returning]
     return combine(torch.cat(outs, 0) if len(outs) > 1 else outs[0], weights, hidden)
 
 
@@ -93,9 +107,18 @@ def _route(rows, meta, dest, hop):
 
 def _reverse(y, route):
     """Results y [R, H] of rows a _route delivered -> [S, H] in the order the rows were given."""
+    return _restore_order(_send_back(y, route), route)
+
+
+def _send_back(y, route):
+    """The all-to-all that returns results y [R, H] to the ranks that sent the rows: -> [S, H] in send order."""
     order, send, recv, group = route
-    back = funcol.all_to_all_single_autograd(y, send, recv, group)
-    return torch.zeros_like(back).index_copy(0, order, back)
+    return funcol.all_to_all_single_autograd(y, send, recv, group)
+
+
+def _restore_order(back, route):
+    """Rows back [S, H] in send order -> the order the rows were given to _route."""
+    return torch.zeros_like(back).index_copy(0, route[0], back)
 
 
 def _local_experts(rows, local_ids, local_w, spec: str) -> torch.Tensor:
@@ -103,6 +126,33 @@ def _local_experts(rows, local_ids, local_w, spec: str) -> torch.Tensor:
     ones = torch.ones((rows.shape[0], 1), dtype=torch.float32, device=rows.device)
     op = torch.ops.moe_compiler.routed_experts if torch.is_grad_enabled() else torch.ops.moe_compiler.grouped_experts
     return op(rows, local_ids.unsqueeze(1), ones, *local_w, spec).float()
+
+
+_WAIT = torch.ops._c10d_functional.wait_tensor.default
+_ALL_TO_ALL = torch.ops._c10d_functional.all_to_all_single.default
+
+
+def sink_waits(gm: torch.fx.GraphModule) -> int:
+    """Move the wait (``_c10d_functional.wait_tensor``) of every functional all_to_all_single of an
+    ATen graph down to just before the first node that reads its result, so the compute between the
+    collective's issue and that first use overlaps it (out-of-place all-to-alls only: nothing but the
+    wait reads their output). Collectives keep their order (every rank issues the same
+    ones in the same order, so they still pair up); Inductor keeps a collective's input alive until
+    its wait (the wait's volatile reads). -> the number of waits moved."""
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    moved = 0
+    for wait in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is _WAIT]:
+        issued = wait.args[0]
+        if not wait.users or not (isinstance(issued, torch.fx.Node) and issued.target is _ALL_TO_ALL):
+            continue
+        first = min(wait.users, key=position.__getitem__)
+        if first is not wait.next:
+            first.prepend(wait)
+            moved += 1
+    if moved:
+        gm.graph.lint()
+        gm.recompile()
+    return moved
 
 
 def name_collective_failures(compiled):
