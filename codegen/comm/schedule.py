@@ -10,8 +10,8 @@ token chunk (``overlap_degree`` of them) it runs these steps in this order, unde
     1     all_to_all       world          counts of step 0       rows [S_send, H] -> [S_recv, H]
     2     all_to_all       world          counts of step 0       (expert, destination) [S_send, 2] int64
           (hierarchical: intra_node step then inter_node step, each with its own counts exchange)
-    ...   local experts on the received rows (planned to overlap the next chunk's dispatch;
-          the executor runs the chunks one after another today)
+    ...   local experts on the received rows (overlapping the next chunk's dispatch and the
+          previous chunk's combine: ep.py's forward and functional.py pipeline the chunks)
     n     all_to_all       world          reverse of step 1      rows [S_recv, H] fp32 -> [S_send, H]
 
 S_send = tokens * top_k slots of this rank, S_recv = slots other ranks route to this rank's experts.
