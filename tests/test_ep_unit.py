@@ -62,6 +62,30 @@ def test_schedule_lists_steps_per_mode():
     json.loads(json.dumps(hier.to_dict()))
 
 
+def test_a_failing_collective_in_flight_raises_comm_error_naming_its_step():
+    """An all-to-all left in flight (a pipelined chunk) that fails when waited for raises CommError with
+    the step, the group and the peer's error; one that succeeds hands over its result once."""
+    from moe_compiler.codegen.comm.executor import CommError, Hop, InFlight
+
+    class Work:
+        def __init__(self, error=None):
+            self.error, self.waited = error, 0
+
+        def wait(self):
+            self.waited += 1
+            if self.error:
+                raise self.error
+
+    hop = Hop("world", None, 2, 0)
+    done = Work()
+    assert InFlight([(done, hop, "l0:dispatch")], lambda: "rows").finish() == "rows" and done.waited == 1
+    failing = InFlight([(Work(), hop, "l0:dispatch"), (Work(RuntimeError("Connection closed by peer")), hop,
+                                                       "l0:dispatch")], lambda: "rows")
+    with pytest.raises(CommError, match=r"all_to_all 'l0:dispatch' on group world failed on group rank 0 of 2 "
+                                        r".*RuntimeError: Connection closed by peer"):
+        failing.finish()
+
+
 def test_without_process_group_the_pass_skips_and_logs(caplog):
     counters.clear()
     layer = moe_compiler.MoELayer(16, 12, 4, 2)
