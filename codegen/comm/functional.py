@@ -14,6 +14,7 @@ it when the graph is compiled, so the ATen graph Inductor schedules holds, per l
     Tutel's 2DH):
       send [G]      = per-destination slot counts: a one-hot sum, fixed size (no bincount)
       recv [G]      = _c10d_functional.all_to_all_single(send)          + wait_tensor
+                      (the first hop's counts of all chunks go in one [G, chunks] exchange)
       s_i, r_i      = send.tolist(), recv.tolist(): unbacked SymInts, torch._check_is_size'd
       rows [sum r_i, H] = all_to_all_single(rows sorted by dest, r, s)  (autograd: the backward is
                           the reverse all-to-all, _c10d_functional_autograd)
@@ -68,10 +69,13 @@ def ep_layer(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec: st
     x, ids, weights = expert_rows(x, ids, weights, s)   # Llama 4: a row x * w_j per slot
     local_w = local_weights(s, (w1, w3, w2, b1, b3, b2), plan.local_experts(rank))
     local = local_index(plan, rank, x.device)
+    chunks = list(slot_chunks(x, ids, plan, rank))
+    first_dests = [hop_destinations(meta[:, 1], hops[0], plan) for _, meta in chunks]
     dispatched = []
-    for rows, meta in slot_chunks(x, ids, plan, rank):   # every chunk's dispatch is issued before any experts run
-        routes = []
-        for hop in hops:   # hierarchical: to the final rank's position in this node, then across nodes
+    for (rows, meta), dest, counts in zip(chunks, first_dests, _chunk_counts(first_dests, hops[0])):
+        rows, meta, route = _route(rows, meta, dest, hops[0], counts)   # every chunk's dispatch before any experts
+        routes = [route]
+        for hop in hops[1:]:   # hierarchical: to the final rank's position in this node, then across nodes
             rows, meta, route = _route(rows, meta, hop_destinations(meta[:, 1], hop, plan), hop)
             routes.append(route)
         dispatched.append((rows, meta, routes))
@@ -86,13 +90,33 @@ def ep_layer(hidden, router_logits, score_bias, w1, w3, w2, b1, b3, b2, spec: st
     return combine(torch.cat(outs, 0) if len(outs) > 1 else outs[0], weights, hidden)
 
 
-def _route(rows, meta, dest, hop):
+def _send_counts(dest, size: int):
+    """Rows per destination group rank: a one-hot sum, fixed size [G] (no bincount)."""
+    return (dest.unsqueeze(1) == torch.arange(size, device=dest.device)).sum(0)
+
+
+def _chunk_counts(dests: list, hop) -> list:
+    """Every chunk's (send counts [G], received counts [G]) for destinations dests[c] [S_c], in ONE
+    exchange of a [G, chunks] table. Besides saving collectives, it keeps the chunks' collectives
+    distinct: chunks of equal (e.g. empty) slices would otherwise be equal expressions, which
+    Inductor's common-subexpression elimination merges, so a rank with few tokens would issue fewer
+    collectives than its peers."""
+    send = torch.stack([_send_counts(d, hop.size) for d in dests], 1)   # [G, chunks]: row j goes to rank j
+    recv = funcol.all_to_all_single(send, [1] * hop.size, [1] * hop.size, hop.group)   # row i came from rank i
+    return [(send[:, c], recv[:, c]) for c in range(len(dests))]
+
+
+def _route(rows, meta, dest, hop, counts=None):
     """Send rows [S, H] (differentiable) and meta [S, m] (int64) to group rank dest [S] of the hop:
-    -> (received rows, received meta, route for _reverse). Received rows arrive grouped by sender."""
+    -> (received rows, received meta, route for _reverse). Received rows arrive grouped by sender.
+    counts: (send [G], received [G]) row counts when already exchanged (_chunk_counts)."""
     size = hop.size
     order = torch.argsort(dest, stable=True)
-    send_counts = (dest.unsqueeze(1) == torch.arange(size, device=dest.device)).sum(0)   # fixed size [G]
-    recv_counts = funcol.all_to_all_single(send_counts, [1] * size, [1] * size, hop.group)
+    if counts is None:
+        send_counts = _send_counts(dest, size)
+        recv_counts = funcol.all_to_all_single(send_counts, [1] * size, [1] * size, hop.group)
+    else:
+        send_counts, recv_counts = counts
     # the last send split is the rows left over, so the splits sum to rows.shape[0] by construction: the
     # reverse all-to-all's output then has the rows' own size, not an unbacked sum (Inductor could not
     # view a zero-row batch's [0, k, H] gradient as [u0 + u1, H])
