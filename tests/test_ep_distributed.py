@@ -706,9 +706,12 @@ def _chain_placement(case, world, gen):
     return Placement(world, [[list(r) for r in _placement_rows(case, world, gen)] for _ in range(case["layers"])])
 
 
-def _expected_coherent_steps(layers: int) -> list:
-    steps = ["dispatch", "dispatch_meta", "dispatch", "combine", "combine_meta"] * layers
-    return steps + ["home", "home_meta"]
+def _expected_coherent_steps(layers: int, chunks: int = 1) -> list:
+    """The all-to-alls a coherent chain's forward issues: per layer a dispatch (state, meta, weights) and
+    a combine (partials, meta), then home. Chunks are pipelined in lockstep: each exchange is issued for
+    every chunk before any chunk issues its next one."""
+    exchanges = [["dispatch", "dispatch_meta", "dispatch"], ["combine", "combine_meta"]] * layers
+    return [step for exchange in exchanges + [["home", "home_meta"]] for step in exchange * chunks]
 
 
 @settings(max_examples=2, deadline=None, phases=(Phase.explicit, Phase.generate), database=None)  # no shrinking (spawns are slow); example 1 is the minimal one, example 2 random
@@ -732,12 +735,12 @@ def test_compiled_coherent_two_ranks_equals_single_process(cases, tmp_path_facto
             where = (rank, case, {k: v for k, v in r.items() if k != "steps"})
             assert r["chained"] == case["layers"], where
             assert r["y"] < 1e-5 and r["gx"] < 1e-5 and r["gparams"] < 1e-5, where
-            assert r["steps"] == _expected_coherent_steps(case["layers"]) * case["overlap"], (where, r["steps"])
+            assert r["steps"] == _expected_coherent_steps(case["layers"], case["overlap"]), (where, r["steps"])
     assert any(f.startswith("coherent_chain") for _, _, fs in os.walk(dump) for f in fs), "no chain program dump"
 
 
 def test_compiled_coherent_four_ranks_and_where_it_does_not_apply(tmp_path):
-    """4 ranks: a 3-layer chain with RMSNorm + shared expert in two token chunks equals eager; a model that mixes tokens (cumsum
+    """4 ranks: a 3-layer chain with RMSNorm + shared expert in two pipelined token chunks equals eager; a model that mixes tokens (cumsum
     over the sequence) after its first layer is not chained there: those layers run two all-to-alls and
     explain() says why; a bf16 stack compiled with dynamic shapes (a rank with no tokens) still chains; a
     state read outside the chain splits it in two, the second starting at the first's output."""
@@ -756,8 +759,8 @@ def test_compiled_coherent_four_ranks_and_where_it_does_not_apply(tmp_path):
         # the state after layer 1 is read outside: two chains, the second starting where the first ends
         assert tapped["chained"] == 4 and tapped["steps"].count("home") == 2, (rank, tapped)
         assert tapped["y"] < 1e-5 and tapped["gx"] < 1e-5 and tapped["gparams"] < 1e-5, (rank, tapped)
-        # two token chunks: the whole chain twice
-        assert chained["chained"] == 3 and chained["steps"] == _expected_coherent_steps(3) * 2, (rank, chained)
+        # two token chunks, pipelined: each exchange for both chunks before the next
+        assert chained["chained"] == 3 and chained["steps"] == _expected_coherent_steps(3, 2), (rank, chained)
         # dynamic batch (symbolic token dims) still chains; bf16 within a few bf16 ulps of eager
         assert dynamic_bf16["chained"] == 2, (rank, dynamic_bf16)
         assert max(dynamic_bf16[k] for k in ("y", "gx", "gparams")) < 3e-2, (rank, dynamic_bf16)

@@ -115,7 +115,72 @@ def coherent_forward(x: torch.Tensor, layers: list, group=None, *, record: list 
     record: a list that receives each layer's (ids, anchor) of the rows routed here; replay: such a list,
     whose routing and anchors are used instead of recomputing them (a backward recompute must follow the
     forward's routing exactly: top-k ties can flip under the autograd path's different rounding)."""
-    hop = executor.world_hop(group if group is not None else executor.resolve_group("world"))
+    hop = _hop(group)
+    return run_exchanges([coherent_steps(x, layers, hop, record=record, replay=replay)], hop, pipelined=False)[0]
+
+
+def _hop(group):
+    return executor.world_hop(group if group is not None else executor.resolve_group("world"))
+
+
+@dataclass
+class Exchange:
+    """An all-to-all a coherent_steps generator asks its driver for: row i of every tensor goes to group
+    rank dest[i]; the generator is sent back the received tensors."""
+
+    tensors: list
+    dest: torch.Tensor
+    layer: str
+    name: str
+
+
+def run_exchanges(steps: list, hop, *, pipelined: bool) -> list:
+    """Drive coherent_steps generators (one per token chunk) -> their outputs, in order.
+
+    pipelined=False: each generator runs to its end in turn, every exchange a blocking (and, under
+    autograd, differentiable) all-to-all. pipelined=True (no gradients): round robin, every exchange
+    issued with async_op=True, so chunk c+1's dispatch is in flight while chunk c's experts run, and
+    chunk c's combine while chunk c+1's do. Every chunk makes the same exchanges (empty ones
+    included), so all ranks issue the same all-to-alls in the same order."""
+    return _round_robin(steps, hop) if pipelined else [_in_turn(gen, hop) for gen in steps]
+
+
+def _in_turn(gen, hop):
+    try:
+        request = next(gen)
+        while True:
+            received, _ = executor.route_rows(request.tensors, request.dest, hop, layer=request.layer,
+                                              name=request.name)
+            request = gen.send(received)
+    except StopIteration as done:
+        return done.value
+
+
+def _round_robin(steps: list, hop) -> list:
+    results, in_flight = [None] * len(steps), {}
+
+    def resume(i, received=None):
+        """Run chunk i up to its next exchange and issue it (or keep its output when it is done)."""
+        try:
+            request = next(steps[i]) if received is None else steps[i].send(received)
+        except StopIteration as done:
+            results[i] = done.value
+            return
+        in_flight[i] = executor.start_route_rows(request.tensors, request.dest, hop, layer=request.layer,
+                                                 name=request.name)
+
+    for i in range(len(steps)):
+        resume(i)
+    while in_flight:
+        for i in sorted(in_flight):
+            received, _ = in_flight.pop(i).finish()
+            resume(i, received)
+    return results
+
+
+def coherent_steps(x: torch.Tensor, layers: list, hop, *, record: list | None = None, replay: list | None = None):
+    """coherent_forward as a generator: yields each all-to-all as an Exchange, is sent the received
+    tensors, and returns the output [T, *feat_out] (StopIteration.value)."""
     T = x.shape[0]
     state = x
     meta = torch.stack([torch.full((T,), hop.rank, dtype=torch.int64, device=x.device),
@@ -144,13 +209,11 @@ def coherent_forward(x: torch.Tensor, layers: list, group=None, *, record: list 
         ew = torch.where(on_rank, w[tok].float(), torch.zeros_like(w[tok].float()))
         is_anchor = (dest[tok, j] == anchor[tok]).long()[:, None]
         cmeta = torch.cat([eid, anchor[tok, None], is_anchor, meta[tok]], 1)   # [c, k + 4]
-        (xs, m, ws), _ = executor.route_rows([state[tok], cmeta, ew], dest[tok, j], hop, layer=layer.name,
-                                             name="dispatch")
+        xs, m, ws = yield Exchange([state[tok], cmeta, ew], dest[tok, j], layer.name, "dispatch")
         part = layer.experts(xs, m[:, :k], ws)
         first = m[:, k + 1] == 1
         # the anchor row stays here with its state; the other ranks' partial sums go to the anchor
-        (yp, mp), _ = executor.route_rows([part[~first], m[~first]], m[~first, k], hop, layer=layer.name,
-                                          name="combine")
+        yp, mp = yield Exchange([part[~first], m[~first]], m[~first, k], layer.name, "combine")
         acc = part[first]
         meta = m[first][:, k + 2:k + 4]
         key = meta[:, 0] * (1 << 32) + meta[:, 1]
@@ -158,7 +221,7 @@ def coherent_forward(x: torch.Tensor, layers: list, group=None, *, record: list 
         pos = order[torch.searchsorted(key[order], mp[:, k + 2] * (1 << 32) + mp[:, k + 3])]
         acc = acc.index_add(0, pos, yp)
         state = layer.post(xs[first], acc)
-    (home_rows, home_meta), _ = executor.route_rows([state, meta], meta[:, 0], hop, layer="home", name="home")
+    home_rows, home_meta = yield Exchange([state, meta], meta[:, 0], "home", "home")
     out = home_rows.new_zeros((T,) + tuple(home_rows.shape[1:]))
     return out.index_copy(0, home_meta[:, 1], home_rows)
 
@@ -288,23 +351,25 @@ def chain_forward(state: torch.Tensor, operands: list, spec: str, *, record: lis
                   replay: list | None = None) -> torch.Tensor:
     """The op's semantics on this rank's tokens: state [*tokens, *feat] -> [*tokens, *out_feat].
 
-    The tokens run through the chain in the plan's overlap_degree chunks, one after another (the chain
-    is per-token, so chunks are independent; every rank runs the same number, empty ones included).
+    The tokens run through the chain in the plan's overlap_degree chunks (the chain is per-token, so
+    chunks are independent; every rank runs the same number, empty ones included), pipelined when no
+    gradient is taken (run_exchanges), one after another under autograd (the backward's recompute).
     record / replay: one list per chunk of coherent_forward's record= / replay=."""
     program = program_of(spec)
     plan = plan_of(program.layers[0].spec)
-    group = executor.resolve_group(plan.group)
+    hop = _hop(executor.resolve_group(plan.group))
     x = state.reshape((-1,) + tuple(state.shape[program.state_token_dims:]))
-    layers = _chain_layers(program, operands, executor.dist.get_rank(group), state.device)
+    layers = _chain_layers(program, operands, hop.rank, state.device)
     chunks = max(1, int(plan.overlap_degree))
     bounds = [x.shape[0] * c // chunks for c in range(chunks + 1)]
-    outs = []
+    steps = []
     for c in range(chunks):
         log = {} if replay is None else {"replay": replay[c]}
         if record is not None:
             record.append([])
             log["record"] = record[-1]
-        outs.append(coherent_forward(x[bounds[c]:bounds[c + 1]], layers, group, **log))
+        steps.append(coherent_steps(x[bounds[c]:bounds[c + 1]], layers, hop, **log))
+    outs = run_exchanges(steps, hop, pipelined=chunks > 1 and not torch.is_grad_enabled())
     out = torch.cat(outs, 0) if chunks > 1 else outs[0]
     return out.to(program.out_dtype).reshape(program.out_shape(state.shape))
 

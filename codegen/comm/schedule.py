@@ -27,7 +27,7 @@ FSSDP layers (mode "fssdp", codegen/comm/fssdp.py) move expert chunks instead of
     n     all_to_all       world          reverse of step 1      gradient chunks -> owners ("sparse_reduce_scatter")
 
 Coherent chains (mode "coherent", codegen/comm/coherent.py), per layer of the chain (with overlap_degree
-chunks, the whole chain once per token chunk):
+chunks, the whole chain once per token chunk; the forward issues each exchange for every chunk in turn):
 
     0     exchange_counts  world          fixed [G] int64        dispatch_counts
     1     all_to_all       world          counts of step 0       state rows [C_send, *feat] ("dispatch")
