@@ -491,7 +491,8 @@ EMPTY_BATCH_STRATEGIES = {"functional": {}, "op": {"collectives": "op"}, "cohere
                           # token chunks: an empty batch's chunks are equal expressions (Inductor's CSE merged
                           # their collectives until the counts of all chunks went in one exchange)
                           "functional_chunks": {"overlap_degree": 3},
-                          "op_chunks": {"collectives": "op", "overlap_degree": 3}}
+                          "op_chunks": {"collectives": "op", "overlap_degree": 3},
+                          "coherent_chunks": {"mode": "coherent", "overlap_degree": 3}}
 
 
 def empty_batch_worker(rank, world, strategies):
@@ -503,7 +504,7 @@ def empty_batch_worker(rank, world, strategies):
     for name in strategies:
         torch._dynamo.reset()
         torch.manual_seed(0)
-        model = ChainedMoEStack() if name == "coherent" else _Stack()
+        model = ChainedMoEStack() if name.startswith("coherent") else _Stack()
         ref = copy.deepcopy(model)
         opts = {"expert_parallel": {**EMPTY_BATCH_STRATEGIES[name], "release_parameters": False}, "strict": True}
         cm = torch.compile(model, backend="moe", options=opts)
