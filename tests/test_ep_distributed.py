@@ -29,8 +29,10 @@ def ep_cases(world: int, modes=("all_to_all",)):
     tokens per rank 0..12 (ranks with no tokens), routing "random" | "skewed" (a few experts take
     most slots) | "one_rank" (everything to rank 0's experts: other ranks receive nothing),
     placement "contiguous" | "random" (one copy each) | "replicated" (extra copies), overlap
-    degree 1..3, softmax or sigmoid scores, the mode, and a router that scales the experts' input
-    (Llama 4), weights the chosen experts by a per-expert [E] operand (Gemma 4), both or neither."""
+    degree 1..3, softmax or sigmoid scores, the mode, a router that scales the experts' input
+    (Llama 4), weights the chosen experts by a per-expert [E] operand (Gemma 4), both or neither, and
+    the inner backend of the functional-collectives compile (Inductor merges equal expressions, e.g.
+    equal empty chunks: their collectives must stay distinct)."""
 
     @st.composite
     def build(draw):
@@ -43,7 +45,8 @@ def ep_cases(world: int, modes=("all_to_all",)):
             placement=draw(st.sampled_from(["contiguous", "random", "replicated"])),
             overlap=draw(st.integers(1, 3)), score=draw(st.sampled_from(["softmax", "sigmoid"])),
             renorm=draw(st.booleans()), mode=draw(st.sampled_from(modes)), seed=draw(st.integers(0, 10_000)),
-            scaling=draw(st.sampled_from(["none", "input", "weight", "both"])))
+            scaling=draw(st.sampled_from(["none", "input", "weight", "both"])),
+            inner=draw(st.sampled_from(["eager", "eager", "eager", "inductor"])))
 
     return build()
 
@@ -159,7 +162,7 @@ def ep_cases_worker(rank, world, cases, functional_every=1):
                   "overlap_degree": case["overlap"]}
             if case["mode"] == "hierarchical":
                 ep["ranks_per_node"] = 2
-            opts = {"expert_parallel": ep, "inner_backend": "eager", "strict": True}
+            opts = {"expert_parallel": ep, "inner_backend": case.get("inner", "eager"), "strict": True}
             q = [t.clone().requires_grad_() for t in (x, router, w1, w2)]
             qs = None if scale is None else scale.clone().requires_grad_()
             yf = torch.compile(layer, backend="moe", options=opts, dynamic=False)(*q, qs)
