@@ -8,9 +8,9 @@ on N gloo ranks, each feeding its own batch, compiled with backend "moe" and Ind
 executor) and ``{"collectives": "functional"}`` (the default: functional collectives traced into
 the graph). ``--overlap N`` sets overlap_degree (token chunks; a list such as ``1,2`` times each
 degree as its own variant, so pipelined chunks are compared with one chunk in the same run),
-``--reorder`` turns on Inductor's reorder_for_compute_comm_overlap in the ranks. Both are timed in one process, interleaved, for an
-inference forward and a training step (forward + backward); medians over the repetitions, the
-slowest rank's time per step. Every
+``--reorder`` turns on Inductor's reorder_for_compute_comm_overlap in the ranks. The variants
+are timed in one process, interleaved, for an inference forward and a training step (forward +
+backward); medians over the repetitions, the slowest rank's time per step. Every
 variant's logits are compared with single-process eager (and the training loss). The LAST line is
 JSON: ``functional_over_op_inference``, ``functional_over_op_training`` (time ratios, < 1 = the
 functional form is faster, at the first overlap degree listed), ``outputs_equal``, and with several
@@ -103,7 +103,8 @@ def main(argv=None) -> dict:
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--overlap", default="1", help="overlap_degree: token chunks per layer (a comma list compares several)")
+    p.add_argument("--overlap", default="1",
+                   help="overlap_degree: token chunks per layer (a comma list compares several)")
     p.add_argument("--reorder", action="store_true",
                    help="torch._inductor.config.reorder_for_compute_comm_overlap in the ranks")
     a = p.parse_args(argv)
@@ -135,8 +136,9 @@ def main(argv=None) -> dict:
     for n in overlaps[1:]:
         for c in VARIANTS:
             for kind in ("inference", "training"):
+                chunked, one = variant_name(c, n, overlaps), variant_name(c, first, overlaps)
                 summary[f"{c}_overlap{n}_over_overlap{first}_{kind}"] = round(
-                    slowest[f"{variant_name(c, n, overlaps)}/{kind}"] / slowest[f"{variant_name(c, first, overlaps)}/{kind}"], 3)
+                    slowest[f"{chunked}/{kind}"] / slowest[f"{one}/{kind}"], 3)
     summary["outputs_equal"] = all(e < 1e-4 for e in errs.values())
     print(json.dumps(summary))
     return summary

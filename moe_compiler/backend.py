@@ -186,7 +186,8 @@ def _inner(gm, example_inputs, config: BackendConfig, dumps: DumpWriter):
         return _compat.compile_eager_aot(gm, example_inputs, fw_hook=overlap_and_dump)
 
     def inner_compile(g, inputs, **kwargs):
-        overlap_and_dump(g, "backward" if kwargs.get("is_backward") else "forward" if not kwargs.get("is_inference") else "inference")
+        kind = "backward" if kwargs.get("is_backward") else "inference" if kwargs.get("is_inference") else "forward"
+        overlap_and_dump(g, kind)
         return _compat.compile_fx_inner(g, inputs, **kwargs)
 
     return _compat.compile_inductor(gm, example_inputs, mode=config.mode, inner_compile=inner_compile)

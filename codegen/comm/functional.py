@@ -160,9 +160,9 @@ def sink_waits(gm: torch.fx.GraphModule) -> int:
     """Move the wait (``_c10d_functional.wait_tensor``) of every functional all_to_all_single of an
     ATen graph down to just before the first node that reads its result, so the compute between the
     collective's issue and that first use overlaps it (out-of-place all-to-alls only: nothing but the
-    wait reads their output). Collectives keep their order (every rank issues the same
-    ones in the same order, so they still pair up); Inductor keeps a collective's input alive until
-    its wait (the wait's volatile reads). -> the number of waits moved."""
+    wait reads their output). Collectives keep their order (every rank issues the same ones in the
+    same order, so they still pair up); Inductor keeps a collective's input alive until its wait (the
+    wait's volatile reads). -> the number of waits moved."""
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     moved = 0
     for wait in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is _WAIT]:
