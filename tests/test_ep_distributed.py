@@ -745,9 +745,10 @@ def test_compiled_coherent_two_ranks_equals_single_process(cases, tmp_path_facto
 
 def test_compiled_coherent_four_ranks_and_where_it_does_not_apply(tmp_path):
     """4 ranks: a 3-layer chain with RMSNorm + shared expert in two pipelined token chunks equals eager;
-    a model that mixes tokens (cumsum over the sequence) after its first layer is not chained there: those layers run two all-to-alls and
-    explain() says why; a bf16 stack compiled with dynamic shapes (a rank with no tokens) still chains; a
-    state read outside the chain splits it in two, the second starting at the first's output."""
+    a model that mixes tokens (cumsum over the sequence) after its first layer is not chained there:
+    those layers run two all-to-alls and explain() says why; a bf16 stack compiled with dynamic shapes
+    (a rank with no tokens) still chains; a state read outside the chain splits it in two, the second
+    starting at the first's output."""
     cases = [dict(layers=3, E=7, k=2, H=16, batch=[2, 0, 1, 3], norm="rms", shared=True, placement="random",
                   inner="inductor", seed=3, overlap=2),
              dict(layers=3, E=5, k=2, H=8, batch=[1, 2, 1, 1], norm="layer_norm", shared=False, mix=True,
