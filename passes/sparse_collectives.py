@@ -162,6 +162,7 @@ class SparseCollectives:
             functional = opts["collectives"] == "functional"  # all_to_all or hierarchical
             for r in reports[:1]:
                 r.strategy += "; functional collectives in the graph" if functional else "; in the ep_moe op"
+                r.strategy += _chunking(opts["overlap_degree"])
             with graph.inserting_before(node):
                 if functional:
                     args, new_spec = _functional_operands(gm, node, new_spec, i)
@@ -222,7 +223,8 @@ class SparseCollectives:
                                   f"({len(names)} layers): one dispatch all-to-all per layer, top-k partials to the "
                                   f"token's anchor rank, tokens go home once after {names[-1]}"
                                   + ("; in the coherent_moe_chain op (functional collectives cover modes all_to_all "
-                                     "and hierarchical)" if opts["collectives"] == "functional" else ""))
+                                     "and hierarchical)" if opts["collectives"] == "functional" else "")
+                                  + _chunking(opts["overlap_degree"]))
                 per_rank = [[e for e, r in enumerate(plan.placement) if g in r] for g in range(size)]
                 schedule.layers.append(plan_coherent_layer(spec.path or layer.moe.name, size, per_rank,
                                                            last=layer is chain.layers[-1],
@@ -491,3 +493,10 @@ def _replicated_experts(choice, num_experts: int, size: int) -> int:
         n += int(count) if int(reps) > 1 else 0
     return n
 
+
+def _chunking(overlap_degree: int) -> str:
+    """explain()'s note on token chunks: how many, and that their all-to-alls overlap compute."""
+    if overlap_degree <= 1:
+        return ""
+    return (f"; {overlap_degree} token chunks, pipelined (one chunk's experts run while the other chunks' "
+            f"all-to-alls are in flight)")

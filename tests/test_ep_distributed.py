@@ -451,6 +451,8 @@ def test_functional_collectives_in_the_graph(tmp_path):
             # first chunk's experts run: the waits were moved to the first use (functional.sink_waits)
             assert r[extra]["in_flight"] >= 2, (rank, extra, r[extra]["in_flight"])
             assert all("functional collectives in the graph" in s for s in r[extra]["strategy"]), r[extra]
+            chunks = json.loads(extra)["overlap_degree"]
+            assert all(f"{chunks} token chunks, pipelined" in s for s in r[extra]["strategy"]), r[extra]
         assert all("in the coherent_moe_chain op" in s for s in r["coherent"]), r["coherent"]
 
 
