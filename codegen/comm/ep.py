@@ -10,6 +10,7 @@ sparse_collectives rewrites ``moe(x, L, bias, w1, w3, w2, b1, b3, b2, spec)`` in
     -- per token chunk (overlap_degree chunks; in the forward, chunk c+1's dispatch and chunk c's
        combine are in flight while chunk c's experts run) --
     counts [G]   = scatter_add(dest)                           fixed size, exchanged with all_to_all_single
+                   (pipelined forward: every chunk's first-hop counts in one [G, chunks] exchange)
     xr [S_recv, H], er [S_recv] = all_to_all_single(x[slot token], ids)     data-dependent splits
     yr [S_recv, H] fp32 = local grouped experts (this rank's weights only)
     ys [T*k, H]  = reverse all_to_all_single(yr)               back to the slots' home rank
@@ -208,13 +209,16 @@ def _step(kind: str, hop) -> str:
 
 
 def _pipelined_chunks(chunks, hops, local_w, local, spec: MoESpec, plan: EPPlan, layer: str) -> torch.Tensor:
-    """ep_experts' chunks with their collectives in flight across the neighbouring chunks' experts.
-    Every rank issues the same collectives in the same order (empty chunks included), so the
-    in-flight all-to-alls pair up across ranks."""
-    dispatch = _ChunkDispatch(*chunks[0], hops, plan, layer)
+    """ep_experts' chunks with their collectives in flight across the neighbouring chunks' experts;
+    the first hop's counts of every chunk go in one exchange. Every rank issues the same collectives
+    in the same order (empty chunks included), so the in-flight all-to-alls pair up across ranks."""
+    first_hop = hops[0]
+    dests = [hop_destinations(meta[:, 1], first_hop, plan) for _, meta in chunks]
+    splits = executor.exchange_splits(dests, first_hop, layer, _step("dispatch", first_hop))   # one counts exchange
+    dispatch = _ChunkDispatch(*chunks[0], splits[0], hops, plan, layer)
     combines = []
     for c in range(len(chunks)):
-        following = _ChunkDispatch(*chunks[c + 1], hops, plan, layer) if c + 1 < len(chunks) else None
+        following = _ChunkDispatch(*chunks[c + 1], splits[c + 1], hops, plan, layer) if c + 1 < len(chunks) else None
         xs, meta, routes = dispatch.finish()
         combines.append(_ChunkCombine(_run_experts(xs, meta[:, 0], local_w, local, spec), routes))
         dispatch = following
@@ -222,17 +226,18 @@ def _pipelined_chunks(chunks, hops, local_w, local, spec: MoESpec, plan: EPPlan,
 
 
 class _ChunkDispatch:
-    """One chunk's dispatch through the hops: the first hop's rows are issued at construction, each
-    later hop when the one before has arrived (its destinations are in the received meta)."""
+    """One chunk's dispatch through the hops: the first hop's rows are issued at construction (their
+    counts already exchanged: first_splits), each later hop when the one before has arrived (its
+    destinations are in the received meta)."""
 
-    def __init__(self, rows, meta, hops, plan: EPPlan, layer: str):
+    def __init__(self, rows, meta, first_splits, hops, plan: EPPlan, layer: str):
         self.hops, self.plan, self.layer, self.routes = hops, plan, layer, []
-        self.in_flight = self._issue(0, rows, meta)
+        self.in_flight = self._issue(0, rows, meta, first_splits)
 
-    def _issue(self, i, rows, meta):
+    def _issue(self, i, rows, meta, splits=None):
         hop = self.hops[i]
         return executor.start_route_rows([rows, meta], hop_destinations(meta[:, 1], hop, self.plan), hop,
-                                         layer=self.layer, name=_step("dispatch", hop))
+                                         layer=self.layer, name=_step("dispatch", hop), splits=splits)
 
     def finish(self):
         """-> (rows [R, H] for this rank's experts, their meta [R, 2], the routes taken)."""

@@ -9,6 +9,7 @@
     start_route_rows / start_reverse_rows         the same, issued with async_op=True: an InFlight whose
                                                   finish() waits and returns what the blocking call returns
                                                   (no autograd: for forwards that run without gradients)
+    exchange_splits(dests, hop)                   the counts of several exchanges in one all_to_all_single
 
 Float tensors move through ``AllToAll`` (an autograd Function: its backward is the reverse
 all-to-all), so gradients flow back to the sending rank. A failing collective (a dead peer, a
@@ -229,14 +230,25 @@ class Route:
 
 def _send_splits(dest: torch.Tensor, hop: Hop, layer: str, name: str) -> tuple:
     """Exchange per-destination row counts: -> (send order [S], send splits, receive splits)."""
-    counts = torch.zeros(hop.size, dtype=torch.int64, device=dest.device)
-    counts.scatter_add_(0, dest, torch.ones_like(dest))
+    return exchange_splits([dest], hop, layer, name)[0]
+
+
+def exchange_splits(dests: list, hop: Hop, layer: str, name: str) -> list:
+    """The row counts of several exchanges (e.g. token chunks) with destinations dests[c] [S_c], in ONE
+    all-to-all of a [G, n] table: -> per exchange (send order [S_c], send splits, receive splits)."""
+    device = dests[0].device
+    counts = torch.zeros(hop.size, len(dests), dtype=torch.int64, device=device)   # row j goes to rank j
+    for c, dest in enumerate(dests):
+        counts[:, c].scatter_add_(0, dest, torch.ones_like(dest))
     recv = _a2a(torch.empty_like(counts), counts, [1] * hop.size, [1] * hop.size, hop, f"{layer}:{name}_counts")
-    send_splits, recv_splits = counts.tolist(), recv.tolist()
-    for src, n in enumerate(recv_splits):  # a peer that ran another schedule sends garbage counts
-        torch._check(n >= 0, lambda: f"expert parallelism: {layer}:{name}: group rank {src} announced {n} rows "
-                                      f"(a peer ran a different schedule?)")
-    return torch.argsort(dest, stable=True), send_splits, recv_splits
+    out = []
+    for c, dest in enumerate(dests):
+        send_splits, recv_splits = counts[:, c].tolist(), recv[:, c].tolist()
+        for src, n in enumerate(recv_splits):  # a peer that ran another schedule sends garbage counts
+            torch._check(n >= 0, lambda: f"expert parallelism: {layer}:{name}: group rank {src} announced {n} rows "
+                                          f"(a peer ran a different schedule?)")
+        out.append((torch.argsort(dest, stable=True), send_splits, recv_splits))
+    return out
 
 
 def route_rows(tensors: list, dest: torch.Tensor, hop: Hop, *, layer: str = "", name: str = "dispatch"):
@@ -301,11 +313,12 @@ def _start_a2a(x: torch.Tensor, out_splits, in_splits, hop: Hop, what: str):
     return out, (work, hop, what)
 
 
-def start_route_rows(tensors: list, dest: torch.Tensor, hop: Hop, *, layer: str = "", name: str = "dispatch"
-                     ) -> InFlight:
+def start_route_rows(tensors: list, dest: torch.Tensor, hop: Hop, *, layer: str = "", name: str = "dispatch",
+                     splits: tuple | None = None) -> InFlight:
     """route_rows without waiting for the rows: the counts exchange blocks (the splits are needed to
-    issue the rows), the rows' all-to-alls are left in flight. finish() -> (received tensors, Route)."""
-    order, send_splits, recv_splits = _send_splits(dest, hop, layer, name)
+    issue the rows), the rows' all-to-alls are left in flight. finish() -> (received tensors, Route).
+    splits: this exchange's entry of exchange_splits when its counts went with others'."""
+    order, send_splits, recv_splits = splits if splits is not None else _send_splits(dest, hop, layer, name)
     outs, works = [], []
     for t in tensors:
         out, work = _start_a2a(t.index_select(0, order), recv_splits, send_splits, hop, f"{layer}:{name}")

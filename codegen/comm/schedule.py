@@ -10,7 +10,8 @@ token chunk (``overlap_degree`` of them) it runs these steps in this order, unde
     1     all_to_all       world          counts of step 0       rows [S_send, H] -> [S_recv, H]
     2     all_to_all       world          counts of step 0       (expert, destination) [S_send, 2] int64
           (hierarchical: intra_node step then inter_node step, each with its own counts exchange;
-          functional.py exchanges the first hop's counts of every chunk at once, [G, chunks])
+          with several chunks the forward exchanges the first hop's counts of every chunk at once,
+          [G, chunks]: the ep_moe op's and functional.py's)
     ...   local experts on the received rows (overlapping the next chunk's dispatch and the
           previous chunk's combine: ep.py's forward and functional.py pipeline the chunks)
     n     all_to_all       world          reverse of step 1      rows [S_recv, H] fp32 -> [S_send, H]
