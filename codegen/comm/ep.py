@@ -236,8 +236,9 @@ class _ChunkDispatch:
 
     def _issue(self, i, rows, meta, splits=None):
         hop = self.hops[i]
-        return executor.start_route_rows([rows, meta], hop_destinations(meta[:, 1], hop, self.plan), hop,
-                                         layer=self.layer, name=_step("dispatch", hop), splits=splits)
+        dest = None if splits is not None else hop_destinations(meta[:, 1], hop, self.plan)
+        return executor.start_route_rows([rows, meta], dest, hop, layer=self.layer, name=_step("dispatch", hop),
+                                         splits=splits)
 
     def finish(self):
         """-> (rows [R, H] for this rank's experts, their meta [R, 2], the routes taken)."""

@@ -313,11 +313,12 @@ def _start_a2a(x: torch.Tensor, out_splits, in_splits, hop: Hop, what: str):
     return out, (work, hop, what)
 
 
-def start_route_rows(tensors: list, dest: torch.Tensor, hop: Hop, *, layer: str = "", name: str = "dispatch",
-                     splits: tuple | None = None) -> InFlight:
+def start_route_rows(tensors: list, dest: torch.Tensor | None, hop: Hop, *, layer: str = "",
+                     name: str = "dispatch", splits: tuple | None = None) -> InFlight:
     """route_rows without waiting for the rows: the counts exchange blocks (the splits are needed to
     issue the rows), the rows' all-to-alls are left in flight. finish() -> (received tensors, Route).
-    splits: this exchange's entry of exchange_splits when its counts went with others'."""
+    splits: this exchange's entry of exchange_splits when its counts went with others' (dest is then
+    not read and may be None)."""
     order, send_splits, recv_splits = splits if splits is not None else _send_splits(dest, hop, layer, name)
     outs, works = [], []
     for t in tensors:
