@@ -7,9 +7,14 @@ S_0..S_n such that, for every layer i,
     S_i                = row program of (S_{i-1}, m_i)     (e.g. the residual add)
 
 and nothing outside the chain reads a value computed after m_1 except S_n (the chain's output).
-Row programs (codegen/comm/row_program.py) prove the in-between ops treat tokens independently; a
-token-mixing op (attention), per-token data from elsewhere, or a router's logits read by an aux loss
-ends the chain there. A chain needs two layers or more (one layer gains nothing over two
+Row programs (codegen/comm/row_program.py) prove the in-between ops treat tokens independently.
+Where they mix tokens (attention), a link may instead hold one context region (context_region.py):
+
+    S_a = row program of (S_{i-1}, m_i);  S_i = region(S_a) (its keys/values cut all-gathered)
+
+A region whose values escape the chain (a KV cache returned by the graph), per-token data computed
+inside the chain but not from S_a, sizes computed at run time, or a router's logits read by an aux
+loss ends the chain there. A chain needs two layers or more (one layer gains nothing over two
 all-to-alls); everything else is reported with the reason.
 """
 from __future__ import annotations
@@ -19,7 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from moe_compiler.codegen.comm import row_program
+from moe_compiler.codegen.comm import context_region, row_program
+from moe_compiler.codegen.comm.context_region import ContextLink
 from moe_compiler.codegen.comm.row_program import NotRowWise, RowProgram
 
 _aten = torch.ops.aten
@@ -35,7 +41,8 @@ class ChainLayer:
     moe: torch.fx.Node
     hidden: RowProgram        # S_{i-1} -> moe hidden input
     logits: RowProgram        # S_{i-1} -> router logits
-    post: RowProgram          # (S_{i-1}, moe output) -> S_i
+    post: RowProgram          # (S_{i-1}, moe output) -> S_i, or -> S_a of the context region
+    context: ContextLink | None = None   # S_a -> S_i across attention (None: post gives S_i)
 
 
 @dataclass
@@ -56,8 +63,11 @@ def layer_path(moe: torch.fx.Node) -> str:
     return MoESpec.from_json(moe.args[-1]).path or moe.name
 
 
-def find_chains(moes: list, is_param) -> tuple[list, dict]:
-    """moes: MoE op nodes in graph order -> (chains, {moe node: why it is in no chain})."""
+def find_chains(moes: list, is_param, values=None) -> tuple[list, dict]:
+    """moes: MoE op nodes in graph order -> (chains, {moe node: why it is in no chain}).
+
+    values(nodes) -> {node: tensor} (the graph's values on its example inputs) lets a context region
+    gather a narrow keys/values cut (context_region.link); without it the region gathers its state."""
     if not moes:
         return [], {}
     graph = moes[0].graph
@@ -65,7 +75,7 @@ def find_chains(moes: list, is_param) -> tuple[list, dict]:
     chains, why = [], {}
     i = 0
     while i < len(moes):
-        chain, reason = _longest_chain(moes, i, order, is_param)
+        chain, reason = _longest_chain(moes, i, order, is_param, values)
         if chain is None or len(chain.layers) < 2:
             why[moes[i]] = reason or "a chain needs two consecutive MoE layers"
             i += 1
@@ -111,23 +121,43 @@ def _descendants(moe, order, limit=None) -> list:
     return sorted(seen, key=order.__getitem__)[:_WINDOW]
 
 
-def _link(state, moe, nxt, token_dims, order, is_param):
-    """The state S after moe from which nxt's inputs follow -> (S, post, hidden', logits'); raises NotRowWise."""
+def _link(state, moe, nxt, token_dims, order, is_param, start, values):
+    """The state S after moe from which nxt's inputs follow -> (S, post, hidden', logits', context);
+    raises NotRowWise. A per-token link is preferred; else one context region (attention) in between."""
     if not row_program.same_sizes(_token_dims(nxt), token_dims):
         raise NotRowWise(f"{layer_path(nxt)} has token dims {list(_token_dims(nxt))}, {layer_path(moe)} "
                          f"{list(token_dims)}")
     last = None
-    for cand in [moe] + _descendants(moe, order, limit=order[nxt]):
+    after = [moe] + _descendants(moe, order, limit=order[nxt])
+    for cand in after:
         try:
             post = row_program.extract([cand], [state, moe], token_dims, is_param)
             hp, lp = _pre(nxt, cand, token_dims, is_param)
-            return cand, post, hp, lp
+            return cand, post, hp, lp, None
         except NotRowWise as e:
             last = e
+    for sa in after:
+        try:
+            post = row_program.extract([sa], [state, moe], token_dims, is_param)
+        except NotRowWise:
+            continue
+        for sb in _descendants(sa, order, limit=order[nxt]):
+            try:
+                hp, lp = _pre(nxt, sb, token_dims, is_param)
+            except NotRowWise:
+                continue
+            try:
+                ctx = context_region.link(sa, sb, start, token_dims, is_param, values)
+            except context_region.NoAttention:
+                continue   # the per-token link's reason names the op that mixes the tokens
+            except NotRowWise as e:
+                last = NotRowWise(f"{e} (in the region {sa.name} -> {sb.name})")
+                continue
+            return sb, post, hp, lp, ctx
     raise last or NotRowWise(f"nothing joins {layer_path(moe)} to {layer_path(nxt)}")
 
 
-def _longest_chain(moes, i, order, is_param):
+def _longest_chain(moes, i, order, is_param, values=None):
     """The longest valid chain starting at moes[i], or (None, reason)."""
     first = moes[i]
     token_dims = _token_dims(first)
@@ -146,13 +176,14 @@ def _longest_chain(moes, i, order, is_param):
                 layers.append((moes[j], hp, lp))
                 break
             try:
-                nstate, post, nhp, nlp = _link(state, moes[j], moes[j + 1], token_dims, order, is_param)
+                nstate, post, nhp, nlp, ctx = _link(state, moes[j], moes[j + 1], token_dims, order, is_param,
+                                                    start, values)
             except NotRowWise as e:
                 reason = f"{layer_path(moes[j])} -> {layer_path(moes[j + 1])}: {e}"
                 layers.append((moes[j], hp, lp))
                 break
             layers.append((moes[j], hp, lp))
-            links.append((nstate, post))
+            links.append((nstate, post, ctx))
             state, hp, lp = nstate, nhp, nlp
         if len(layers) < 2:
             link_err = reason or link_err  # the furthest state that feeds the layer explains best
@@ -180,8 +211,9 @@ def _close(start, layers, links, token_dims, order, is_param):
             continue
         if end_dims not in (start_dims, 1):   # the op can flatten the token dims, not restore them
             continue
-        chain_layers = [ChainLayer(m, hp, lp, p) for (m, hp, lp), (_, p) in zip(layers, links + [(end, post)])]
-        if not _escapes(chain_layers, [s for s, _ in links], end, start):
+        chain_layers = [ChainLayer(m, hp, lp, p, ctx)
+                        for (m, hp, lp), (_, p, ctx) in zip(layers, links + [(end, post, None)])]
+        if not _escapes(chain_layers, [s for s, _, _ in links], end, start):
             return Chain(start, end, chain_layers, token_dims)
     return None
 
@@ -190,10 +222,18 @@ def _escapes(layers, states, end, start) -> bool:
     """True when a value that depends on a MoE op of the chain is read outside the chain."""
     inside = set(states) | {end}
     for layer in layers:
-        inside |= layer.hidden.nodes | layer.logits.nodes | layer.post.nodes | {layer.moe}
+        inside |= layer_nodes(layer)
     moes, memo = {layer.moe for layer in layers}, {}
     after = {n for n in inside if _depends_on(n, moes, start, memo)}
     return any(u not in inside and u.target not in CHECKS for n in after if n is not end for u in n.users)
+
+
+def layer_nodes(layer: ChainLayer) -> set:
+    """The graph nodes a chain layer recomputes inside the op (its MoE op included)."""
+    nodes = layer.hidden.nodes | layer.logits.nodes | layer.post.nodes | {layer.moe}
+    if layer.context is not None:
+        nodes |= layer.context.nodes | {layer.context.state} | set(layer.context.cut_nodes)
+    return nodes
 
 
 def _depends_on(n, targets, stop, _memo=None) -> bool:

@@ -57,7 +57,7 @@ from moe_compiler.codegen.comm.schedule import Schedule, plan_coherent_layer, pl
 from moe_compiler.config import ConfigError
 from moe_compiler.ir import MOE_OP, MoESpec
 from moe_compiler.pipeline import DumpWriter, PassContext, PassResult
-from moe_compiler.passes.coherent_chains import CHECKS, find_chains
+from moe_compiler.passes.coherent_chains import CHECKS, find_chains, layer_nodes
 from moe_compiler.runtime import ep_weights
 from moe_compiler.runtime.expert_parallel import check_rows, contiguous_rows, load_placement, normalize_options
 
@@ -208,13 +208,15 @@ class SparseCollectives:
                 why[n] = f"the cost model chose {specs[n].note('decision:ep_mode')!r}"
             else:
                 candidates.append(n)
-        chains, reasons = find_chains(candidates, _param_test(gm, ctx.placeholder_paths))
+        chains, reasons = find_chains(candidates, _param_test(gm, ctx.placeholder_paths), _graph_values(gm, ctx))
         why.update(reasons)
         chained, emitted = 0, {}   # emitted: a chain's end node -> the op that replaced it
         for chain in chains:
             chain.start = emitted.get(chain.start, chain.start)   # a chain may start where the last one ended
+            crosses = [l.context for l in chain.layers if l.context is not None]
+            overlap = 1 if crosses else opts["overlap_degree"]   # attention mixes the tokens of any chunks
             plans = [EPPlan(gname, "coherent", _layer_rows(specs[l.moe], index[l.moe], placement, size),
-                            overlap_degree=opts["overlap_degree"]) for l in chain.layers]
+                            overlap_degree=overlap) for l in chain.layers]
             names = chain.names
             for layer, plan in zip(chain.layers, plans):
                 spec = specs[layer.moe]
@@ -224,11 +226,14 @@ class SparseCollectives:
                                   f"token's anchor rank, tokens go home once after {names[-1]}"
                                   + ("; in the coherent_moe_chain op (functional collectives cover modes all_to_all "
                                      "and hierarchical)" if opts["collectives"] == "functional" else "")
-                                  + _chunking(opts["overlap_degree"]))
+                                  + (f"; {layer.context.describe(chain.token_dims)}" if layer.context else "")
+                                  + (_chunking(overlap) if not crosses or overlap == opts["overlap_degree"] else
+                                     "; one token chunk (attention in the chain mixes the tokens of any chunks)"))
                 per_rank = [[e for e, r in enumerate(plan.placement) if g in r] for g in range(size)]
-                schedule.layers.append(plan_coherent_layer(spec.path or layer.moe.name, size, per_rank,
-                                                           last=layer is chain.layers[-1],
-                                                           overlap_degree=opts["overlap_degree"]))
+                schedule.layers.append(plan_coherent_layer(
+                    spec.path or layer.moe.name, size, per_rank, last=layer is chain.layers[-1], overlap_degree=overlap,
+                    first_in_context_chain=bool(crosses) and layer is chain.layers[0],
+                    context=layer.context.describe(chain.token_dims) if layer.context else None))
             chain_specs = [kept.note(specs[l.moe], l.moe.args[3:9], p.local_experts(kept.rank))
                            for l, p in zip(chain.layers, plans)]
             key, emitted[chain.end] = self._emit_chain(gm.graph, chain, plans, chain_specs)
@@ -253,17 +258,23 @@ class SparseCollectives:
                     operands.append(n)
             return tuple(idx)
 
-        programs = []
+        programs, context_operands, masks = [], [], []
         for layer, plan, spec in zip(chain.layers, plans, specs):
             new_spec = spec.replace(notes=spec.notes + ((NOTE, plan.to_json()),))
+            context = None
+            if layer.context is not None:
+                context, idx, mask_idx = _context_program(layer.context, take, chain.token_dims)
+                context_operands += idx
+                masks += mask_idx
             programs.append(coherent.ChainLayerProgram(
                 new_spec, layer.hidden.module, layer.logits.module, layer.post.module, take(layer.hidden.free),
                 take(layer.logits.free), take(layer.post.free), take(list(layer.moe.args[2:9])),
-                layer.moe.meta["val"].dtype))
+                layer.moe.meta["val"].dtype, context))
         state_dims, _ = row_layout(chain.start, chain.token_dims)
         out_dims, out_feat = row_layout(chain.end, chain.token_dims)
         program = coherent.ChainProgram(programs, state_dims, tuple(out_feat), chain.end.meta["val"].dtype,
-                                        out_flat=out_dims == 1 and state_dims > 1)
+                                        out_flat=out_dims == 1 and state_dims > 1,
+                                        context_operands=tuple(context_operands), no_grad_operands=tuple(masks))
         key = coherent.register_chain(program)
         spec_text = json.dumps({"key": key, "layers": chain.names})
         with graph.inserting_before(chain.end):
@@ -274,9 +285,9 @@ class SparseCollectives:
                 spec_text)
         op.meta["moe_compiler_pass"] = self.name
         chain.end.replace_all_uses_with(op)
-        inside = {chain.end} | {layer.moe for layer in chain.layers}
+        inside = {chain.end}
         for layer in chain.layers:
-            inside |= layer.hidden.nodes | layer.logits.nodes | layer.post.nodes
+            inside |= layer_nodes(layer)
         for n in list(inside):   # metadata checks of values the chain now computes inside the op
             for u in list(n.users):
                 if u.target in CHECKS and not u.users:
@@ -297,6 +308,14 @@ class SparseCollectives:
             for what, prog in (("hidden", layer.hidden), ("router_logits", layer.logits), ("post", layer.post)):
                 text.append(f"# ---- {name}: {what} (free: {[n.name for n in prog.free]})")
                 text.append(prog.module.code.strip() + "\n")
+            if layer.context is not None:
+                c = layer.context
+                for node, prog in zip(c.cut_nodes, c.cuts):
+                    text.append(f"# ---- {name}: context cut {node.name} (all-gathered; free: {[n.name for n in prog.free]})")
+                    text.append(prog.module.code.strip() + "\n")
+                text.append(f"# ---- {name}: context region {c.state.name} -> {c.out.name}, once per home rank "
+                            f"(free: {[n.name for n in c.free]}; per-token context: {[n.name for n in c.context]})")
+                text.append(c.module.code.strip() + "\n")
         DumpWriter(_dump_root(ctx.config), ctx.graph_id).write(f"coherent_{key}.py", "\n".join(text))
 
     def _emit_fssdp(self, graph, node, spec: MoESpec, plan: "fssdp.FSSDPPlan", kept: "_KeptRows") -> None:
@@ -409,6 +428,37 @@ def _reports(ctx, spec: MoESpec) -> list:
     """explain()'s reports of this layer in this graph."""
     return [r for r in ctx.moe_layers if r.rewritten and r.path == spec.path and
             getattr(r, "graph_id", "") in ("", ctx.graph_id)]
+
+
+def _context_program(link, take, token_dims):
+    """A ContextLink -> (coherent.ContextProgram, operand indices of its per-token context operands, of its
+    attention masks)."""
+    from moe_compiler.codegen.comm.context_region import ContextProgram
+
+    region_free = take(link.free)
+    context = tuple(i for i, n in zip(region_free, link.free) if n in link.context)
+    masks = tuple(i for i, n in zip(region_free, link.free) if n in link.masks)
+    out_dims, out_feat = row_layout(link.out, token_dims)
+    prog = ContextProgram(link.module, region_free, [p.module for p in link.cuts], tuple(take(p.free) for p in link.cuts),
+                          row_layout(link.state, token_dims)[0],
+                          tuple(row_layout(n, token_dims)[0] for n in link.cut_nodes), out_dims, tuple(out_feat),
+                          link.out.meta["val"].dtype, link.describe(token_dims))
+    return prog, context, masks
+
+
+def _graph_values(gm, ctx):
+    """values(nodes) -> {node: value on the example inputs}, cached (each new set runs the graph once)."""
+    from moe_compiler.passes.detect_moe import capture_values
+
+    cache: dict = {}
+
+    def values(nodes):
+        missing = {n for n in nodes if n not in cache}
+        if missing:
+            cache.update(capture_values(gm, ctx.example_inputs, missing))
+        return cache
+
+    return values
 
 
 def _param_test(gm, placeholder_paths):

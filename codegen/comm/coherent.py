@@ -35,6 +35,7 @@ import torch
 
 from moe_compiler import recording, reference
 from moe_compiler.codegen.comm import executor
+from moe_compiler.codegen.comm.context_region import ChainContext, ContextProgram
 from moe_compiler.codegen.comm.ep import EPPlan, _run_experts, local_weights, plan_of, slot_destinations
 from moe_compiler.codegen.ops import gating_weights
 from moe_compiler.ir import MoESpec, grads_by_recompute
@@ -55,6 +56,9 @@ class CoherentLayer:
     post: Callable
     # (state, meta) -> predicted expert ids of the NEXT layer [n, k'] (anchor hint), or None
     predict: Optional[Callable] = None
+    # generator (state, meta, hop) -> (state', meta'): a context region after post (attention between
+    # this layer and the next, context_region.ChainContext.step), yielding its exchanges; or None
+    context: Optional[Callable] = None
 
 
 def anchor_slot(dest: torch.Tensor, rank: int, prefer: torch.Tensor | None = None) -> torch.Tensor:
@@ -178,9 +182,13 @@ def _round_robin(steps: list, hop) -> list:
     return results
 
 
-def coherent_steps(x: torch.Tensor, layers: list, hop, *, record: list | None = None, replay: list | None = None):
+def coherent_steps(x: torch.Tensor, layers: list, hop, *, record: list | None = None, replay: list | None = None,
+                   prologue: Optional[Callable] = None):
     """coherent_forward as a generator: yields each all-to-all as an Exchange, is sent the received
-    tensors, and returns the output [T, *feat_out] (StopIteration.value)."""
+    tensors, and returns the output [T, *feat_out] (StopIteration.value). prologue(hop): a generator
+    run first (the chain's context all-gather)."""
+    if prologue is not None:
+        yield from prologue(hop)
     T = x.shape[0]
     state = x
     meta = torch.stack([torch.full((T,), hop.rank, dtype=torch.int64, device=x.device),
@@ -221,6 +229,8 @@ def coherent_steps(x: torch.Tensor, layers: list, hop, *, record: list | None = 
         pos = order[torch.searchsorted(key[order], mp[:, k + 2] * (1 << 32) + mp[:, k + 3])]
         acc = acc.index_add(0, pos, yp)
         state = layer.post(xs[first], acc)
+        if layer.context is not None:
+            state, meta = yield from layer.context(state, meta, hop)
     home_rows, home_meta = yield Exchange([state, meta], meta[:, 0], "home", "home")
     out = home_rows.new_zeros((T,) + tuple(home_rows.shape[1:]))
     return out.index_copy(0, home_meta[:, 1], home_rows)
@@ -267,6 +277,7 @@ class ChainLayerProgram:
     post_free: tuple
     weights: tuple                # operand indices of (score_bias, w1, w3, w2, b1, b3, b2)
     out_dtype: torch.dtype        # the MoE op's output dtype
+    context: Optional[ContextProgram] = None   # the region after post, across attention
 
 
 @dataclass
@@ -276,6 +287,12 @@ class ChainProgram:
     out_feat: tuple               # feature shape of the chain's output
     out_dtype: torch.dtype
     out_flat: bool = False        # the output is [T, *out_feat] while the state has several token dims
+    context_operands: tuple = ()  # operand indices of per-token data from outside (gathered once per chain)
+    no_grad_operands: tuple = ()  # operand indices read as attention masks (attention differentiates none)
+
+    @property
+    def crosses_context(self) -> bool:
+        return any(lp.context is not None for lp in self.layers)
 
     def out_shape(self, state_shape) -> tuple:
         tokens = tuple(state_shape[:self.state_token_dims])
@@ -306,7 +323,8 @@ def program_of(spec: str) -> ChainProgram:
     return _CHAINS[key]
 
 
-def _chain_layers(program: ChainProgram, operands: list, rank: int, device) -> list:
+def _chain_layers(program: ChainProgram, operands: list, rank: int, device, context: ChainContext | None = None
+                  ) -> list:
     def free(idx):
         return [operands[j] for j in idx]
 
@@ -343,7 +361,12 @@ def _chain_layers(program: ChainProgram, operands: list, rank: int, device) -> l
                 nbias = None if nxt.weights[0] is None else operands[nxt.weights[0]]
                 return reference.route(logits, nbias, nxt.spec.router)[0]
 
-        layers.append(CoherentLayer(plan, spec.path or f"layer{i}", route, experts, post, predict))
+        name = spec.path or f"layer{i}"
+        step = None
+        if lp.context is not None:
+            def step(state, meta, hop, prog=lp.context, name=name):
+                return context.step(prog, state, meta, hop, name)
+        layers.append(CoherentLayer(plan, name, route, experts, post, predict, step))
     return layers
 
 
@@ -359,8 +382,12 @@ def chain_forward(state: torch.Tensor, operands: list, spec: str, *, record: lis
     plan = plan_of(program.layers[0].spec)
     hop = _hop(executor.resolve_group(plan.group))
     x = state.reshape((-1,) + tuple(state.shape[program.state_token_dims:]))
-    layers = _chain_layers(program, operands, hop.rank, state.device)
-    chunks = max(1, int(plan.overlap_degree))
+    context = None
+    if program.crosses_context:
+        context = ChainContext(operands, program.context_operands, tuple(state.shape[:program.state_token_dims]),
+                               Exchange)
+    layers = _chain_layers(program, operands, hop.rank, state.device, context)
+    chunks = 1 if context is not None else max(1, int(plan.overlap_degree))
     bounds = [x.shape[0] * c // chunks for c in range(chunks + 1)]
     steps = []
     for c in range(chunks):
@@ -368,7 +395,8 @@ def chain_forward(state: torch.Tensor, operands: list, spec: str, *, record: lis
         if record is not None:
             record.append([])
             log["record"] = record[-1]
-        steps.append(coherent_steps(x[bounds[c]:bounds[c + 1]], layers, hop, **log))
+        steps.append(coherent_steps(x[bounds[c]:bounds[c + 1]], layers, hop, **log,
+                                    prologue=None if context is None else context.gather))
     outs = run_exchanges(steps, hop, pipelined=chunks > 1 and not torch.is_grad_enabled())
     out = torch.cat(outs, 0) if chunks > 1 else outs[0]
     return out.to(program.out_dtype).reshape(program.out_shape(state.shape))
@@ -379,9 +407,11 @@ _LIB.define("coherent_moe_chain(Tensor state, Tensor[] operands, str spec) -> Te
 _LIB.define("coherent_moe_chain_backward(Tensor grad_out, Tensor state, Tensor[] operands, str spec) -> Tensor[]")
 
 
-def _differentiable(state, operands) -> list:
-    """Names of the inputs gradients are taken for: the state and every floating operand."""
-    return ["state"] + [f"op{i}" for i, t in enumerate(operands) if t.is_floating_point()]
+def _differentiable(state, operands, spec) -> list:
+    """Names of the inputs gradients are taken for: the state and every floating operand but attention
+    masks (attention takes none for them)."""
+    masks = program_of(spec).no_grad_operands
+    return ["state"] + [f"op{i}" for i, t in enumerate(operands) if t.is_floating_point() and i not in masks]
 
 
 @torch.library.impl(_LIB, "coherent_moe_chain", "CompositeExplicitAutograd")
@@ -406,13 +436,14 @@ def _chain_backward(grad_out, state, operands, spec):
     def forward(**kw):
         return chain_forward(kw["state"], [kw[f"op{i}"] for i in range(len(operands))], spec, replay=routing)
 
-    return grads_by_recompute(forward, named, _differentiable(state, operands), grad_out, collective=True)
+    return grads_by_recompute(forward, named, _differentiable(state, operands, spec), grad_out,
+                              collective=True)
 
 
 @torch.library.register_fake("moe_compiler::coherent_moe_chain_backward")
 def _chain_backward_fake(grad_out, state, operands, spec):
     named = {"state": state, **{f"op{i}": t for i, t in enumerate(operands)}}
-    return [torch.empty_like(named[n]) for n in _differentiable(state, operands)]
+    return [torch.empty_like(named[n]) for n in _differentiable(state, operands, spec)]
 
 
 def _setup(ctx, inputs, output):
@@ -425,7 +456,8 @@ def _backward(ctx, grad_out):
     state, *operands = ctx.saved_tensors
     grads = iter(torch.ops.moe_compiler.coherent_moe_chain_backward(grad_out.contiguous(), state, operands, ctx.spec))
     g_state = next(grads)
-    g_ops = [next(grads) if t.is_floating_point() else None for t in operands]
+    taken = set(_differentiable(state, operands, ctx.spec))
+    g_ops = [next(grads) if f"op{i}" in taken else None for i in range(len(operands))]
     return g_state, g_ops, None
 
 

@@ -141,13 +141,20 @@ def plan_fssdp_layer(layer: str, group_size: int, owned_per_rank, materialize: s
                          tuple(tuple(e) for e in owned_per_rank), 1, tuple(steps))
 
 
-def plan_coherent_layer(layer: str, group_size: int, experts_per_rank, last: bool, overlap_degree: int = 1
-                        ) -> LayerSchedule:
+def plan_coherent_layer(layer: str, group_size: int, experts_per_rank, last: bool, overlap_degree: int = 1,
+                        first_in_context_chain: bool = False, context: str | None = None) -> LayerSchedule:
     """The steps of one layer of a coherent chain (see the module docstring); `last` adds the way home.
     With overlap_degree chunks, the whole chain runs once per token chunk (chunk i's dispatch planned to
-    overlap chunk i-1's experts)."""
+    overlap chunk i-1's experts). A chain that crosses attention first all-gathers every rank's token
+    sizes and per-token context operands (first_in_context_chain); `context` describes the region after
+    this layer, whose keys/values cut (or state) is all-gathered."""
     ov = ("local_experts(previous chunk)",) if overlap_degree > 1 else ()
-    steps = [CommStep("exchange_counts", "dispatch_counts", "world", "fixed", "[G] int64"),
+    steps = []
+    if first_in_context_chain:
+        steps += [CommStep("all_gather", "context_shapes", "world", "fixed", "[G, token dims] int64"),
+                  CommStep("all_gather", "context_operands", "world", "fixed",
+                           "[G, numel] per context operand (rotary tables, masks), once per chain")]
+    steps += [CommStep("exchange_counts", "dispatch_counts", "world", "fixed", "[G] int64"),
              CommStep("all_to_all", "dispatch", "world", "counts:dispatch_counts",
                       "[C_send, *feat] state dtype (one row per token and distinct expert rank)", ov),
              CommStep("all_to_all", "dispatch_meta", "world", "counts:dispatch_counts",
@@ -156,6 +163,9 @@ def plan_coherent_layer(layer: str, group_size: int, experts_per_rank, last: boo
              CommStep("exchange_counts", "combine_counts", "world", "fixed", "[G] int64"),
              CommStep("all_to_all", "combine", "world", "counts:combine_counts", "[P_send, H] fp32 partial sums"),
              CommStep("all_to_all", "combine_meta", "world", "counts:combine_counts", "[P_send, k + 4] int64")]
+    if context:
+        steps += [CommStep("all_gather", "context", "world", "rows held",
+                           f"[n, cut] rows held here to every rank, with [n, 2] int64 home meta ({context})")]
     if last:
         steps += [CommStep("exchange_counts", "home_counts", "world", "fixed", "[G] int64"),
                   CommStep("all_to_all", "home", "world", "counts:home_counts", "[T, *feat] rows back to their rank"),
