@@ -136,25 +136,47 @@ def _link(state, moe, nxt, token_dims, order, is_param, start, values):
             return cand, post, hp, lp, None
         except NotRowWise as e:
             last = e
-    for sa in after:
+    return _context_link(state, moe, nxt, token_dims, order, is_param, start, values, last)
+
+
+def _context_link(state, moe, nxt, token_dims, order, is_param, start, values, why):
+    """_link across attention: S_a after moe (a row program of (state, moe), before the first attention
+    op) and S_b after the last one, from which nxt's inputs follow; why: the per-token link's failure."""
+    graph = moe.graph.nodes
+    between = [n for n in graph if order[moe] < order[n] < order[nxt]]
+    attention = [n for n in between if n.target in context_region.ATTENTION]
+    if not attention:
+        raise why or NotRowWise(f"nothing joins {layer_path(moe)} to {layer_path(nxt)}")
+    feeds_next = set(_ancestors_of([nxt.args[0], nxt.args[1]]))
+    ends = [n for n in between if n in feeds_next and order[n] > order[attention[-1]]]
+    last = why
+    for sa in [moe] + _descendants(moe, order, limit=order[attention[0]]):
         try:
             post = row_program.extract([sa], [state, moe], token_dims, is_param)
         except NotRowWise:
             continue
-        for sb in _descendants(sa, order, limit=order[nxt]):
-            try:
-                hp, lp = _pre(nxt, sb, token_dims, is_param)
-            except NotRowWise:
+        memo: dict = {}
+        for sb in ends:
+            if not _depends_on(sb, {sa}, None, memo):
                 continue
             try:
+                hp, lp = _pre(nxt, sb, token_dims, is_param)
                 ctx = context_region.link(sa, sb, start, token_dims, is_param, values)
-            except context_region.NoAttention:
-                continue   # the per-token link's reason names the op that mixes the tokens
             except NotRowWise as e:
                 last = NotRowWise(f"{e} (in the region {sa.name} -> {sb.name})")
                 continue
             return sb, post, hp, lp, ctx
-    raise last or NotRowWise(f"nothing joins {layer_path(moe)} to {layer_path(nxt)}")
+    raise last
+
+
+def _ancestors_of(nodes) -> list:
+    seen, stack = set(), [n for n in nodes if isinstance(n, torch.fx.Node)]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return list(seen)
 
 
 def _longest_chain(moes, i, order, is_param, values=None):

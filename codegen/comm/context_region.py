@@ -33,15 +33,10 @@ from moe_compiler.codegen.comm import row_program
 from moe_compiler.codegen.comm.row_program import NotRowWise, RowProgram
 
 _aten = torch.ops.aten
-_ATTENTION = {getattr(_aten, name).default for name in (
+ATTENTION = {getattr(_aten, name).default for name in (
     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
     "scaled_dot_product_attention") if hasattr(_aten, name)}
-
-
-@dataclass
-class NoAttention(NotRowWise):
-    """The region mixes tokens without a recognised attention op: the chain ends there."""
 
 
 @dataclass
@@ -131,7 +126,7 @@ def _earlier_state(n, start, token_dims, is_param) -> bool:
 
 
 def _mixing_ops(region: set) -> list:
-    return sorted((n for n in region if n.target in _ATTENTION), key=lambda n: n.name)
+    return sorted((n for n in region if n.target in ATTENTION), key=lambda n: n.name)
 
 
 def _narrow_cut(state, mixing: list, token_dims, is_param) -> list | None:
@@ -196,7 +191,7 @@ def link(state, out, chain_start, token_dims, is_param, values=None) -> ContextL
     module, free, region = extract_region(out, [state], chain_start, token_dims, is_param)
     mixing = _mixing_ops(region)
     if not mixing:
-        raise NoAttention(f"the region {state.name} -> {out.name} mixes tokens without attention")
+        raise NotRowWise(f"the region {state.name} -> {out.name} mixes tokens without attention")
     masks = [m for op in mixing for m in [op.kwargs.get("attn_mask", op.args[3] if len(op.args) > 3 else None)]
              if isinstance(m, torch.fx.Node)]
     full = ContextLink(state, out, module, free, [n for n in free if not is_param(n)], [], [], set(region),
