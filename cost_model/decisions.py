@@ -98,8 +98,12 @@ def attention_window(layer: LayerShape, profile: HardwareProfile, tokens=T):
 
 
 def ep_costs(layer: LayerShape, profile: HardwareProfile, ranks: int, ranks_per_node=None, *,
-             num_layers: int = 1, training: bool = False) -> dict:
-    """Per-layer communication seconds (sympy in T) of each EP mode, counts and routing metadata included."""
+             num_layers: int = 1, training: bool = False, context_values: int = 0) -> dict:
+    """Per-layer communication seconds (sympy in T) of each EP mode, counts and routing metadata included.
+
+    context_values: values per token the single all-to-all mode all-gathers after this layer to make the
+    context coherent across attention (the keys/values cut, context_region.py), with their int64 home
+    index and rank; 0 when the next layer follows per token."""
     n = T * layer.top_k * layer.hidden * layer.bytes   # routed token copies one rank sends
     # training: ep_moe's backward re-runs the forward's all-to-alls (recompute), then their reverses
     bw = 3 if training else 1
@@ -112,16 +116,23 @@ def ep_costs(layer: LayerShape, profile: HardwareProfile, ranks: int, ranks_per_
         out["single_all_to_all"] = (C.all_to_all(n, ranks, profile, ranks_per_node) + meta
                                     + C.all_gather(T * layer.hidden * layer.bytes, ranks, profile, ranks_per_node)
                                     / max(1, num_layers))
+        if context_values:
+            out["single_all_to_all"] += C.all_gather(T * (context_values * layer.bytes + 16), ranks, profile,
+                                                     ranks_per_node)
     return out
 
 
 def decide_ep_mode(layer: LayerShape, profile: HardwareProfile, ranks: int, tokens: float, *,
-                   ranks_per_node=None, num_layers: int = 1, training: bool = False) -> Decision:
-    exprs = ep_costs(layer, profile, ranks, ranks_per_node, num_layers=num_layers, training=training)
+                   ranks_per_node=None, num_layers: int = 1, training: bool = False,
+                   context_values: int = 0) -> Decision:
+    exprs = ep_costs(layer, profile, ranks, ranks_per_node, num_layers=num_layers, training=training,
+                     context_values=context_values)
     rpn = min(ranks, ranks_per_node or profile.ranks_per_node)
     detail = (f"{ranks} ranks ({rpn} per node), {fmt_b(tokens * layer.top_k * layer.hidden * layer.bytes)} of routed "
               f"tokens per rank per all-to-all" + ("; single all-to-all (ExFlow) is inference-only" if training else
-                                                   f"; single = dispatch only + all-gather amortised over {num_layers} layers"))
+                                                   f"; single = dispatch only + all-gather amortised over {num_layers} layers"
+                                                   + (f" + a context all-gather of {context_values} values per token "
+                                                      "(attention follows)" if context_values else "")))
     return _choose("ep_mode", exprs, tokens, detail)
 
 

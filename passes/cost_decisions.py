@@ -122,6 +122,17 @@ class CostDecisions:
         suffix = f" [profile {profile.name}, {ranks} ranks]"
         return [D.Decision(d.name, d.choice, d.why + suffix, d.costs, d.exprs) for d in out]
 
+    def decide_ep_mode(self, spec: MoESpec, val, *, training: bool, num_layers: int, context_values: int):
+        """The ep_mode Decision of one layer whose coherent chain all-gathers `context_values` values per
+        token after it (attention follows; sparse_collectives asks once it has found the chain)."""
+        layer = layer_shape(spec, val.dtype)
+        profile = self._profile(val)
+        tokens = max(1, int(self.tokens or _compat.size_hint(val.numel() // max(1, layer.hidden))))
+        d = D.decide_ep_mode(layer, profile, self._ranks(profile), tokens, ranks_per_node=self.ranks_per_node or None,
+                             num_layers=num_layers, training=training, context_values=context_values)
+        return D.Decision(d.name, d.choice, d.why + f" [profile {profile.name}, {self._ranks(profile)} ranks]",
+                          d.costs, d.exprs)
+
     def call(self, gm: torch.fx.GraphModule, ctx) -> "PassResult":
         from moe_compiler.pipeline import PassResult
 

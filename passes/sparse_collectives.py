@@ -155,6 +155,8 @@ class SparseCollectives:
             plan = EPPlan(gname, layer_mode, rows, rpn if layer_mode == "hierarchical" else 0, opts["overlap_degree"])
             if mode == "coherent":
                 why = f"coherent mode does not apply: {not_coherent.get(node, 'not in a chain')}"
+            elif mode == "auto" and spec.note("decision:ep_mode") == "single_all_to_all":
+                why = f"{why}; no coherent chain: {not_coherent.get(node, 'not in a chain')}"
             for r in reports[:1]:
                 r.strategy = f"expert parallel over {size} ranks: tokens move to the experts (mode {layer_mode}; {why})"
             new_spec = spec.replace(notes=spec.notes + ((NOTE, plan.to_json()),))
@@ -210,6 +212,8 @@ class SparseCollectives:
                 candidates.append(n)
         chains, reasons = find_chains(candidates, _param_test(gm, ctx.placeholder_paths), _graph_values(gm, ctx))
         why.update(reasons)
+        if opts["mode"] == "auto":
+            chains = [c for c in chains if _context_pays(c, ctx, specs, len(layers), why)]
         chained, emitted = 0, {}   # emitted: a chain's end node -> the op that replaced it
         for chain in chains:
             chain.start = emitted.get(chain.start, chain.start)   # a chain may start where the last one ended
@@ -444,6 +448,25 @@ def _context_program(link, take, token_dims):
                           tuple(row_layout(n, token_dims)[0] for n in link.cut_nodes), out_dims, tuple(out_feat),
                           link.out.meta["val"].dtype, link.describe(token_dims))
     return prog, context, masks
+
+
+def _context_pays(chain, ctx, specs, num_layers: int, why: dict) -> bool:
+    """Mode "auto": does the cost model still choose the single all-to-all for every layer of the chain once
+    the context all-gathers after it (attention follows) are counted? If not, says why for each layer."""
+    from moe_compiler.passes.cost_decisions import CostDecisions
+
+    costs = CostDecisions(**ctx.config.pass_options.get("cost_decisions", {}))
+    for layer in chain.layers:
+        if layer.context is None:
+            continue
+        d = costs.decide_ep_mode(specs[layer.moe], layer.moe.args[0].meta["val"], training=ctx.training,
+                                 num_layers=num_layers, context_values=layer.context.per_token_values(chain.token_dims))
+        if d.choice != "single_all_to_all":
+            for m in chain.layers:
+                why[m.moe] = (f"the cost model chose {d.choice!r} once the context all-gather after "
+                              f"{chain.names[chain.layers.index(layer)]} is counted ({d.why})")
+            return False
+    return True
 
 
 def _graph_values(gm, ctx):

@@ -227,6 +227,54 @@ def test_row_program_refuses_token_mixing_with_the_op_named(fn, what):
         _program_of(gm, (2, 3), activations=("x_1", "w_1"))
 
 
+def _attention_block(mix_residual: bool, B=2, S=5, H=16, heads=4, kv_heads=2):
+    """A pre-norm-free attention block as an ATen graph: out = s + attention(s) with GQA, s = 2 x (the
+    region's state); mix_residual adds a running sum over the sequence to the residual."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    d = H // heads
+
+    def block(x, wq, wk, wv):
+        s = x * 2
+        q = (s @ wq).view(B, S, heads, d).transpose(1, 2)
+        k = (s @ wk).view(B, S, kv_heads, d).transpose(1, 2).repeat_interleave(heads // kv_heads, 1)
+        v = (s @ wv).view(B, S, kv_heads, d).transpose(1, 2).repeat_interleave(heads // kv_heads, 1)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return (s.cumsum(1) if mix_residual else s) + a.transpose(1, 2).reshape(B, S, H)
+
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(B, S, H, generator=g), torch.randn(H, H, generator=g),
+            torch.randn(H, kv_heads * d, generator=g), torch.randn(H, kv_heads * d, generator=g)]
+    return make_fx(block)(*args), args
+
+
+@pytest.mark.parametrize("mix_residual", [False, True])
+def test_context_region_gathers_the_narrow_keys_values_cut_only_when_it_is_proven(mix_residual):
+    """Attention between two MoE layers: the region all-gathers the keys/values projections (before GQA
+    repeats them) when the held rows of its output depend only on their own state row and that cut; a
+    residual that mixes tokens (a running sum) fails that proof, and the whole state is gathered."""
+    from moe_compiler.codegen.comm import context_region
+    from moe_compiler.passes.detect_moe import capture_values
+
+    gm, args = _attention_block(mix_residual)
+    x, *weights = [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+    def is_param(n):
+        return n in weights or (n.op == "call_function" and all(is_param(a) for a in n.all_input_nodes))
+
+    state = next(n for n in gm.graph.nodes if n.op == "call_function")
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    link = context_region.link(state, out, x, (2, 5), is_param, lambda nodes: capture_values(gm, args, set(nodes)))
+    assert link.mixing and "attention" in link.mixing[0]
+    if mix_residual:
+        assert link.cuts == [] and link.per_token_values((2, 5)) == 16, link.cut_nodes
+    else:
+        assert len(link.cuts) == 2 and link.per_token_values((2, 5)) == 2 * 2 * 4, link.cut_nodes
+        assert "keys/values cut" in link.describe((2, 5))
+    # without example values nothing can be proven: the state is gathered
+    assert context_region.link(state, out, x, (2, 5), is_param).cuts == []
+
+
 def test_coherent_destinations_prefer_the_local_then_the_shared_copy():
     from moe_compiler.codegen.comm.coherent import anchor_slot, coherent_destinations
 
