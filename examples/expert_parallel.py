@@ -12,9 +12,12 @@ needs under the placement (moe_compiler.explain reports the same) and the bytes 
 after the compile (inference compiles keep only this rank's experts and release the module's whole
 tensors; each mode therefore compiles a fresh copy of the model). The "fssdp" mode
 (``{"movement": "weights"}``) moves the experts each rank's tokens use instead of the tokens.
-Mode "coherent" keeps tokens on their experts' ranks between MoE layers joined by per-token ops
-only; Mixtral has attention between its MoE layers, so the script prints why it falls back to two
-all-to-alls there (tests/test_ep_distributed.py runs it where it applies). The byte counts come
+Mode "coherent" (ExFlow) keeps tokens on their experts' ranks between MoE layers; Mixtral has attention
+between them, which the chain crosses by all-gathering every token's key/value projections (the
+context made coherent) so each rank runs attention for the rows it holds. The forward runs without a
+KV cache (``use_cache=False``: a returned cache would need every token's keys at home, and the chain
+says so). With grouped-query attention the gather costs about as much as the return all-to-all it
+saves: fewer bytes at 2 ranks, more at 4 (BENCHMARKS.md). The byte counts come
 from the collective executor, so these modes run with ``"collectives": "op"`` (one ep_moe op per
 layer). "functional" is mode all_to_all as users get it by default: the all-to-alls are functional
 collectives traced into the graph, which the traffic recorder does not see (no byte count is
@@ -58,7 +61,7 @@ def rank_main(rank, world, tokens):
     ids = torch.randint(0, 96, (1, tokens), generator=torch.Generator().manual_seed(100 + rank))
     model = build_model()
     with torch.no_grad():
-        ref = model(ids).logits
+        ref = model(ids, use_cache=False).logits
     out = {"expert_bytes": expert_bytes_per_rank(model, None, world), "expert_bytes_whole": expert_bytes_held(model)}
     for mode, extra in MODES:
         torch._dynamo.reset()
@@ -68,9 +71,9 @@ def rank_main(rank, world, tokens):
             "expert_parallel": opts, "inner_backend": "eager", "strict": True})
         with torch.no_grad():
             with collect_records() as records:
-                compiled(ids)  # compile (collectives run too: every rank compiles the same graph)
+                compiled(ids, use_cache=False)  # compile (collectives run too: every rank compiles the same graph)
             with record_traffic() as traffic:
-                logits = compiled(ids).logits
+                logits = compiled(ids, use_cache=False).logits
         torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
         payload = sum(t["bytes_remote"] for t in traffic if not t["step"].endswith("_meta"))
         meta = sum(t["bytes_remote"] for t in traffic if t["step"].endswith("_meta"))

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import operator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -456,11 +457,14 @@ def _context_pays(chain, ctx, specs, num_layers: int, why: dict) -> bool:
     from moe_compiler.passes.cost_decisions import CostDecisions
 
     costs = CostDecisions(**ctx.config.pass_options.get("cost_decisions", {}))
-    for layer in chain.layers:
-        if layer.context is None:
-            continue
+    links = [layer for layer in chain.layers if layer.context is not None]
+    tokens = max(1, _compat.size_hint(math.prod(chain.token_dims)))
+    # context operands (masks, rotary tables) are all-gathered once per chain: spread over its regions per token
+    once = math.ceil(sum(layer.context.context_values() for layer in links) / tokens / max(1, len(links)))
+    for layer in links:
         d = costs.decide_ep_mode(specs[layer.moe], layer.moe.args[0].meta["val"], training=ctx.training,
-                                 num_layers=num_layers, context_values=layer.context.per_token_values(chain.token_dims))
+                                 num_layers=num_layers,
+                                 context_values=layer.context.per_token_values(chain.token_dims) + once)
         if d.choice != "single_all_to_all":
             for m in chain.layers:
                 why[m.moe] = (f"the cost model chose {d.choice!r} once the context all-gather after "

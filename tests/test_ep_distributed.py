@@ -779,6 +779,81 @@ def test_compiled_coherent_four_ranks_and_where_it_does_not_apply(tmp_path):
             assert r["y"] < 1e-5 and r["gx"] < 1e-5 and r["gparams"] < 1e-5, (rank, r)
 
 
+def attention_chain_worker(rank, world):
+    """Coherent chains across attention in transformers models, each rank its own tokens. Cases: Mixtral
+    inference with a padding mask (a per-rank context operand), Qwen3-MoE training (q/k norms; gradients
+    all-reduced), ranks with different sequence lengths (the rows go home for the region), the default
+    use_cache=True (the keys/values escape as the cache: no chain) and mode "auto" (the cost model counts
+    the context all-gather)."""
+    import torch.distributed as dist
+
+    from hf_models import make_model
+    from moe_compiler.codegen.comm.executor import record_traffic
+    from moe_compiler.explain import collect_records
+    from moe_compiler.pipeline import counters
+
+    out = {}
+    cases = {"mixtral_mask": ("mixtral", "coherent", False, 8, True, False),
+             "qwen3_train": ("qwen3_moe", "coherent", True, 8, False, False),
+             "unequal": ("mixtral", "coherent", False, 6 + 3 * rank, False, False),
+             "cache": ("mixtral", "coherent", False, 8, False, True),
+             "auto": ("mixtral", "auto", False, 8, False, False)}
+    for name, (family, mode, train, seq, mask, cache) in cases.items():
+        torch._dynamo.reset()
+        counters.clear()
+        model = make_model(family).train(train)
+        ref = copy.deepcopy(model)
+        ids = torch.randint(0, 96, (2, seq), generator=torch.Generator().manual_seed(10 + rank))
+        kw = {"use_cache": cache}
+        if mask:
+            kw["attention_mask"] = torch.ones(2, seq, dtype=torch.long)
+            kw["attention_mask"][1, :1 + 2 * rank] = 0
+        cm = torch.compile(model, backend="moe", options={
+            "expert_parallel": {"mode": mode, "collectives": "op"}, "inner_backend": "eager", "strict": True,
+            "pass_options": {"cost_decisions": {"profile": "cpu_generic"}}})
+        with torch.set_grad_enabled(train), collect_records() as records, record_traffic() as traffic:
+            y = cm(ids, **kw).logits
+            y_ref = ref(ids, **kw).logits
+        res = dict(y=_rel(y, y_ref), chained=counters["sparse_collectives"].get("layers_coherent", 0),
+                   steps=sorted({t["step"] for t in traffic}),
+                   strategies=[layer.strategy for rec in records for layer in rec.moe_layers])
+        if train:
+            y.square().mean().backward()
+            y_ref.square().mean().backward()
+            worst = 0.0
+            for p, q in zip(model.parameters(), ref.parameters()):
+                g, g_ref = (t.grad if t.grad is not None else torch.zeros_like(t) for t in (p, q))
+                dist.all_reduce(g)
+                dist.all_reduce(g_ref)
+                worst = max(worst, _rel(g, g_ref))
+            res["g"] = worst
+        out[name] = res
+    return out
+
+
+def test_coherent_chains_cross_attention_in_transformers_models():
+    """2 ranks: the chain crosses attention by all-gathering the keys/values cut and equals eager, forward
+    and backward; where it cannot (a KV cache returned) or does not pay (mode auto), explain() says why."""
+    results = run_ranks("test_ep_distributed:attention_chain_worker", 2, {}, timeout=360, pg_timeout=120,
+                        python_path=(HERE,))
+    for rank, r in enumerate(results):
+        for name in ("mixtral_mask", "qwen3_train", "unequal"):
+            assert r[name]["chained"] == 2 and r[name]["y"] < 1e-5, (rank, name, r[name])
+            assert "context made coherent" in r[name]["strategies"][0], r[name]["strategies"]
+            assert "keys/values cut" in r[name]["strategies"][0], r[name]["strategies"]
+        assert r["qwen3_train"]["g"] < 1e-5, (rank, r["qwen3_train"])
+        # one dispatch per layer, the cut all-gathered between them; the mask is per-rank context
+        assert {"context", "context_operands", "dispatch", "combine", "home"} <= set(r["mixtral_mask"]["steps"]), \
+            r["mixtral_mask"]["steps"]
+        assert "context_operands" not in r["qwen3_train"]["steps"]   # no mask: nothing per-rank to gather
+        # different sequence lengths per rank: the region runs at home instead
+        assert "context_home" in r["unequal"]["steps"] and "context" not in r["unequal"]["steps"], r["unequal"]
+        assert r["cache"]["chained"] == 0 and r["cache"]["y"] < 1e-5, r["cache"]
+        assert "KV cache" in r["cache"]["strategies"][0], r["cache"]["strategies"]
+        assert r["auto"]["y"] < 1e-5
+        assert r["auto"]["chained"] == 2 or "context all-gather" in r["auto"]["strategies"][0], r["auto"]
+
+
 # ------------------------------------------------------------------ released expert weights (inference)
 def release_worker(rank, world):
     from hf_models import make_model

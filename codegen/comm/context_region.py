@@ -59,11 +59,17 @@ class ContextLink:
         nodes = self.cut_nodes or [self.state]
         return sum(math.prod(row_program.row_layout(n, token_dims)[1]) for n in nodes)
 
+    def context_values(self) -> int:
+        """Values of the per-token context operands (masks, rotary tables) one rank all-gathers once."""
+        return sum(n.meta["val"].numel() for n in self.context)
+
     def describe(self, token_dims) -> str:
         what = (f"keys/values cut {[n.name for n in self.cut_nodes]}" if self.cuts
                 else f"the state {self.state.name}")
+        extra = (f"; context operands {[n.name for n in self.context]} ({self.context_values()} values per rank) "
+                 "all-gathered once per chain" if self.context else "")
         return (f"context made coherent across {', '.join(self.mixing) or 'a token-mixing region'}: "
-                f"all-gather of {what}, {self.per_token_values(token_dims)} values per token")
+                f"all-gather of {what}, {self.per_token_values(token_dims)} values per token{extra}")
 
 
 def _depends(n, targets: set, memo: dict) -> bool:
