@@ -21,7 +21,8 @@ moves bytes, never results), then most of its current experts, then its current 
 Two users of ``coherent_forward``:
   * ``coherent_stack_forward``: a residual stack with routing given per token (bench/ep.py, tests);
   * the ``moe_compiler::coherent_moe_chain`` op, which the sparse_collectives pass emits for a chain
-    of MoE layers joined by per-token ops (row programs, row_program.py), mode "coherent".
+    of MoE layers joined by per-token ops (row programs, row_program.py) or by attention, whose
+    context is made coherent by all-gathers (context_region.py), mode "coherent".
 Shapes: x [T, *feat] this rank's tokens -> [T, *feat_out] in the same order.
 """
 from __future__ import annotations
