@@ -100,8 +100,9 @@ def main(argv=None) -> dict:
     from moe_compiler.runtime.launch import run_ranks
 
     t0 = time.perf_counter()
-    res = run_ranks("ep_attention:worker", a.ranks, dict(tokens=tokens, kv_heads=a.kv_heads, layers=a.layers, reps=reps),
-                    timeout=1200, pg_timeout=300, python_path=(os.path.dirname(os.path.abspath(__file__)),))
+    res = run_ranks("ep_attention:worker", a.ranks,
+                    dict(tokens=tokens, kv_heads=a.kv_heads, layers=a.layers, reps=reps), timeout=1200,
+                    pg_timeout=300, python_path=(os.path.dirname(os.path.abspath(__file__)),))
     total = {m: sum(sum(r["bytes"][m].values()) for r in res) for m in MODES}
     context = sum(v for r in res for k, v in r["bytes"]["coherent"].items() if k.startswith("context"))
     slowest = {m: max(r["median_s"][m] for r in res) for m in MODES}

@@ -130,7 +130,8 @@ def decide_ep_mode(layer: LayerShape, profile: HardwareProfile, ranks: int, toke
     rpn = min(ranks, ranks_per_node or profile.ranks_per_node)
     detail = (f"{ranks} ranks ({rpn} per node), {fmt_b(tokens * layer.top_k * layer.hidden * layer.bytes)} of routed "
               f"tokens per rank per all-to-all" + ("; single all-to-all (ExFlow) is inference-only" if training else
-                                                   f"; single = dispatch only + all-gather amortised over {num_layers} layers"
+                                                   f"; single = dispatch only + all-gather amortised over "
+                                                   f"{num_layers} layers"
                                                    + (f" + a context all-gather of {context_values} values per token "
                                                       "(attention follows)" if context_values else "")))
     return _choose("ep_mode", exprs, tokens, detail)

@@ -216,8 +216,8 @@ def _longest_chain(moes, i, order, is_param, values=None):
             if chain is not None:
                 return chain, reason
         return None, (f"values computed inside {layer_path(first)}..{layer_path(layers[-1][0])} are read outside "
-                      "the chain (e.g. router logits by an aux loss, per-layer hidden states, or keys/values returned as a KV "
-                      "cache: pass use_cache=False)")
+                      "the chain (e.g. router logits by an aux loss, per-layer hidden states, or keys/values "
+                      "returned as a KV cache: pass use_cache=False)")
     return None, link_err or (str(last_err) if last_err else "no per-token state feeds the layer")
 
 

@@ -316,7 +316,8 @@ class SparseCollectives:
             if layer.context is not None:
                 c = layer.context
                 for node, prog in zip(c.cut_nodes, c.cuts):
-                    text.append(f"# ---- {name}: context cut {node.name} (all-gathered; free: {[n.name for n in prog.free]})")
+                    text.append(f"# ---- {name}: context cut {node.name} (all-gathered; free: "
+                                f"{[n.name for n in prog.free]})")
                     text.append(prog.module.code.strip() + "\n")
                 text.append(f"# ---- {name}: context region {c.state.name} -> {c.out.name}, once per home rank "
                             f"(free: {[n.name for n in c.free]}; per-token context: {[n.name for n in c.context]})")
@@ -444,7 +445,8 @@ def _context_program(link, take, token_dims):
     context = tuple(i for i, n in zip(region_free, link.free) if n in link.context)
     masks = tuple(i for i, n in zip(region_free, link.free) if n in link.masks)
     out_dims, out_feat = row_layout(link.out, token_dims)
-    prog = ContextProgram(link.module, region_free, [p.module for p in link.cuts], tuple(take(p.free) for p in link.cuts),
+    prog = ContextProgram(link.module, region_free, [p.module for p in link.cuts],
+                          tuple(take(p.free) for p in link.cuts),
                           row_layout(link.state, token_dims)[0],
                           tuple(row_layout(n, token_dims)[0] for n in link.cut_nodes), out_dims, tuple(out_feat),
                           link.out.meta["val"].dtype, link.describe(token_dims))

@@ -30,7 +30,7 @@ import torch
 import torch.fx
 
 from moe_compiler.codegen.comm import row_program
-from moe_compiler.codegen.comm.row_program import NotRowWise, RowProgram
+from moe_compiler.codegen.comm.row_program import NotRowWise
 
 _aten = torch.ops.aten
 ATTENTION = {getattr(_aten, name).default for name in (
