@@ -155,9 +155,9 @@ def _context_link(state, moe, nxt, token_dims, order, is_param, start, values, w
             post = row_program.extract([sa], [state, moe], token_dims, is_param)
         except NotRowWise:
             continue
-        memo: dict = {}
+        reach = context_region.dependents([sa])
         for sb in ends:
-            if not _depends_on(sb, {sa}, None, memo):
+            if sb not in reach:
                 continue
             try:
                 hp, lp = _pre(nxt, sb, token_dims, is_param)

@@ -6,7 +6,7 @@ instead: every rank gets the context, and each rank runs the mixing region for t
 
     S_a     the state before the region (rows held on this rank, at their anchors, in any order)
     cut     per-token values the region's attention reads as keys and values (each a row program of
-            S_a, computed where the row is held): all-gathered, so every rank holds every token's
+            S_a, computed where the row is held): all-gathered, so every rank holds every token's cut
     region  (S_a, *cut, *free) -> S_b: the graph's own ops with their own shapes, run once per home
             rank r that has rows here: S_a holds the rows held here in place and zeros elsewhere, the
             cut is complete, and free operands that are per-token data from outside the chain (rotary
@@ -18,7 +18,7 @@ numerically at compile time (zeroed rows of S_a must not change the other rows' 
 narrow cut proves sound (two attentions in one region, keys that are not a row program of S_a), the
 cut is S_a itself: every rank gets every state row and runs the region on the whole context, which
 is the graph's own computation. Every rank must pass the same token shape (the region's ops carry
-the graph's sizes); when they differ, the rows go home for the region instead (``home_fallback``),
+the graph's sizes); when they differ, the rows go home for the region instead (``ChainContext._at_home``),
 which every rank sees from the all-gathered shapes, so all take the same path.
 """
 from __future__ import annotations
@@ -72,13 +72,15 @@ class ContextLink:
                 f"all-gather of {what}, {self.per_token_values(token_dims)} values per token{extra}")
 
 
-def _depends(n, targets: set, memo: dict) -> bool:
-    if n in targets:
-        return True
-    if n not in memo:
-        memo[n] = False
-        memo[n] = any(_depends(a, targets, memo) for a in n.all_input_nodes)
-    return memo[n]
+def dependents(targets) -> set:
+    """Every node that depends on one of `targets` (the targets included)."""
+    seen, stack = set(), list(targets)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.users)
+    return seen
 
 
 def extract_region(out: torch.fx.Node, inputs: list, chain_start: torch.fx.Node, token_dims: tuple, is_param):
@@ -88,14 +90,14 @@ def extract_region(out: torch.fx.Node, inputs: list, chain_start: torch.fx.Node,
     rows (they are all-gathered once per chain) and not an earlier state of the tokens (one the chain's
     start follows from per token: the chain should start there); sizes computed at run time (dynamic
     shapes) are refused."""
-    memo_in, memo_start = {}, {}
+    from_inputs, from_start = dependents(inputs), dependents([chain_start])
     region, free, stack = set(), [], [out]
     while stack:
         n = stack.pop()
         if n in inputs or n in region or n in free:
             continue
-        if not _depends(n, set(inputs), memo_in):
-            if _depends(n, {chain_start}, memo_start):
+        if n not in from_inputs:
+            if n in from_start:
                 raise NotRowWise(f"{n.name} is computed inside the chain but not from the region's state")
             if not isinstance(n.meta.get("val"), torch.Tensor):
                 raise NotRowWise(f"{n.name} ({n.op}) is a size computed at run time (dynamic shapes): the region "
@@ -141,10 +143,10 @@ def _narrow_cut(state, mixing: list, token_dims, is_param) -> list | None:
     value has none."""
     order = {n: i for i, n in enumerate(state.graph.nodes)}
     chosen = {}
+    from_state = dependents([state])
     for op in mixing:
         for arg in op.args[1:3]:
-            memo: dict = {}
-            ancestors = [n for n in _ancestors(arg) if n is not state and _depends(n, {state}, memo)]
+            ancestors = [n for n in _ancestors(arg) if n is not state and n in from_state]
             best = None
             for n in sorted(ancestors, key=order.__getitem__, reverse=True):
                 try:
