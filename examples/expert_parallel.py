@@ -16,8 +16,9 @@ Mode "coherent" (ExFlow) keeps tokens on their experts' ranks between MoE layers
 between them, which the chain crosses by all-gathering every token's key/value projections (the
 context made coherent) so each rank runs attention for the rows it holds. The forward runs without a
 KV cache (``use_cache=False``: a returned cache would need every token's keys at home, and the chain
-says so). With grouped-query attention the gather costs about as much as the return all-to-all it
-saves: fewer bytes at 2 ranks, more at 4 (BENCHMARKS.md). The byte counts come
+says so). The gather costs about as much as the return all-to-all it saves: this model's keys and
+values are as wide as its hidden state, and coherent moves 1.03x the bytes of two all-to-alls at 2
+ranks, 1.35x at 4 (bench/ep_attention.py: 0.96x and 1.27x with keys+values half as wide). The byte counts come
 from the collective executor, so these modes run with ``"collectives": "op"`` (one ep_moe op per
 layer). "functional" is mode all_to_all as users get it by default: the all-to-alls are functional
 collectives traced into the graph, which the traffic recorder does not see (no byte count is

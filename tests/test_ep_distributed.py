@@ -854,6 +854,58 @@ def test_coherent_chains_cross_attention_in_transformers_models():
         assert r["auto"]["chained"] == 2 or "context all-gather" in r["auto"]["strategies"][0], r["auto"]
 
 
+def drawn_attention_worker(rank, world, cases):
+    """Per drawn case: a transformers Mixtral from the case's config, compiled with mode "coherent"; this
+    rank's batch (its own tokens and padding) against eager; the layers chained."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from moe_compiler.pipeline import counters
+
+    out = []
+    for case in cases:
+        torch._dynamo.reset()
+        counters.clear()
+        cfg = MixtralConfig(vocab_size=64, hidden_size=case["heads"] * case["head_dim"], intermediate_size=24,
+                            num_hidden_layers=case["layers"], num_attention_heads=case["heads"],
+                            num_key_value_heads=case["kv_heads"], head_dim=case["head_dim"],
+                            num_local_experts=case["experts"], num_experts_per_tok=case["k"],
+                            max_position_embeddings=64)
+        torch.manual_seed(case["seed"])
+        model = MixtralForCausalLM(cfg).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" not in name:
+                    p.normal_(0, 0.2 if p.dim() > 1 else 0.05)
+        gen = torch.Generator().manual_seed(case["seed"] + 7 * rank)
+        ids = torch.randint(0, 64, (case["batch"], case["seq"]), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[-1, :min(case["pad"] * rank, case["seq"] - 1)] = 0   # each rank pads its own way
+        with torch.no_grad():
+            ref = model(ids, attention_mask=mask, use_cache=False).logits
+            cm = torch.compile(model, backend="moe", options={"expert_parallel": {"mode": "coherent"},
+                                                              "inner_backend": "eager", "strict": True})
+            y = cm(ids, attention_mask=mask, use_cache=False).logits
+        out.append(dict(y=_rel(y, ref), chained=counters["sparse_collectives"].get("layers_coherent", 0)))
+    return out
+
+
+@settings(max_examples=1, deadline=None, phases=(Phase.explicit, Phase.generate), database=None)
+@given(cases=st.lists(st.fixed_dictionaries(dict(
+    layers=st.integers(2, 3), heads=st.sampled_from([2, 4]), kv_heads=st.sampled_from([1, 2]),
+    head_dim=st.sampled_from([8, 12]), experts=st.integers(2, 6), k=st.integers(1, 2),
+    batch=st.integers(1, 3), seq=st.integers(1, 9), pad=st.integers(0, 1), seed=st.integers(0, 99))),
+    min_size=3, max_size=3))
+def test_coherent_chains_across_attention_drawn_configs(cases):
+    """Generates: Mixtral configs (2-3 layers, MQA/GQA/MHA, 2-6 experts, top-1/2), 1-3 sequences of 1-9
+    tokens per rank with rank-dependent padding; every layer is chained across attention and the logits
+    equal eager on both ranks."""
+    results = run_ranks("test_ep_distributed:drawn_attention_worker", 2, {"cases": cases}, timeout=300,
+                        pg_timeout=120, python_path=(HERE,))
+    for rank, per_case in enumerate(results):
+        for case, r in zip(cases, per_case):
+            assert r["chained"] == case["layers"] and r["y"] < 1e-5, (rank, case, r)
+
+
 # ------------------------------------------------------------------ released expert weights (inference)
 def release_worker(rank, world):
     from hf_models import make_model

@@ -23,6 +23,7 @@ which every rank sees from the all-gathered shapes, so all take the same path.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ import torch.fx
 from moe_compiler.codegen.comm import row_program
 from moe_compiler.codegen.comm.row_program import NotRowWise
 
+log = logging.getLogger(__name__)
 _aten = torch.ops.aten
 ATTENTION = {getattr(_aten, name).default for name in (
     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
@@ -293,19 +295,23 @@ class ChainContext:
     def __init__(self, operands: list, context_operands: tuple, sizes: tuple, exchange):
         self.operands, self.context_operands, self.sizes = operands, tuple(context_operands), tuple(sizes)
         self.exchange = exchange
-        self.all_sizes: list = []
+        self.shapes: tuple = ()
+        self.all_shapes: list = []
         self.per_rank: dict = {}
 
     @property
     def equal_shapes(self) -> bool:
-        return all(s == self.sizes for s in self.all_sizes)
+        return all(s == self.shapes for s in self.all_shapes)
 
     def gather(self, hop):
-        """Generator: the token sizes of every rank, then (when all are equal) every context operand."""
+        """Generator: every rank's token sizes and context operand shapes, then (when all are equal) every
+        context operand."""
         every = torch.arange(hop.size, dtype=torch.int64)
-        dims = torch.tensor([list(self.sizes)] * hop.size, dtype=torch.int64).reshape(hop.size, len(self.sizes))
+        shapes = list(self.sizes) + [d for i in self.context_operands for d in self.operands[i].shape]
+        dims = torch.tensor([shapes] * hop.size, dtype=torch.int64).reshape(hop.size, len(shapes))
         (got,) = yield self.exchange([dims], every, "context", "context_shapes")
-        self.all_sizes = [tuple(r) for r in got.tolist()]
+        self.shapes = tuple(shapes)   # compared whole: equal token sizes with unequal masks are unequal
+        self.all_shapes = [tuple(r) for r in got.tolist()]
         if not self.equal_shapes or not self.context_operands:
             return
         sent = [_transport(self.operands[i]).reshape(1, -1).expand(hop.size, -1) for i in self.context_operands]
@@ -357,6 +363,8 @@ class ChainContext:
 
     def _at_home(self, prog: ContextProgram, state, meta, hop, layer: str):
         """Ranks pass different token shapes: the rows go home and each rank runs the region on its own."""
+        log.info("coherent chain, %s: ranks pass different shapes %s; the rows go home for the attention region "
+                 "(one more all-to-all, no context all-gather)", layer, self.all_shapes)
         rows, m = yield self.exchange([state, meta], meta[:, 0], layer, "context_home")
         rows = rows.index_select(0, torch.argsort(m[:, 1]))
         free = self.operands
