@@ -147,6 +147,9 @@ def _context_link(state, moe, nxt, token_dims, order, is_param, start, values, w
     attention = [n for n in between if n.target in context_region.ATTENTION]
     if not attention:
         raise why or NotRowWise(f"nothing joins {layer_path(moe)} to {layer_path(nxt)}")
+    if row_program.row_layout(start, token_dims)[0] != len(token_dims):
+        raise NotRowWise(f"the chain's input {start.name} is flattened; attention between {layer_path(moe)} and "
+                         f"{layer_path(nxt)} needs the token dims {list(token_dims)}")
     feeds_next = set(_ancestors_of([nxt.args[0], nxt.args[1]]))
     ends = [n for n in between if n in feeds_next and order[n] > order[attention[-1]]]
     last = why
