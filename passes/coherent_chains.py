@@ -150,7 +150,7 @@ def _context_link(state, moe, nxt, token_dims, order, is_param, start, values, w
     if row_program.row_layout(start, token_dims)[0] != len(token_dims):
         raise NotRowWise(f"the chain's input {start.name} is flattened; attention between {layer_path(moe)} and "
                          f"{layer_path(nxt)} needs the token dims {list(token_dims)}")
-    feeds_next = set(_ancestors_of([nxt.args[0], nxt.args[1]]))
+    feeds_next = set(context_region.ancestors_of([nxt.args[0], nxt.args[1]]))
     ends = [n for n in between if n in feeds_next and order[n] > order[attention[-1]]]
     last = why
     for sa in [moe] + _descendants(moe, order, limit=order[attention[0]]):
@@ -170,16 +170,6 @@ def _context_link(state, moe, nxt, token_dims, order, is_param, start, values, w
                 continue
             return sb, post, hp, lp, ctx
     raise last
-
-
-def _ancestors_of(nodes) -> list:
-    seen, stack = set(), [n for n in nodes if isinstance(n, torch.fx.Node)]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return list(seen)
 
 
 def _longest_chain(moes, i, order, is_param, values=None):

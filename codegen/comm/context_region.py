@@ -148,11 +148,11 @@ def _narrow_cut(state, mixing: list, token_dims, is_param) -> list | None:
     from_state = dependents([state])
     for op in mixing:
         for arg in op.args[1:3]:
-            ancestors = [n for n in _ancestors(arg) if n is not state and n in from_state]
+            ancestors = [n for n in ancestors_of([arg]) if n is not state and n in from_state]
             best = None
             for n in sorted(ancestors, key=order.__getitem__, reverse=True):
                 try:
-                    dims, feat = row_program.row_layout(n, token_dims)
+                    feat = row_program.row_layout(n, token_dims)[1]
                 except NotRowWise:
                     continue
                 size = math.prod(feat)
@@ -167,8 +167,9 @@ def _narrow_cut(state, mixing: list, token_dims, is_param) -> list | None:
     return list(chosen.items())
 
 
-def _ancestors(node) -> list:
-    seen, stack = set(), [node]
+def ancestors_of(nodes) -> list:
+    """Every node the given ones are computed from (themselves included)."""
+    seen, stack = set(), list(nodes)
     while stack:
         n = stack.pop()
         if isinstance(n, torch.fx.Node) and n not in seen:
@@ -206,7 +207,7 @@ def link(state, out, chain_start, token_dims, is_param, values=None) -> ContextL
              if isinstance(m, torch.fx.Node)]
     full = ContextLink(state, out, module, free, [n for n in free if not is_param(n)], [], [], set(region),
                        [n.name for n in mixing], masks)
-    cut = _narrow_cut(state, mixing, token_dims, is_param) if mixing and values is not None else None
+    cut = _narrow_cut(state, mixing, token_dims, is_param) if values is not None else None
     if not cut:
         return full
     nodes = [n for n, _ in cut]
