@@ -9,6 +9,7 @@ symbolic, so one compiled graph's decision is checked against every batch size o
     ep_mode          two all-to-alls (dispatch + combine) / single (ExFlow context-coherent,
                      inference: dispatch only + a per-step all-gather amortised over the layers) /
                      hierarchical (two-level all-to-alls)
+    overlap_degree   token chunks per EP layer (1, 2, 4, 8; Tutel): pipelined on GPUs, serial on CPUs
     movement         move tokens (EP) or move weights (FSSDP: sparse all-gather of the experts this
                      rank's tokens need, hidden behind the attention window) -- Hecate's trade-off
     replicas         replica count per expert (Hecate sparse materialisation: overlap degree t vs
@@ -26,12 +27,15 @@ import numpy as np
 import sympy
 
 from moe_compiler.cost_model import collectives as C
-from moe_compiler.cost_model.compute import LayerShape, active_experts, experts_time, gemm_time, moe_layer_time
+from moe_compiler.cost_model.compute import (LayerShape, activation_time, active_experts, experts_time, gemm_time,
+                                             moe_layer_time)
 from moe_compiler.cost_model.memory import exposed, footprint_per_rank, overlap_degree
 from moe_compiler.cost_model.profiles import HardwareProfile
 from moe_compiler.cost_model.symbols import T, as_expr, evaluate
 
 GRID = tuple(2 ** i for i in range(0, 18))  # token counts a decision is checked over
+# tokens per rank a replicas decision is taken at when the ranks' own counts may differ (every_rank)
+SHARED_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -63,12 +67,18 @@ def fmt_b(nbytes: float) -> str:
     return f"{b:.0f} B"
 
 
-def winners_over_tokens(exprs: dict, grid=GRID) -> str:
-    """Which alternative is cheapest over a grid of token counts, as ranges ("a for T<=64; b for T>=128")."""
+def _over_grid(exprs: dict, grid=GRID) -> tuple[list, np.ndarray]:
+    """(names, costs [alternatives, len(grid)]) of each alternative at every token count of the grid."""
     names = list(exprs)
     vals = np.stack([np.broadcast_to(np.asarray(evaluate(exprs[n], **({"T": np.array(grid, float)}
                                                                        if exprs[n].free_symbols else {})),
                                                  dtype=float), (len(grid),)) for n in names])
+    return names, vals
+
+
+def winners_over_tokens(exprs: dict, grid=GRID) -> str:
+    """Which alternative is cheapest over a grid of token counts, as ranges ("a for T<=64; b for T>=128")."""
+    names, vals = _over_grid(exprs, grid)
     best = [names[i] for i in vals.argmin(axis=0)]
     parts, start = [], 0
     for i in range(1, len(grid) + 1):
@@ -81,13 +91,28 @@ def winners_over_tokens(exprs: dict, grid=GRID) -> str:
     return "; ".join(parts)
 
 
-def _choose(name: str, exprs: dict, tokens: float, detail: str, eligible=None) -> Decision:
+def least_worst_ratio(exprs: dict, grid=GRID) -> tuple[str, float]:
+    """(alternative, ratio): the alternative whose cost is closest to the cheapest one's at every token count
+    of the grid, and its largest cost / cheapest cost there. A choice that does not depend on T."""
+    names, vals = _over_grid(exprs, grid)
+    ratios = ((vals + 1e-12) / (vals.min(axis=0) + 1e-12)).max(axis=1)   # 1e-12 s: costs of 0 (fully hidden)
+    i = int(ratios.argmin())
+    return names[i], float(ratios[i])
+
+
+def _choose(name: str, exprs: dict, tokens: float, detail: str, eligible=None, every_rank: bool = False) -> Decision:
+    """The cheapest alternative at ``tokens``; with every_rank, the one closest to the cheapest at every T
+    (least_worst_ratio), so that ranks holding different token counts choose alike."""
     exprs = {k: as_expr(v) for k, v in exprs.items()}
     costs = {k: float(evaluate(v, T=tokens) if v.free_symbols else evaluate(v)) for k, v in exprs.items()}
     pool = [k for k in costs if eligible is None or k in eligible]
     choice = min(pool, key=lambda k: costs[k])
     listing = ", ".join(f"{k} {fmt_s(v)}" for k, v in costs.items())
     why = f"at T={int(tokens)}: {listing}; {detail}; over T=1..{GRID[-1]}: {winners_over_tokens({k: exprs[k] for k in pool})}"
+    if every_rank:
+        choice, worst = least_worst_ratio({k: exprs[k] for k in pool})
+        why += (f"; chosen alike on every rank whatever its token count: {choice}, within {worst:.2f}x of the "
+                f"cheapest at every T (pass_options cost_decisions 'tokens' decides at one token count instead)")
     return Decision(name, choice, why, costs, exprs)
 
 
@@ -124,7 +149,9 @@ def ep_costs(layer: LayerShape, profile: HardwareProfile, ranks: int, ranks_per_
 
 def decide_ep_mode(layer: LayerShape, profile: HardwareProfile, ranks: int, tokens: float, *,
                    ranks_per_node=None, num_layers: int = 1, training: bool = False,
-                   context_values: int = 0) -> Decision:
+                   context_values: int = 0, every_rank: bool = False) -> Decision:
+    """Two all-to-alls / single (ExFlow) / hierarchical. every_rank: the ranks of the group may hold different
+    token counts and must run the same collectives, so the choice may not depend on T (_choose)."""
     exprs = ep_costs(layer, profile, ranks, ranks_per_node, num_layers=num_layers, training=training,
                      context_values=context_values)
     rpn = min(ranks, ranks_per_node or profile.ranks_per_node)
@@ -134,7 +161,60 @@ def decide_ep_mode(layer: LayerShape, profile: HardwareProfile, ranks: int, toke
                                                    f"{num_layers} layers"
                                                    + (f" + a context all-gather of {context_values} values per token "
                                                       "(attention follows)" if context_values else "")))
-    return _choose("ep_mode", exprs, tokens, detail)
+    return _choose("ep_mode", exprs, tokens, detail, every_rank=every_rank)
+
+
+OVERLAP_DEGREES = (1, 2, 4, 8)   # token chunks per EP layer the overlap_degree decision compares
+
+
+def local_experts_time(layer: LayerShape, profile: HardwareProfile, ranks: int, tokens=T):
+    """One rank's share of the experts (ceil(E / G) of them) on the T * k slots that arrive there on
+    average: the two expert GEMMs and the activation, forward."""
+    s = as_expr(tokens) * layer.top_k
+    e_local = max(1, -(-layer.num_experts // ranks))
+    calls = active_experts(s, e_local, 1)
+    return (gemm_time(s, layer.n1, layer.hidden, profile, layer.dtype, calls=calls)
+            + gemm_time(s, layer.hidden, layer.ffn, profile, layer.dtype, calls=calls)
+            + activation_time(layer, profile, tokens, calls=calls))
+
+
+def overlap_costs(layer: LayerShape, profile: HardwareProfile, ranks: int, ranks_per_node=None, *,
+                  hierarchical: bool = False, degrees=OVERLAP_DEGREES) -> dict:
+    """Seconds (sympy in T) of one EP layer's forward -- dispatch, this rank's experts, combine -- with its
+    tokens in c chunks (Tutel's overlap degree), keyed by str(c).
+
+    Per chunk of T/c tokens: dispatch d (rows + slot ids), experts e, combine b; one counts exchange for
+    every chunk. On a GPU the collectives run on their own stream (NCCL) beside the experts, so the chunks
+    pipeline: d + e + b + (c - 1) * Max(d + b, e). On a CPU gloo's copies run on the cores that compute,
+    nothing overlaps, and c chunks cost c * (d + e + b): each chunk pays the latencies and small GEMMs
+    again (bench/ep_collectives.py: 1.00-2.07x one chunk on 2 cores)."""
+    a2a = C.all_to_all_hierarchical if hierarchical else C.all_to_all
+    out = {}
+    for c in degrees:
+        t = T / c
+        rows = t * layer.top_k * layer.hidden * layer.bytes
+        dispatch = a2a(rows, ranks, profile, ranks_per_node) + a2a(t * layer.top_k * 16, ranks, profile,
+                                                                   ranks_per_node)
+        combine = a2a(rows, ranks, profile, ranks_per_node)
+        experts = local_experts_time(layer, profile, ranks, t)
+        if profile.kind == "gpu":
+            chunks = dispatch + experts + combine + (c - 1) * sympy.Max(dispatch + combine, experts)
+        else:
+            chunks = c * (dispatch + experts + combine)
+        out[str(c)] = a2a(ranks * 8 * c, ranks, profile, ranks_per_node) + chunks
+    return out
+
+
+def decide_overlap_degree(layer: LayerShape, profile: HardwareProfile, ranks: int, tokens: float, *,
+                          ranks_per_node=None, hierarchical: bool = False, every_rank: bool = False) -> Decision:
+    """Token chunks per EP layer (expert_parallel overlap_degree "auto"); every_rank as in decide_ep_mode:
+    the chunk count fixes how many collectives a rank runs."""
+    exprs = overlap_costs(layer, profile, ranks, ranks_per_node, hierarchical=hierarchical)
+    detail = ("forward of one EP layer in c token chunks: "
+              + ("the collectives run beside the experts (NCCL stream), so the chunks pipeline"
+                 if profile.kind == "gpu" else "on a CPU the collectives use the cores that compute: chunks "
+                 "add latency and smaller GEMMs, and hide nothing"))
+    return _choose("overlap_degree", exprs, tokens, detail, every_rank=every_rank)
 
 
 def movement_costs(layer: LayerShape, profile: HardwareProfile, ranks: int, ranks_per_node=None, *,
@@ -159,7 +239,8 @@ def movement_costs(layer: LayerShape, profile: HardwareProfile, ranks: int, rank
 
 def decide_movement(layer: LayerShape, profile: HardwareProfile, ranks: int, tokens: float, *,
                     ranks_per_node=None, window=None, training: bool = False, num_layers: int = 1,
-                    rematerialize: bool = False) -> Decision:
+                    rematerialize: bool = False, every_rank: bool = False) -> Decision:
+    """Move tokens (EP) or weights (FSSDP); every_rank as in decide_ep_mode."""
     exprs = movement_costs(layer, profile, ranks, ranks_per_node, window=window, training=training,
                            num_layers=num_layers, rematerialize=rematerialize)
     need = float(evaluate(active_experts(T, layer.num_experts, layer.top_k), T=tokens))
@@ -170,18 +251,23 @@ def decide_movement(layer: LayerShape, profile: HardwareProfile, ranks: int, tok
     detail = (f"bytes per rank: routed tokens {fmt_b(tok_b)} (dispatch + combine) vs needed remote experts "
               f"{fmt_b(w_b)} ({need:.1f} of {layer.num_experts} experts used, {fmt_b(layer.expert_bytes)} each), "
               f"weights hide behind {fmt_s(win_s)} of attention; costs are exposed seconds")
-    return _choose("movement", exprs, tokens, detail)
+    return _choose("movement", exprs, tokens, detail, every_rank=every_rank)
 
 
 def decide_replicas(layer: LayerShape, profile: HardwareProfile, ranks: int, tokens: float, *,
-                    ranks_per_node=None, window=None, free_bytes=None, loads=None) -> Decision:
+                    ranks_per_node=None, window=None, free_bytes=None, loads=None,
+                    every_rank: bool = False) -> Decision:
     """Hecate sparse materialisation: replicas per expert from the overlap degree t and free slots m.
+
+    every_rank: every rank of the group must gather the same experts, whatever its token count, so t and m
+    are taken at SHARED_TOKENS tokens per rank instead of ``tokens``.
 
     t = window * bandwidth / expert_bytes; m = free_bytes // expert_bytes (per rank). If t <= m, the
     top-t experts by load get a replica on every rank; otherwise the m * G extra slots are shared
     out in proportion to load. ``loads`` [E] (tokens per expert) defaults to uniform.
     """
     E = layer.num_experts
+    tokens = SHARED_TOKENS if every_rank else tokens
     win = attention_window(layer, profile) if window is None else as_expr(window)
     win_s = float(evaluate(win, T=tokens)) if as_expr(win).free_symbols else float(win)
     rpn = min(ranks, ranks_per_node or profile.ranks_per_node)
@@ -218,6 +304,9 @@ def decide_replicas(layer: LayerShape, profile: HardwareProfile, ranks: int, tok
     why = (f"{uniform}{rule} (overlap degree t = window {fmt_s(win_s)} x {fmt_b(link.bandwidth)}/s / "
            f"{fmt_b(layer.expert_bytes)} per expert; m = {fmt_b(free_bytes)} free / expert size)")
     why += "; choice as replicas*experts runs in expert order"
+    if every_rank:
+        why += (f"; taken at {SHARED_TOKENS} tokens per rank, alike on every rank whatever its token count "
+                "(pass_options cost_decisions 'tokens' sets the count)")
     return Decision("replicas", choice, why, {"overlap_degree": float(t), "free_slots": float(m)})
 
 

@@ -6,8 +6,8 @@ The graph's nodes are unchanged; each MoE op's spec (its last argument) gains on
                                      and the token counts over which the choice holds")
 
 so they appear in the pass dumps (the spec JSON) and in explain() (MoELayerReport.decisions).
-Decisions (moe_compiler.cost_model.decisions): ep_mode, movement (tokens vs weights), replicas,
-prefetch_depth, and the single-device choice: cpu_gemm (oneDNN prepacked vs plain) on CPU,
+Decisions (moe_compiler.cost_model.decisions): ep_mode, overlap_degree (token chunks per EP layer),
+movement (tokens vs weights), replicas, prefetch_depth, and the single-device choice: cpu_gemm (oneDNN prepacked vs plain) on CPU,
 cuda_tile (BLOCK_M) on CUDA.
 
     y = moe_compiler.moe(x, logits, ..., spec)          # x [T, H]
@@ -19,6 +19,12 @@ H100 / A100); ``pass_options={"cost_decisions": {"profile": "h200"}}`` overrides
 to a profile JSON; a bad one is an error). The token count is the
 graph's size hint for T (costs are symbolic; the notes say where each choice changes). Ranks: the
 torch.distributed world size when initialised, else one node of the profile (``ranks`` overrides).
+
+Under torch.distributed with several ranks, each rank compiles for its own token count, but the EP
+decisions (ep_mode, overlap_degree, movement, replicas) fix which collectives run and must agree. Without a
+``tokens`` option they are taken alike on every rank: ep_mode, overlap_degree and movement pick the alternative
+closest to the cheapest at every token count of the grid (``decisions.least_worst_ratio``), replicas
+are sized at ``decisions.SHARED_TOKENS`` tokens per rank. With ``tokens`` every rank decides at it.
 """
 from __future__ import annotations
 
@@ -100,6 +106,13 @@ class CostDecisions:
             return torch.distributed.get_world_size()
         return profile.ranks_per_node
 
+    def _every_rank(self) -> bool:
+        """True when the EP decisions must come out the same on every rank: torch.distributed runs several
+        ranks, each compiling for its own token count, and no shared ``tokens`` was given. A rank that chose
+        another EP mode, movement or replica count would run other collectives than its peers."""
+        return (not self.tokens and torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1)
+
     def decide(self, spec: MoESpec, val, *, training: bool, num_layers: int) -> list:
         """The Decision list for one layer whose hidden-state value (fake tensor) is ``val``."""
         layer = layer_shape(spec, val.dtype)
@@ -109,11 +122,13 @@ class CostDecisions:
         ranks = self._ranks(profile)
         rpn = self.ranks_per_node or None
         window = None if self.window_s < 0 else float(self.window_s)
+        shared = self._every_rank()
         out = [D.decide_ep_mode(layer, profile, ranks, tokens, ranks_per_node=rpn, num_layers=num_layers,
-                                training=training),
+                                training=training, every_rank=shared),
+               D.decide_overlap_degree(layer, profile, ranks, tokens, ranks_per_node=rpn, every_rank=shared),
                D.decide_movement(layer, profile, ranks, tokens, ranks_per_node=rpn, window=window,
-                                 training=training, num_layers=num_layers),
-               D.decide_replicas(layer, profile, ranks, tokens, ranks_per_node=rpn, window=window),
+                                 training=training, num_layers=num_layers, every_rank=shared),
+               D.decide_replicas(layer, profile, ranks, tokens, ranks_per_node=rpn, window=window, every_rank=shared),
                D.decide_prefetch_depth(layer, profile, tokens, window=window)]
         if profile.kind == "cpu":
             out.append(D.decide_cpu_gemm(layer, profile, tokens, training=training))
@@ -129,7 +144,8 @@ class CostDecisions:
         profile = self._profile(val)
         tokens = max(1, int(self.tokens or _compat.size_hint(val.numel() // max(1, layer.hidden))))
         d = D.decide_ep_mode(layer, profile, self._ranks(profile), tokens, ranks_per_node=self.ranks_per_node or None,
-                             num_layers=num_layers, training=training, context_values=context_values)
+                             num_layers=num_layers, training=training, context_values=context_values,
+                             every_rank=self._every_rank())
         return D.Decision(d.name, d.choice, d.why + f" [profile {profile.name}, {self._ranks(profile)} ranks]",
                           d.costs, d.exprs)
 

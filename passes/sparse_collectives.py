@@ -153,7 +153,8 @@ class SparseCollectives:
                 continue
             layer_mode = {"auto": _mode_from_cost_model(spec, gname, size, rpn),
                           "coherent": "all_to_all"}.get(mode, mode)
-            plan = EPPlan(gname, layer_mode, rows, rpn if layer_mode == "hierarchical" else 0, opts["overlap_degree"])
+            chunks = _overlap_degree(spec, opts["overlap_degree"])
+            plan = EPPlan(gname, layer_mode, rows, rpn if layer_mode == "hierarchical" else 0, chunks)
             if mode == "coherent":
                 why = f"coherent mode does not apply: {not_coherent.get(node, 'not in a chain')}"
             elif mode == "auto" and spec.note("decision:ep_mode") == "single_all_to_all":
@@ -165,7 +166,7 @@ class SparseCollectives:
             functional = opts["collectives"] == "functional"  # all_to_all or hierarchical
             for r in reports[:1]:
                 r.strategy += "; functional collectives in the graph" if functional else "; in the ep_moe op"
-                r.strategy += _chunking(opts["overlap_degree"])
+                r.strategy += _chunking(chunks)
             with graph.inserting_before(node):
                 if functional:
                     args, new_spec = _functional_operands(gm, node, new_spec, i)
@@ -180,7 +181,7 @@ class SparseCollectives:
             per_rank = [[e for e, r in enumerate(rows) if g in r] for g in range(size)]
             schedule.layers.append(plan_layer(spec.path or f"layer{i}", layer_mode, size,
                                               (rpn if layer_mode == "hierarchical" else 0) or size, per_rank,
-                                              opts["overlap_degree"]))
+                                              chunks))
             done += 1
         done += chained
         released = kept.schedule_release(gm)
@@ -219,7 +220,8 @@ class SparseCollectives:
         for chain in chains:
             chain.start = emitted.get(chain.start, chain.start)   # a chain may start where the last one ended
             crosses = [l.context for l in chain.layers if l.context is not None]
-            overlap = 1 if crosses else opts["overlap_degree"]   # attention mixes the tokens of any chunks
+            wanted = min(_overlap_degree(specs[l.moe], opts["overlap_degree"]) for l in chain.layers)
+            overlap = 1 if crosses else wanted   # attention mixes the tokens of any chunks
             plans = [EPPlan(gname, "coherent", _layer_rows(specs[l.moe], index[l.moe], placement, size),
                             overlap_degree=overlap) for l in chain.layers]
             names = chain.names
@@ -232,7 +234,7 @@ class SparseCollectives:
                                   + ("; in the coherent_moe_chain op (functional collectives cover modes all_to_all "
                                      "and hierarchical)" if opts["collectives"] == "functional" else "")
                                   + (f"; {layer.context.describe(chain.token_dims)}" if layer.context else "")
-                                  + (_chunking(overlap) if not crosses or overlap == opts["overlap_degree"] else
+                                  + (_chunking(overlap) if overlap == wanted else
                                      "; one token chunk (attention in the chain mixes the tokens of any chunks)"))
                 per_rank = [[e for e, r in enumerate(plan.placement) if g in r] for g in range(size)]
                 schedule.layers.append(plan_coherent_layer(
@@ -571,6 +573,18 @@ def _replicated_experts(choice, num_experts: int, size: int) -> int:
         reps, count = run.split("*")
         n += int(count) if int(reps) > 1 else 0
     return n
+
+
+def _overlap_degree(spec: MoESpec, option) -> int:
+    """Token chunks of a layer: the option's int, or for "auto" the cost_decisions pass's overlap_degree
+    decision (taken alike on every rank; 1 when the pass did not run)."""
+    if option != "auto":
+        return int(option)
+    choice = spec.note("decision:overlap_degree")
+    if choice is None:
+        log.info("sparse_collectives: %s: overlap_degree 'auto' without a cost-model decision: one chunk",
+                 spec.path or "layer")
+    return int(choice or 1)
 
 
 def _chunking(overlap_degree: int) -> str:

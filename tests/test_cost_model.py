@@ -234,6 +234,56 @@ def test_decisions_follow_the_trade_offs():
     assert all(d.why for d in (small, big))
 
 
+@given(layer_shapes(), st.sampled_from(PROFILES), st.sampled_from([2, 4, 16, 64]), st.booleans(),
+       st.integers(1, 1 << 17), st.integers(1, 1 << 17))
+def test_decisions_every_rank_takes_alike_do_not_follow_the_token_count(layer, name, ranks, training, t1, t2):
+    """Ranks of one EP group compile for their own token counts; every_rank decisions must agree anyway,
+    and the ep_mode / movement choice is the alternative with the least worst ratio to the cheapest."""
+    p = load_profile(name)
+    for decide in (D.decide_ep_mode, D.decide_movement):
+        a, b = (decide(layer, p, ranks, t, training=training, num_layers=4, every_rank=True) for t in (t1, t2))
+        assert a.choice == b.choice and "alike on every rank" in a.why
+        names, vals = D._over_grid(a.exprs)
+        worst = ((vals + 1e-12) / (vals.min(axis=0) + 1e-12)).max(axis=1)
+        assert worst[names.index(a.choice)] == pytest.approx(worst.min())
+    r1, r2 = (D.decide_replicas(layer, p, ranks, t, every_rank=True) for t in (t1, t2))
+    assert r1.choice == r2.choice
+
+
+@given(layer_shapes(), st.sampled_from([2, 8, 64]), st.integers(1, 1 << 17))
+def test_overlap_degree_pays_only_where_communication_runs_beside_compute(layer, ranks, tokens):
+    # CPU: gloo's copies use the cores that compute, so chunks only add latency and smaller GEMMs
+    cpu = D.decide_overlap_degree(layer, load_profile("cpu_generic"), ranks, tokens)
+    assert cpu.choice == "1" and all(cpu.costs["1"] <= v * (1 + 1e-9) for v in cpu.costs.values())
+    # GPU: c chunks pipeline; the cost never exceeds one chunk's plus the extra chunks' own costs
+    h = load_profile("h200")
+    gpu = D.overlap_costs(layer, h, ranks)
+    one = float(evaluate(gpu["1"], T=tokens))
+    serial = D.overlap_costs(layer, h.with_changes(kind="cpu"), ranks)
+    for c in D.OVERLAP_DEGREES:
+        assert float(evaluate(gpu[str(c)], T=tokens)) <= float(evaluate(serial[str(c)], T=tokens)) * (1 + 1e-9)
+    assert float(evaluate(serial["1"], T=tokens)) == pytest.approx(one)
+
+
+def test_overlap_degree_chunks_a_communication_bound_layer_on_a_gpu():
+    slow_links = load_profile("h200").with_changes(
+        intra_node=load_profile("h200").intra_node.__class__(2e9, 3e-6))   # 2 GB/s: comm ~ the experts
+    layer = LayerShape(64, 6, 2048, 1408, dtype="bf16")
+    big = D.decide_overlap_degree(layer, slow_links, 8, 65536)
+    assert int(big.choice) > 1, big.why
+    assert D.decide_overlap_degree(layer, slow_links, 8, 1).choice == "1"   # one token: latency only
+    alike = {D.decide_overlap_degree(layer, slow_links, 8, t, every_rank=True).choice for t in (1, 65536)}
+    assert len(alike) == 1
+
+
+def test_least_worst_ratio_prefers_the_alternative_that_is_never_far_off():
+    # a is best for small T and 10x off for large T; b is never more than 2x off; c is dominated
+    exprs = {"a": 1 + T / 100, "b": 2 + T / 1000, "c": 3 + T / 10}
+    assert D.least_worst_ratio(exprs)[0] == "b"
+    assert D.least_worst_ratio({"only": T})[0] == "only"
+    assert D.least_worst_ratio({"zero": sympy.Integer(0), "x": T}) == ("zero", 1.0)
+
+
 def test_cost_model_is_pure():
     """cost_model imports nothing from passes/codegen and no torch at module level (calibrate: lazily)."""
     for path in (ROOT / "cost_model").glob("*.py"):

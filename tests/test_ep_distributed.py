@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pathlib
 
 import pytest
 import torch
@@ -534,6 +535,94 @@ def test_a_rank_without_tokens_still_joins_every_collective():
     for rank, res in enumerate(results):
         assert set(res) == set(EMPTY_BATCH_STRATEGIES), (rank, res)
         assert all(err < 1e-5 for err in res.values()), (rank, res)
+
+
+def ragged_auto_worker(rank, world, tokens):
+    """Mode and movement "auto" where the cost model's choice depends on the token count (cpu_generic, 2
+    ranks, E=8, H=64: tokens move for 4..128 tokens, weights from 256): rank r compiles for tokens[r]."""
+    from moe_compiler.pipeline import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = _Stack(layers=2, hidden=64, ffn=128, experts=8, top_k=2)
+    ref = copy.deepcopy(model)
+    x = torch.randn(tokens[rank], 64, generator=torch.Generator().manual_seed(rank))
+    opts = {"expert_parallel": {"mode": "auto", "movement": "auto", "release_parameters": False}, "strict": True,
+            "pass_options": {"cost_decisions": {"profile": "cpu_generic"}}}
+    cm = torch.compile(model, backend="moe", options=opts)
+    with torch.no_grad():
+        err = _rel(cm(x), ref(x))
+    c = counters["sparse_collectives"]
+    return {"err": err, "layers": (c.get("layers_expert_parallel", 0), c.get("layers_fssdp", 0),
+                                   c.get("layers_coherent", 0))}
+
+
+def test_ranks_with_different_token_counts_make_the_same_ep_decisions():
+    """Each rank compiles for its own batch. The EP decisions fix the collectives, so they may not follow
+    one rank's token count: before, the rank with 8 tokens moved tokens and the one with 300 moved weights,
+    and the two ran different collectives."""
+    results = run_ranks("test_ep_distributed:ragged_auto_worker", 2, {"tokens": [8, 300]}, timeout=300,
+                        pg_timeout=60, python_path=(HERE,))
+    assert results[0]["layers"] == results[1]["layers"], results
+    assert sum(results[0]["layers"][:2]) == 2, results
+    assert all(r["err"] < 1e-5 for r in results), results
+
+
+def overlap_auto_worker(rank, world, profile_path, variants):
+    """overlap_degree "auto": each layer's chunks come from the cost model's overlap_degree decision (a GPU
+    profile whose links and GEMMs make pipelining pay at the given token count); training step vs eager."""
+    from moe_compiler.codegen.comm.executor import record_traffic
+    from moe_compiler.explain import collect_records
+
+    out = {}
+    for name, tokens, collectives in variants:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = _Stack()
+        ref = copy.deepcopy(model)
+        cost = {"profile": profile_path, **({"tokens": tokens} if tokens else {})}
+        cm = torch.compile(model, backend="moe", options={
+            "expert_parallel": {"overlap_degree": "auto", "collectives": collectives, "release_parameters": False},
+            "strict": True, "pass_options": {"cost_decisions": cost}})
+        x = torch.randn(3 + rank, 5, 16, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+        xr = x.detach().clone().requires_grad_()
+        with collect_records() as records, record_traffic() as traffic:
+            y = cm(x)
+        yr = ref(xr)
+        y.square().sum().backward()
+        yr.square().sum().backward()
+        layers = [m for rec in records for m in rec.moe_layers]
+        out[name] = dict(err=max(_rel(y, yr), _rel(x.grad, xr.grad)), strategies=[m.strategy for m in layers],
+                         chosen=[dict((n, c) for n, c, _ in m.decisions).get("overlap_degree") for m in layers],
+                         dispatches=sum(1 for t in traffic if t["step"] == "dispatch"))
+    return out
+
+
+def test_overlap_degree_auto_follows_the_cost_model(tmp_path):
+    """The decision sets each layer's token chunks: 4 at 4096 tokens per rank on a profile where pipelining
+    pays, alike on both ranks although they hold 15 and 20 tokens; 1 where every rank decides alike
+    without a token count (small batches would pay every chunk's latency)."""
+    from moe_compiler.cost_model import profiles
+
+    prof = json.loads((pathlib.Path(profiles.__file__).parent / "profiles" / "h200.json").read_text())
+    prof.update(name="slow_h200", peak_flops={"fp32": 1e9, "bf16": 1e9}, gemm_overhead_s=0.0, op_overhead_s=0.0,
+                intra_node={"bandwidth": 1e8, "latency": 1e-9}, inter_node={"bandwidth": 1e8, "latency": 1e-9})
+    path = tmp_path / "slow_h200.json"
+    path.write_text(json.dumps(prof))
+    variants = [("op_4096", 4096, "op"), ("functional_4096", 4096, "functional"), ("op_every_rank", 0, "op")]
+    results = run_ranks("test_ep_distributed:overlap_auto_worker", 2, {"profile_path": str(path),
+                                                                       "variants": variants},
+                        timeout=300, pg_timeout=60, python_path=(HERE,))
+    for rank, res in enumerate(results):
+        for name, r in res.items():
+            assert r["err"] < 1e-5, (rank, name, r)
+        assert res["op_4096"]["chosen"] == ["4", "4"], res["op_4096"]
+        assert all("4 token chunks, pipelined" in s for s in res["op_4096"]["strategies"]), res["op_4096"]
+        assert res["op_4096"]["dispatches"] == 2 * 4, res["op_4096"]   # 2 layers x 4 chunks, through the op
+        assert all("4 token chunks" in s for s in res["functional_4096"]["strategies"]), res["functional_4096"]
+        assert res["op_every_rank"]["chosen"] == ["1", "1"] and res["op_every_rank"]["dispatches"] == 2, \
+            res["op_every_rank"]
 
 
 def generate_worker(rank, world):

@@ -24,7 +24,8 @@ from moe_compiler.runtime.expert_parallel import contiguous_rows, expert_bytes_p
     ({"modes": "all_to_all"}, r"unknown keys \['modes'\]; accepted keys are"),
     ({"mode": "hierarchical"}, r"ranks_per_node'\] must be a positive int"),
     ({"ranks_per_node": 2}, r"only accepted with mode 'hierarchical'"),
-    ({"overlap_degree": 0}, r"overlap_degree'\] must be an int >= 1"),
+    ({"overlap_degree": 0}, r"overlap_degree'\] must be an int >= 1 or 'auto'"),
+    ({"overlap_degree": "max"}, r"overlap_degree'\] must be an int >= 1 or 'auto', got 'max'"),
     ({"placement": 3}, r"placement'\] must be a placement file path"),
     ({"collectives": "graph"}, r"collectives'\] must be one of \['functional', 'op'\]"),
     ("yes please", r"option 'expert_parallel' must be True/False or a dict"),
@@ -140,6 +141,19 @@ def test_auto_mode_follows_the_cost_model_decision():
     assert _mode_from_cost_model(with_choice("two_all_to_all"), "world", 4, 2) == "all_to_all"
     assert _mode_from_cost_model(with_choice("single_all_to_all"), "world", 4, 2) == "all_to_all"
     assert _mode_from_cost_model(base, "world", 4, 2) == "all_to_all"  # cost_decisions did not run
+
+
+def test_overlap_degree_auto_reads_the_decision():
+    from moe_compiler.ir import ExpertSpec, MoESpec, RouterSpec
+    from moe_compiler.passes.sparse_collectives import _overlap_degree
+    from moe_compiler.runtime.expert_parallel import normalize_options
+
+    assert normalize_options({"overlap_degree": "auto"})["overlap_degree"] == "auto"
+    assert normalize_options({})["overlap_degree"] == 1
+    base = MoESpec(RouterSpec(num_experts=4, top_k=2), ExpertSpec(hidden_size=8, ffn_size=8))
+    assert _overlap_degree(base.replace(notes=(("decision:overlap_degree", "4", "why"),)), "auto") == 4
+    assert _overlap_degree(base.replace(notes=(("decision:overlap_degree", "4", "why"),)), 2) == 2  # the option wins
+    assert _overlap_degree(base, "auto") == 1   # cost_decisions did not run
 
 
 # ------------------------------------------------------------------ row programs (coherent mode)

@@ -9,7 +9,8 @@
                                                                # by per-token ops), "auto" (cost model)
                                  "ranks_per_node": 2,          # hierarchical only: ranks of one node
                                  "placement": "plan.json",     # or a Placement object; default contiguous
-                                 "overlap_degree": 1,          # token chunks per layer (Tutel)
+                                 "overlap_degree": 1,          # token chunks per layer (Tutel), or "auto":
+                                                               # the cost model's overlap_degree decision
                                  "movement": "tokens",         # or "weights" (FSSDP, Hecate) or "auto"
                                  "collectives": "functional",  # all_to_all / hierarchical layers as
                                                                # functional collectives in the graph
@@ -95,8 +96,8 @@ def normalize_options(value):
     elif rpn is not None:
         raise ConfigError("option expert_parallel['ranks_per_node'] is only accepted with mode 'hierarchical'")
     od = out["overlap_degree"]
-    if isinstance(od, bool) or not isinstance(od, int) or od < 1:
-        raise ConfigError(f"option expert_parallel['overlap_degree'] must be an int >= 1, got {od!r}")
+    if od != "auto" and (isinstance(od, bool) or not isinstance(od, int) or od < 1):
+        raise ConfigError(f"option expert_parallel['overlap_degree'] must be an int >= 1 or 'auto', got {od!r}")
     g = out["group"]
     if g is not None and not isinstance(g, str) and not _is_process_group(g):
         raise ConfigError(f"option expert_parallel['group'] must be None (world), a ProcessGroup or its name, "
