@@ -106,7 +106,7 @@ class CostDecisions:
             return torch.distributed.get_world_size()
         return profile.ranks_per_node
 
-    def _every_rank(self) -> bool:
+    def every_rank(self) -> bool:
         """True when the EP decisions must come out the same on every rank: torch.distributed runs several
         ranks, each compiling for its own token count, and no shared ``tokens`` was given. A rank that chose
         another EP mode, movement or replica count would run other collectives than its peers."""
@@ -122,7 +122,7 @@ class CostDecisions:
         ranks = self._ranks(profile)
         rpn = self.ranks_per_node or None
         window = None if self.window_s < 0 else float(self.window_s)
-        shared = self._every_rank()
+        shared = self.every_rank()
         out = [D.decide_ep_mode(layer, profile, ranks, tokens, ranks_per_node=rpn, num_layers=num_layers,
                                 training=training, every_rank=shared),
                D.decide_overlap_degree(layer, profile, ranks, tokens, ranks_per_node=rpn, every_rank=shared),
@@ -145,7 +145,7 @@ class CostDecisions:
         tokens = max(1, int(self.tokens or _compat.size_hint(val.numel() // max(1, layer.hidden))))
         d = D.decide_ep_mode(layer, profile, self._ranks(profile), tokens, ranks_per_node=self.ranks_per_node or None,
                              num_layers=num_layers, training=training, context_values=context_values,
-                             every_rank=self._every_rank())
+                             every_rank=self.every_rank())
         return D.Decision(d.name, d.choice, d.why + f" [profile {profile.name}, {self._ranks(profile)} ranks]",
                           d.costs, d.exprs)
 

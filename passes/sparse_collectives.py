@@ -463,8 +463,11 @@ def _context_pays(chain, ctx, specs, num_layers: int, why: dict) -> bool:
     costs = CostDecisions(**ctx.config.pass_options.get("cost_decisions", {}))
     links = [layer for layer in chain.layers if layer.context is not None]
     tokens = max(1, _compat.size_hint(math.prod(chain.token_dims)))
-    # context operands (masks, rotary tables) are all-gathered once per chain: spread over its regions per token
-    once = math.ceil(sum(layer.context.context_values() for layer in links) / tokens / max(1, len(links)))
+    # context operands (masks, rotary tables) are all-gathered once per chain: spread over its regions per
+    # token. Their size per token depends on this rank's batch, so where every rank must decide alike
+    # (CostDecisions.every_rank) they are left out and the decision depends on the cut alone.
+    once = 0 if costs.every_rank() else \
+        math.ceil(sum(layer.context.context_values() for layer in links) / tokens / max(1, len(links)))
     for layer in links:
         d = costs.decide_ep_mode(specs[layer.moe], layer.moe.args[0].meta["val"], training=ctx.training,
                                  num_layers=num_layers,
