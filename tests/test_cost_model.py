@@ -304,7 +304,7 @@ def test_pass_annotates_compiled_layer(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), layer(x))
     text = "\n".join(p.read_text() for p in tmp_path.rglob("*rewrite_dispatch.after.py"))
-    for name in ("ep_mode", "movement", "replicas", "prefetch_depth", "cpu_gemm"):
+    for name in ("ep_mode", "overlap_degree", "movement", "replicas", "prefetch_depth", "cpu_gemm"):
         assert f"decision:{name}" in text, name
     summary = next(tmp_path.rglob("summary.txt")).read_text()
     assert "decisions: ep_mode=" in summary
@@ -316,7 +316,7 @@ def test_pass_profile_override_in_explain():
                                   pass_options={"cost_decisions": {"profile": "h200", "ranks": 16}})
     (m,) = report.moe_layers
     names = [n for n, _, _ in m.decisions]
-    assert names == ["ep_mode", "movement", "replicas", "prefetch_depth", "cuda_tile"]
+    assert names == ["ep_mode", "overlap_degree", "movement", "replicas", "prefetch_depth", "cuda_tile"]
     assert "[profile h200, 16 ranks]" in m.decisions_text() and "decisions: ep_mode=" in m.one_line()
 
 
