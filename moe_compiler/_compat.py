@@ -259,6 +259,22 @@ def placeholder_paths(gm: torch.fx.GraphModule, known_names: dict | None = None)
     return out
 
 
+def module_constant_placeholders(gm: torch.fx.GraphModule) -> list:
+    """Per placeholder of a dynamo graph: True for a non-tensor attribute of the compiled module that dynamo
+    lifted to a graph input (under dynamic=True a float such as a norm's variance_epsilon becomes a 0-dim
+    tensor input), i.e. a constant of the model rather than data the caller passed."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        src = getattr(getattr(n.meta.get("grapharg"), "source", None), "name", None)
+        src = src() if callable(src) else src
+        val = n.meta.get("example_value")
+        out.append(bool(src) and src.startswith("L['self']") and "_parameters" not in src and "_buffers" not in src
+                   and isinstance(val, torch.Tensor) and val.dim() == 0)
+    return out
+
+
 def fake_mode_of(gm: torch.fx.GraphModule):
     from torch._guards import detect_fake_mode
 

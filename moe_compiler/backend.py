@@ -118,7 +118,7 @@ def _compile_moe(gm, example_inputs, config: BackendConfig, graph_id: str, recor
 
     ctx = PassContext(config=config, example_inputs=example_inputs,
                       placeholder_paths=_compat.placeholder_paths(gm, known_tensor_names()), graph_id=graph_id,
-                      training=training)
+                      training=training, constant_placeholders=_compat.module_constant_placeholders(gm))
     dumps.write("dynamo_graph.py", graph_code(gm))
     try:
         new_gm, run = PassManager(build_pipeline(config)).run(aten_gm, ctx, dumps)

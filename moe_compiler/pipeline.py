@@ -55,6 +55,9 @@ class PassContext:
     moe_layers: list = field(default_factory=list)
     # callables run once the graph is compiled (e.g. offload_experts frees the weights it moved to disk)
     after_compile: list = field(default_factory=list)
+    # per placeholder: a module attribute dynamo lifted to an input (a float under dynamic=True), the same
+    # on every rank like the parameters (_compat.module_constant_placeholders)
+    constant_placeholders: list = field(default_factory=list)
 
 
 class GraphPass(Protocol):

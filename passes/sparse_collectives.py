@@ -212,7 +212,8 @@ class SparseCollectives:
                 why[n] = f"the cost model chose {specs[n].note('decision:ep_mode')!r}"
             else:
                 candidates.append(n)
-        chains, reasons = find_chains(candidates, _param_test(gm, ctx.placeholder_paths), _graph_values(gm, ctx))
+        chains, reasons = find_chains(candidates, _param_test(gm, ctx.placeholder_paths, ctx.constant_placeholders),
+                                      _graph_values(gm, ctx))
         why.update(reasons)
         if opts["mode"] == "auto":
             chains = [c for c in chains if _context_pays(c, ctx, specs, len(layers), why)]
@@ -495,10 +496,12 @@ def _graph_values(gm, ctx):
     return values
 
 
-def _param_test(gm, placeholder_paths):
-    """node -> True when its value comes from parameters/buffers/constants only (never from activations)."""
+def _param_test(gm, placeholder_paths, constants=()):
+    """node -> True when its value comes from parameters/buffers/constants only (never from activations).
+    constants: per placeholder, a module attribute lifted to an input (counts as a constant)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     params = {n for n, p in zip(placeholders, placeholder_paths) if p is not None}
+    params |= {n for n, c in zip(placeholders, constants) if c}
     memo: dict = {}
 
     def is_param(n) -> bool:

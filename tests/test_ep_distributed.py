@@ -920,6 +920,32 @@ def attention_chain_worker(rank, world):
     return out
 
 
+def recompile_worker(rank, world):
+    """Coherent chains across attention when ranks recompile at different steps: a new sequence length
+    makes dynamo recompile with a dynamic dim on that rank only; its chain must still cross attention (the
+    region reads its sizes from its input at run time), or the ranks would run different collectives."""
+    from hf_models import make_model
+    from moe_compiler.pipeline import counters
+
+    out = {}
+    for dynamic in (None, True):   # True: module floats (norm epsilons) are lifted to graph inputs
+        torch._dynamo.reset()
+        model = make_model("mixtral").eval()
+        ref = copy.deepcopy(model)
+        cm = torch.compile(model, backend="moe", dynamic=dynamic, options={
+            "expert_parallel": {"mode": "coherent", "collectives": "op", "release_parameters": False},
+            "inner_backend": "eager", "strict": True})
+        steps = out[str(dynamic)] = []
+        for seqs in ((8, 8), (11, 8), (6, 6)):   # dynamic=None: step 2, rank 0 recompiles; step 3, rank 1 does
+            counters.clear()
+            ids = torch.randint(0, 96, (2, seqs[rank]), generator=torch.Generator().manual_seed(sum(seqs) + rank))
+            with torch.no_grad():
+                y, y_ref = cm(ids, use_cache=False).logits, ref(ids, use_cache=False).logits
+            steps.append(dict(err=_rel(y, y_ref), compiled=counters["sparse_collectives"].get("runs", 0),
+                              chained=counters["sparse_collectives"].get("layers_coherent", 0)))
+    return out
+
+
 def test_coherent_chains_cross_attention_in_transformers_models():
     """2 ranks: the chain crosses attention by all-gathering the keys/values cut and equals eager, forward
     and backward; where it cannot (a KV cache returned) or does not pay (mode auto), explain() says why."""
@@ -941,6 +967,21 @@ def test_coherent_chains_cross_attention_in_transformers_models():
         assert "KV cache" in r["cache"]["strategies"][0], r["cache"]["strategies"]
         assert r["auto"]["y"] < 1e-5
         assert r["auto"]["chained"] == 2 or "context all-gather" in r["auto"]["strategies"][0], r["auto"]
+
+
+def test_a_rank_that_recompiles_alone_keeps_its_chain_across_attention():
+    """dynamic=None: each rank recompiles with a dynamic length when its own length changes (rank 0 in step
+    2, rank 1 in step 3); dynamic=True: one compile, norm epsilons as graph inputs. Every compiled graph
+    chains across attention and equals eager."""
+    results = run_ranks("test_ep_distributed:recompile_worker", 2, {}, timeout=300, pg_timeout=90,
+                        python_path=(HERE,))
+    for rank, res in enumerate(results):
+        for dynamic, steps in res.items():
+            assert all(s["err"] < 1e-5 for s in steps), (rank, dynamic, steps)
+            compiled = [s for s in steps if s["compiled"]]
+            assert len(compiled) == (2 if dynamic == "None" else 1), (rank, dynamic, steps)
+            assert all(s["chained"] >= 2 for s in compiled), (rank, dynamic, steps)
+    assert results[0]["None"][1]["compiled"] and not results[1]["None"][1]["compiled"], results  # rank 0 alone
 
 
 def drawn_attention_worker(rank, world, cases):

@@ -17,12 +17,17 @@ A held row of S_b must depend only on its own row of S_a and on the cut. ``link`
 numerically at compile time (zeroed rows of S_a must not change the other rows' outputs); when no
 narrow cut proves sound (two attentions in one region, keys that are not a row program of S_a), the
 cut is S_a itself: every rank gets every state row and runs the region on the whole context, which
-is the graph's own computation. Every rank must pass the same token shape (the region's ops carry
-the graph's sizes); when they differ, the rows go home for the region instead (``ChainContext._at_home``),
-which every rank sees from the all-gathered shapes, so all take the same path.
+is the graph's own computation. Under dynamic shapes the region reads its sizes from its input's dims
+at run time (aten.sym_size), so a rank that recompiled alone for a new length keeps its chain. The
+ranks' token shapes and context operands (their number, shapes and dtypes: a graph compiled with
+dynamic shapes takes rotary tables and masks as per-rank operands where a static one has constants)
+must be equal for one rank to run another's region; when they differ, the rows go home for the
+region instead (``ChainContext._at_home``), which every rank sees from the all-gathered token sizes and
+operand signatures, so all take the same path.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -90,20 +95,32 @@ def extract_region(out: torch.fx.Node, inputs: list, chain_start: torch.fx.Node,
 
     Free operands that do not come from parameters must be tensors computed without the chain's
     rows (they are all-gathered once per chain) and not an earlier state of the tokens (one the chain's
-    start follows from per token: the chain should start there); sizes computed at run time (dynamic
-    shapes) are refused."""
+    start follows from per token: the chain should start there). Under dynamic shapes a size the region
+    uses is read from an input's dim at run time (aten.sym_size) or recomputed from such sizes; another
+    size (one only this rank's other tensors give) is refused."""
     from_inputs, from_start = dependents(inputs), dependents([chain_start])
-    region, free, stack = set(), [], [out]
+    dims_of = _symbolic_dims(inputs)
+    region, free, sizes, stack = set(), [], {}, [out]
     while stack:
         n = stack.pop()
-        if n in inputs or n in region or n in free:
+        if n in inputs or n in region or n in free or n in sizes:
+            continue
+        if isinstance(n.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool)):   # dynamic shapes
+            expr = n.meta["val"].node.expr
+            if expr in dims_of:               # the size of an input's dim: read there at run time
+                sizes[n] = dims_of[expr]
+            elif n.op == "call_function":     # arithmetic on sizes (s0 * s1), or a lifted module float
+                region.add(n)                 # (_local_scalar_dense of a 0-dim constant): recomputed
+                stack.extend(n.all_input_nodes)
+            else:
+                raise NotRowWise(f"{n.name} ({n.op}) is a size computed at run time ({expr}) that no dim of the "
+                                 "region's inputs gives: the region would carry this rank's sizes")
             continue
         if n not in from_inputs:
             if n in from_start:
                 raise NotRowWise(f"{n.name} is computed inside the chain but not from the region's state")
             if not isinstance(n.meta.get("val"), torch.Tensor):
-                raise NotRowWise(f"{n.name} ({n.op}) is a size computed at run time (dynamic shapes): the region "
-                                 "would carry this rank's sizes")
+                raise NotRowWise(f"{n.name} ({n.op}) is not a tensor: the region cannot take it as an operand")
             if not is_param(n) and _earlier_state(n, chain_start, token_dims, is_param):
                 raise NotRowWise(f"{n.name} is an earlier state of the tokens (the chain's start {chain_start.name} "
                                  "follows from it per token)")
@@ -121,10 +138,24 @@ def extract_region(out: torch.fx.Node, inputs: list, chain_start: torch.fx.Node,
         env[n] = g.placeholder(f"in{i}")
     for i, n in enumerate(free):
         env[n] = g.placeholder(f"free{i}")
+    for n, (i, d) in sizes.items():
+        env[n] = g.call_function(_aten.sym_size.int, (env[inputs[i]], d))
     for n in sorted(region, key=order.__getitem__):
         env[n] = g.node_copy(n, env.__getitem__)
     g.output((env[out],))
     return torch.fx.GraphModule(torch.nn.Module(), g), free, region
+
+
+def _symbolic_dims(inputs) -> dict:
+    """{sympy symbol: (input index, dim)} for every input dim whose size is a plain symbol (dynamic shapes):
+    where the region reads that size at run time."""
+    out = {}
+    for i, n in enumerate(inputs):
+        val = n.meta.get("val")
+        for d, size in enumerate(val.shape if isinstance(val, torch.Tensor) else ()):
+            if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+                out.setdefault(size.node.expr, (i, d))
+    return out
 
 
 def _earlier_state(n, start, token_dims, is_param) -> bool:
@@ -278,6 +309,13 @@ def _layout(rows: torch.Tensor, dims: int, sizes: tuple) -> torch.Tensor:
     return rows.reshape((tuple(sizes) if dims > 1 else (rows.shape[0],)) + tuple(rows.shape[1:]))
 
 
+def _signature(tensors: list) -> int:
+    """An int64 naming the number, shapes and dtypes of `tensors` (equal on ranks whose context operands
+    can be exchanged row for row)."""
+    text = repr([(tuple(t.shape), str(t.dtype)) for t in tensors]).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little", signed=True)
+
+
 def _keep_connected(out: torch.Tensor, received: list) -> torch.Tensor:
     """Make out depend (by zero) on every received float tensor that needs a gradient: each all-to-all's
     backward then runs on every rank, also one whose rows no region here reads."""
@@ -308,7 +346,10 @@ class ChainContext:
         """Generator: every rank's token sizes and context operand shapes, then (when all are equal) every
         context operand."""
         every = torch.arange(hop.size, dtype=torch.int64)
-        shapes = list(self.sizes) + [d for i in self.context_operands for d in self.operands[i].shape]
+        # token sizes and one signature of the context operands: a fixed length on every rank, also where a
+        # rank's graph has other context operands (one compiled with dynamic shapes reads its rotary tables
+        # and mask as per-rank operands, a static one as constants)
+        shapes = list(self.sizes) + [_signature([self.operands[i] for i in self.context_operands])]
         dims = torch.tensor([shapes] * hop.size, dtype=torch.int64).reshape(hop.size, len(shapes))
         (got,) = yield self.exchange([dims], every, "context", "context_shapes")
         self.shapes = tuple(shapes)   # compared whole: equal token sizes with unequal masks are unequal
@@ -363,9 +404,11 @@ class ChainContext:
         return [self.per_rank[i][home] if i in self.per_rank else self.operands[i] for i in prog.region_free]
 
     def _at_home(self, prog: ContextProgram, state, meta, hop, layer: str):
-        """Ranks pass different token shapes: the rows go home and each rank runs the region on its own."""
-        log.info("coherent chain, %s: ranks pass different shapes %s; the rows go home for the attention region "
-                 "(one more all-to-all, no context all-gather)", layer, self.all_shapes)
+        """Ranks pass different token shapes or context operands: the rows go home and each rank runs the
+        region on its own."""
+        log.info("coherent chain, %s: ranks pass different token shapes %s or context operands; the rows go home "
+                 "for the attention region (one more all-to-all, no context all-gather)", layer,
+                 [s[:-1] for s in self.all_shapes])
         rows, m = yield self.exchange([state, meta], meta[:, 0], layer, "context_home")
         rows = rows.index_select(0, torch.argsort(m[:, 1]))
         free = self.operands

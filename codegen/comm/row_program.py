@@ -114,6 +114,10 @@ def extract(outputs: list, inputs: list, token_dims: tuple, is_param) -> RowProg
         if not dep(n):
             if not is_param(n):
                 raise NotRowWise(f"{n.name} ({_name(n)}) is per-token data computed outside the region")
+            if n.op == "call_function" and not isinstance(n.meta.get("val"), torch.Tensor):
+                region.add(n)   # a scalar of a constant (a module float lifted by dynamic=True): recomputed,
+                stack.extend(n.all_input_nodes)   # so the program's operands stay tensors
+                continue
             free.append(n)
             continue
         if n.op != "call_function":
@@ -132,6 +136,9 @@ def extract(outputs: list, inputs: list, token_dims: tuple, is_param) -> RowProg
     for i, n in enumerate(free):
         env[n] = g.placeholder(f"free{i}")
     for n in sorted(region, key=order.__getitem__):
+        if not dep(n):   # a constant's scalar: as it is
+            env[n] = g.node_copy(n, env.__getitem__)
+            continue
         args, kwargs = _row_args(n, token_dims, dep)
         env[n] = g.call_function(n.target, tuple(torch.fx.node.map_arg(tuple(args), env.__getitem__)),
                                  dict(torch.fx.node.map_arg(kwargs, env.__getitem__)))
