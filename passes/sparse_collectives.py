@@ -452,7 +452,8 @@ def _context_program(link, take, token_dims):
                           tuple(take(p.free) for p in link.cuts),
                           row_layout(link.state, token_dims)[0],
                           tuple(row_layout(n, token_dims)[0] for n in link.cut_nodes), out_dims, tuple(out_feat),
-                          link.out.meta["val"].dtype, link.describe(token_dims))
+                          link.out.meta["val"].dtype, link.describe(token_dims),
+                          repr([list(row_layout(n, token_dims)[1]) for n in link.cut_nodes or [link.state]]))
     return prog, context, masks
 
 

@@ -308,3 +308,18 @@ def test_coherent_destinations_prefer_the_local_then_the_shared_copy():
     dest = torch.tensor([[0, 2], [0, 2]])
     prefer = torch.tensor([[0, 0, 2, 0], [0, 0, 0, 0]])
     assert anchor_slot(dest, rank=0, prefer=prefer).tolist() == [1, 0]
+
+
+def test_ranks_compare_context_operands_and_cuts_by_a_signature():
+    """Ranks run one another's attention region only with equal signatures: the same number, shapes and dtypes
+    of context operands and the same gathered values per token (else the rows go home)."""
+    from types import SimpleNamespace
+
+    from moe_compiler.codegen.comm.context_region import _signature
+
+    mask, rope = torch.ones(2, 8, dtype=torch.bool), torch.zeros(1, 8, 16)
+    narrow, whole = SimpleNamespace(cut_layout="[[32], [32]]"), SimpleNamespace(cut_layout="[[64]]")
+    assert _signature([mask, rope], [narrow]) == _signature([mask.clone(), rope + 1], [narrow])   # values aside
+    others = [_signature([mask], [narrow]), _signature([mask, rope.double()], [narrow]),
+              _signature([mask[:, :7], rope], [narrow]), _signature([mask, rope], [whole]), _signature([], [narrow])]
+    assert len({_signature([mask, rope], [narrow]), *others}) == 1 + len(others)

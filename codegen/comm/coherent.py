@@ -386,7 +386,7 @@ def chain_forward(state: torch.Tensor, operands: list, spec: str, *, record: lis
     context = None
     if program.crosses_context:
         context = ChainContext(operands, program.context_operands, tuple(state.shape[:program.state_token_dims]),
-                               Exchange)
+                               Exchange, [layer.context for layer in program.layers if layer.context is not None])
     layers = _chain_layers(program, operands, hop.rank, state.device, context)
     chunks = 1 if context is not None else max(1, int(plan.overlap_degree))
     bounds = [x.shape[0] * c // chunks for c in range(chunks + 1)]

@@ -299,6 +299,7 @@ class ContextProgram:
     out_feat: tuple
     out_dtype: torch.dtype
     describe: str = ""
+    cut_layout: str = ""           # feature shapes of the gathered values (part of the ranks' signature)
 
 
 def _transport(t: torch.Tensor) -> torch.Tensor:
@@ -309,10 +310,10 @@ def _layout(rows: torch.Tensor, dims: int, sizes: tuple) -> torch.Tensor:
     return rows.reshape((tuple(sizes) if dims > 1 else (rows.shape[0],)) + tuple(rows.shape[1:]))
 
 
-def _signature(tensors: list) -> int:
-    """An int64 naming the number, shapes and dtypes of `tensors` (equal on ranks whose context operands
-    can be exchanged row for row)."""
-    text = repr([(tuple(t.shape), str(t.dtype)) for t in tensors]).encode()
+def _signature(tensors: list, programs=()) -> int:
+    """An int64 naming the number, shapes and dtypes of `tensors` and the values each program gathers per
+    token (equal on ranks that can exchange context operands and cut rows row for row)."""
+    text = repr(([(tuple(t.shape), str(t.dtype)) for t in tensors], [p.cut_layout for p in programs])).encode()
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little", signed=True)
 
 
@@ -331,9 +332,9 @@ class ChainContext:
 
     exchange(tensors, dest, layer, name) builds the coherent executor's Exchange request."""
 
-    def __init__(self, operands: list, context_operands: tuple, sizes: tuple, exchange):
+    def __init__(self, operands: list, context_operands: tuple, sizes: tuple, exchange, programs=()):
         self.operands, self.context_operands, self.sizes = operands, tuple(context_operands), tuple(sizes)
-        self.exchange = exchange
+        self.exchange, self.programs = exchange, tuple(programs)
         self.shapes: tuple = ()
         self.all_shapes: list = []
         self.per_rank: dict = {}
@@ -346,10 +347,10 @@ class ChainContext:
         """Generator: every rank's token sizes and context operand shapes, then (when all are equal) every
         context operand."""
         every = torch.arange(hop.size, dtype=torch.int64)
-        # token sizes and one signature of the context operands: a fixed length on every rank, also where a
-        # rank's graph has other context operands (one compiled with dynamic shapes reads its rotary tables
-        # and mask as per-rank operands, a static one as constants)
-        shapes = list(self.sizes) + [_signature([self.operands[i] for i in self.context_operands])]
+        # token sizes and one signature of the context operands and cuts: a fixed length on every rank, also
+        # where a rank's graph has other context operands (one compiled with dynamic shapes reads its rotary
+        # tables and mask as per-rank operands, a static one as constants) or proved another cut
+        shapes = list(self.sizes) + [_signature([self.operands[i] for i in self.context_operands], self.programs)]
         dims = torch.tensor([shapes] * hop.size, dtype=torch.int64).reshape(hop.size, len(shapes))
         (got,) = yield self.exchange([dims], every, "context", "context_shapes")
         self.shapes = tuple(shapes)   # compared whole: equal token sizes with unequal masks are unequal
