@@ -115,11 +115,7 @@ class CostDecisions:
 
     def decide(self, spec: MoESpec, val, *, training: bool, num_layers: int) -> list:
         """The Decision list for one layer whose hidden-state value (fake tensor) is ``val``."""
-        layer = layer_shape(spec, val.dtype)
-        profile = self._profile(val)
-        tokens = self.tokens or _compat.size_hint(val.numel() // max(1, layer.hidden))
-        tokens = max(1, int(tokens))
-        ranks = self._ranks(profile)
+        layer, profile, tokens, ranks = self._layer_inputs(spec, val)
         rpn = self.ranks_per_node or None
         window = None if self.window_s < 0 else float(self.window_s)
         shared = self.every_rank()
@@ -137,17 +133,31 @@ class CostDecisions:
         suffix = f" [profile {profile.name}, {ranks} ranks]"
         return [D.Decision(d.name, d.choice, d.why + suffix, d.costs, d.exprs) for d in out]
 
-    def decide_ep_mode(self, spec: MoESpec, val, *, training: bool, num_layers: int, context_values: int):
-        """The ep_mode Decision of one layer whose coherent chain all-gathers `context_values` values per
-        token after it (attention follows; sparse_collectives asks once it has found the chain)."""
+    def _layer_inputs(self, spec: MoESpec, val):
+        """(LayerShape, profile, tokens, ranks) of one layer whose hidden-state value (fake tensor) is ``val``."""
         layer = layer_shape(spec, val.dtype)
         profile = self._profile(val)
         tokens = max(1, int(self.tokens or _compat.size_hint(val.numel() // max(1, layer.hidden))))
-        d = D.decide_ep_mode(layer, profile, self._ranks(profile), tokens, ranks_per_node=self.ranks_per_node or None,
+        return layer, profile, tokens, self._ranks(profile)
+
+    def decide_ep_mode(self, spec: MoESpec, val, *, training: bool, num_layers: int, context_values: int):
+        """The ep_mode Decision of one layer whose coherent chain all-gathers `context_values` values per
+        token after it (attention follows; sparse_collectives asks once it has found the chain)."""
+        layer, profile, tokens, ranks = self._layer_inputs(spec, val)
+        d = D.decide_ep_mode(layer, profile, ranks, tokens, ranks_per_node=self.ranks_per_node or None,
                              num_layers=num_layers, training=training, context_values=context_values,
                              every_rank=self.every_rank())
-        return D.Decision(d.name, d.choice, d.why + f" [profile {profile.name}, {self._ranks(profile)} ranks]",
-                          d.costs, d.exprs)
+        return D.Decision(d.name, d.choice, d.why + f" [profile {profile.name}, {ranks} ranks]", d.costs, d.exprs)
+
+    def decide_hierarchical_overlap(self, spec: MoESpec, val, *, ranks_per_node: int):
+        """The overlap_degree Decision of a layer that runs hierarchical all-to-alls over nodes of
+        ``ranks_per_node`` ranks (expert_parallel's, which may differ from this pass's option; the pass's
+        own decision priced flat all-to-alls)."""
+        layer, profile, tokens, ranks = self._layer_inputs(spec, val)
+        d = D.decide_overlap_degree(layer, profile, ranks, tokens, ranks_per_node=ranks_per_node, hierarchical=True,
+                                    every_rank=self.every_rank())
+        return D.Decision(d.name, d.choice, d.why + f" [profile {profile.name}, {ranks} ranks, hierarchical over "
+                          f"nodes of {ranks_per_node}]", d.costs, d.exprs)
 
     def call(self, gm: torch.fx.GraphModule, ctx) -> "PassResult":
         from moe_compiler.pipeline import PassResult

@@ -153,6 +153,8 @@ class SparseCollectives:
                 continue
             layer_mode = {"auto": _mode_from_cost_model(spec, gname, size, rpn),
                           "coherent": "all_to_all"}.get(mode, mode)
+            if layer_mode == "hierarchical" and opts["overlap_degree"] == "auto":
+                spec = _hierarchical_overlap_decision(spec, node, ctx, rpn, reports)
             chunks = _overlap_degree(spec, opts["overlap_degree"])
             plan = EPPlan(gname, layer_mode, rows, rpn if layer_mode == "hierarchical" else 0, chunks)
             if mode == "coherent":
@@ -592,6 +594,24 @@ def _overlap_degree(spec: MoESpec, option) -> int:
         log.info("sparse_collectives: %s: overlap_degree 'auto' without a cost-model decision: one chunk",
                  spec.path or "layer")
     return int(choice or 1)
+
+
+def _hierarchical_overlap_decision(spec: MoESpec, node, ctx, ranks_per_node: int, reports) -> MoESpec:
+    """overlap_degree "auto" on a hierarchical layer: the cost_decisions pass priced the chunks of flat
+    all-to-alls; asks it again for two-level ones over nodes of ``ranks_per_node`` ranks, and puts that
+    decision in the spec's notes and the layer's report (explain() shows the one that runs)."""
+    from moe_compiler.passes.cost_decisions import CostDecisions
+
+    val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+    if val is None or spec.note("decision:overlap_degree") is None:
+        return spec   # the pass did not run (or had no example value): _overlap_degree says so
+    d = CostDecisions(**ctx.config.pass_options.get("cost_decisions", {})).decide_hierarchical_overlap(
+        spec, val, ranks_per_node=ranks_per_node)
+    notes = tuple(n for n in spec.notes if not (isinstance(n, (tuple, list)) and n[0] == "decision:overlap_degree"))
+    for r in reports[:1]:
+        r.decisions = [(d.name, d.choice, d.why) if name == d.name else (name, choice, why)
+                       for name, choice, why in r.decisions]
+    return spec.replace(notes=notes + (d.note(),))
 
 
 def _chunking(overlap_degree: int) -> str:

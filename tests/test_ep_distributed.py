@@ -576,14 +576,15 @@ def overlap_auto_worker(rank, world, profile_path, variants):
     from moe_compiler.explain import collect_records
 
     out = {}
-    for name, tokens, collectives in variants:
+    for name, tokens, collectives, extra in variants:
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = _Stack()
         ref = copy.deepcopy(model)
         cost = {"profile": profile_path, **({"tokens": tokens} if tokens else {})}
         cm = torch.compile(model, backend="moe", options={
-            "expert_parallel": {"overlap_degree": "auto", "collectives": collectives, "release_parameters": False},
+            "expert_parallel": {"overlap_degree": "auto", "collectives": collectives, "release_parameters": False,
+                                **extra},
             "strict": True, "pass_options": {"cost_decisions": cost}})
         x = torch.randn(3 + rank, 5, 16, generator=torch.Generator().manual_seed(rank), requires_grad=True)
         xr = x.detach().clone().requires_grad_()
@@ -602,15 +603,18 @@ def overlap_auto_worker(rank, world, profile_path, variants):
 def test_overlap_degree_auto_follows_the_cost_model(tmp_path):
     """The decision sets each layer's token chunks: 4 at 4096 tokens per rank on a profile where pipelining
     pays, alike on both ranks although they hold 15 and 20 tokens; 1 where every rank decides alike
-    without a token count (small batches would pay every chunk's latency)."""
+    without a token count (small batches would pay every chunk's latency). Hierarchical layers are priced
+    with two-level all-to-alls: their slow inter-node hop (1 ms latency) makes each chunk dearer, so 2."""
     from moe_compiler.cost_model import profiles
 
     prof = json.loads((pathlib.Path(profiles.__file__).parent / "profiles" / "h200.json").read_text())
     prof.update(name="slow_h200", peak_flops={"fp32": 1e9, "bf16": 1e9}, gemm_overhead_s=0.0, op_overhead_s=0.0,
-                intra_node={"bandwidth": 1e8, "latency": 1e-9}, inter_node={"bandwidth": 1e8, "latency": 1e-9})
+                intra_node={"bandwidth": 1e8, "latency": 1e-9}, inter_node={"bandwidth": 1e8, "latency": 1e-3})
     path = tmp_path / "slow_h200.json"
     path.write_text(json.dumps(prof))
-    variants = [("op_4096", 4096, "op"), ("functional_4096", 4096, "functional"), ("op_every_rank", 0, "op")]
+    hierarchical = {"mode": "hierarchical", "ranks_per_node": 1}   # 2 "nodes" of 1 rank
+    variants = [("op_4096", 4096, "op", {}), ("functional_4096", 4096, "functional", {}),
+                ("op_every_rank", 0, "op", {}), ("hierarchical_4096", 4096, "functional", hierarchical)]
     results = run_ranks("test_ep_distributed:overlap_auto_worker", 2, {"profile_path": str(path),
                                                                        "variants": variants},
                         timeout=300, pg_timeout=60, python_path=(HERE,))
@@ -623,6 +627,9 @@ def test_overlap_degree_auto_follows_the_cost_model(tmp_path):
         assert all("4 token chunks" in s for s in res["functional_4096"]["strategies"]), res["functional_4096"]
         assert res["op_every_rank"]["chosen"] == ["1", "1"] and res["op_every_rank"]["dispatches"] == 2, \
             res["op_every_rank"]
+        hier = res["hierarchical_4096"]
+        assert hier["chosen"] == ["2", "2"] and all("2 token chunks" in s for s in hier["strategies"]), hier
+        assert all("mode hierarchical" in s for s in hier["strategies"]), hier
 
 
 def generate_worker(rank, world):
