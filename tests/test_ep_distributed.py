@@ -225,7 +225,7 @@ def _check_report(reports, world):
 @settings(max_examples=2, deadline=None, phases=(Phase.explicit, Phase.generate), database=None)  # no shrinking (spawns are slow); example 1 is the minimal one, example 2 random
 @given(cases=st.lists(ep_cases(2), min_size=12, max_size=12))
 def test_ep_two_ranks_equals_single_process(cases):
-    reports = run_ranks("test_ep_distributed:ep_cases_worker", 2, {"cases": cases}, timeout=150, pg_timeout=60,
+    reports = run_ranks("test_ep_distributed:ep_cases_worker", 2, {"cases": cases}, timeout=480, pg_timeout=60,
                         python_path=(HERE,))
     _check_report(reports, 2)
 
@@ -233,7 +233,7 @@ def test_ep_two_ranks_equals_single_process(cases):
 @settings(max_examples=2, deadline=None, phases=(Phase.explicit, Phase.generate), database=None)  # no shrinking (spawns are slow); example 1 is the minimal one, example 2 random
 @given(cases=st.lists(ep_cases(4, modes=("all_to_all", "hierarchical")), min_size=12, max_size=12))
 def test_ep_four_ranks_flat_and_hierarchical(cases):
-    reports = run_ranks("test_ep_distributed:ep_cases_worker", 4, {"cases": cases, "functional_every": 4}, timeout=170,
+    reports = run_ranks("test_ep_distributed:ep_cases_worker", 4, {"cases": cases, "functional_every": 4}, timeout=480,
                         pg_timeout=60, python_path=(HERE,))
     _check_report(reports, 4)
 
@@ -322,7 +322,7 @@ def test_compiled_ep_four_ranks(tmp_path):
              ("all_to_all", "inductor", True, "functional"), ("auto", "eager", False, "functional")]
     results = run_ranks("test_ep_distributed:compiled_worker", 4,
                         {"dump_dir": str(tmp_path / "dumps"), "placement_path": path, "modes": modes},
-                        timeout=170, pg_timeout=90, python_path=(HERE,))
+                        timeout=480, pg_timeout=90, python_path=(HERE,))
     for rank, res in enumerate(results):
         for key, r in res.items():
             assert r["layers"] == 2, (rank, key, r)
@@ -740,7 +740,7 @@ def coherent_worker(rank, world, cases):
 def test_coherent_executor_equals_two_all_to_alls(cases):
     """Generates: coherent-stack cases (2-9 experts, top-1/2, 1-4 layers, 0-10 tokens per rank, placements
     with and without replicas) run on 4 ranks; the coherent output equals the two-all-to-all output."""
-    results = run_ranks("test_ep_distributed:coherent_worker", 4, {"cases": cases}, timeout=150, pg_timeout=60,
+    results = run_ranks("test_ep_distributed:coherent_worker", 4, {"cases": cases}, timeout=480, pg_timeout=60,
                         python_path=(HERE,))
     for rank, res in enumerate(results):
         for case, r in zip(cases, res):

@@ -151,7 +151,7 @@ def _check_op_reports(reports, cases, world):
 @given(st.lists(fssdp_cases(2), min_size=14, max_size=14), st.lists(fssdp_cases(4), min_size=10, max_size=10))
 def test_fssdp_op_equals_single_process_on_2_and_4_ranks(cases2, cases4):
     for world, cases in ((2, cases2), (4, cases4)):
-        reports = run_ranks("test_fssdp:op_cases_worker", world, {"cases": cases}, timeout=170, pg_timeout=60,
+        reports = run_ranks("test_fssdp:op_cases_worker", world, {"cases": cases}, timeout=480, pg_timeout=60,
                             python_path=(HERE,))
         _check_op_reports(reports, cases, world)
 
@@ -296,7 +296,7 @@ def reshard_worker(rank, world):
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_reshard_moves_parameters_and_optimizer_state():
-    results = run_ranks("test_fssdp:reshard_worker", 2, {}, timeout=200, pg_timeout=90, python_path=(HERE,))
+    results = run_ranks("test_fssdp:reshard_worker", 2, {}, timeout=480, pg_timeout=90, python_path=(HERE,))
     for rank, r in enumerate(results):
         assert r["err"] < 1e-4, (rank, r)
         assert len(r["loads_layers"]) == 2, r
