@@ -459,12 +459,17 @@ def _context_program(link, take, token_dims):
     return prog, context, masks
 
 
+def _cost_decisions(ctx):
+    """The cost_decisions pass as configured for this compile (its pass_options), to ask it again."""
+    from moe_compiler.passes.cost_decisions import CostDecisions
+
+    return CostDecisions(**ctx.config.pass_options.get("cost_decisions", {}))
+
+
 def _context_pays(chain, ctx, specs, num_layers: int, why: dict) -> bool:
     """Mode "auto": does the cost model still choose the single all-to-all for every layer of the chain once
     the context all-gathers after it (attention follows) are counted? If not, says why for each layer."""
-    from moe_compiler.passes.cost_decisions import CostDecisions
-
-    costs = CostDecisions(**ctx.config.pass_options.get("cost_decisions", {}))
+    costs = _cost_decisions(ctx)
     links = [layer for layer in chain.layers if layer.context is not None]
     tokens = max(1, _compat.size_hint(math.prod(chain.token_dims)))
     # context operands (masks, rotary tables) are all-gathered once per chain: spread over its regions per
@@ -600,13 +605,10 @@ def _hierarchical_overlap_decision(spec: MoESpec, node, ctx, ranks_per_node: int
     """overlap_degree "auto" on a hierarchical layer: the cost_decisions pass priced the chunks of flat
     all-to-alls; asks it again for two-level ones over nodes of ``ranks_per_node`` ranks, and puts that
     decision in the spec's notes and the layer's report (explain() shows the one that runs)."""
-    from moe_compiler.passes.cost_decisions import CostDecisions
-
     val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
     if val is None or spec.note("decision:overlap_degree") is None:
         return spec   # the pass did not run (or had no example value): _overlap_degree says so
-    d = CostDecisions(**ctx.config.pass_options.get("cost_decisions", {})).decide_hierarchical_overlap(
-        spec, val, ranks_per_node=ranks_per_node)
+    d = _cost_decisions(ctx).decide_hierarchical_overlap(spec, val, ranks_per_node=ranks_per_node)
     notes = tuple(n for n in spec.notes if not (isinstance(n, (tuple, list)) and n[0] == "decision:overlap_degree"))
     for r in reports[:1]:
         r.decisions = [(d.name, d.choice, d.why) if name == d.name else (name, choice, why)

@@ -296,7 +296,7 @@ def reshard_worker(rank, world):
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_reshard_moves_parameters_and_optimizer_state():
-    results = run_ranks("test_fssdp:reshard_worker", 2, {}, timeout=480, pg_timeout=90, python_path=(HERE,))
+    results = run_ranks("test_fssdp:reshard_worker", 2, {}, timeout=280, pg_timeout=90, python_path=(HERE,))
     for rank, r in enumerate(results):
         assert r["err"] < 1e-4, (rank, r)
         assert len(r["loads_layers"]) == 2, r
